@@ -1,0 +1,77 @@
+"""What a node brings: memory, chip name, MLX device (platform-neutral probes)."""
+
+from __future__ import annotations
+
+import logging
+import platform
+import subprocess
+import sys
+from functools import lru_cache
+from pathlib import Path
+
+import psutil
+
+from exo_tools.cluster.view import Capabilities
+
+logger = logging.getLogger(__name__)
+
+
+@lru_cache(maxsize=1)
+def chip_name() -> str:
+    """CPU/SoC brand string: sysctl on macOS, /proc/cpuinfo on Linux, platform otherwise."""
+    try:
+        if sys.platform == "darwin":
+            out = subprocess.run(
+                ["sysctl", "-n", "machdep.cpu.brand_string"],
+                capture_output=True,
+                text=True,
+                timeout=2,
+                check=False,
+            )
+            if out.returncode == 0 and out.stdout.strip():
+                return out.stdout.strip()
+        cpuinfo = Path("/proc/cpuinfo")
+        if cpuinfo.exists():
+            for line in cpuinfo.read_text(errors="replace").splitlines():
+                key, _, value = line.partition(":")
+                if key.strip() in ("model name", "Hardware", "Model") and value.strip():
+                    return value.strip()
+    except (OSError, subprocess.SubprocessError) as e:
+        logger.debug("chip probe failed: %s", e)
+    return platform.processor() or platform.machine() or "unknown"
+
+
+@lru_cache(maxsize=1)
+def mlx_device() -> str:
+    """MLX's default device, or "" when MLX cannot be imported (imported lazily: it is heavy)."""
+    try:
+        import mlx.core as mx
+
+        return str(mx.default_device())
+    except Exception as e:  # any import/runtime failure just means "no MLX here"
+        logger.debug("MLX unavailable: %s", e)
+        return ""
+
+
+def probe() -> Capabilities:
+    mem = psutil.virtual_memory()
+    return Capabilities(
+        memory_total=int(mem.total),
+        memory_available=int(mem.available),
+        chip=chip_name(),
+        mlx_device=mlx_device(),
+    )
+
+
+class Ewma:
+    """Exponentially weighted moving average for link latency."""
+
+    def __init__(self, alpha: float = 0.3) -> None:
+        self.alpha = alpha
+        self.value: float | None = None
+
+    def add(self, sample: float) -> float:
+        self.value = (
+            sample if self.value is None else self.alpha * sample + (1 - self.alpha) * self.value
+        )
+        return self.value

@@ -1,0 +1,154 @@
+"""ClusterConfig and its command-line flags."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+import re
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from exo_tools.cluster.auth import load_or_create_secret
+
+NODE_ID_FILENAME = "node_id"
+_NODE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+
+
+@dataclass
+class ClusterConfig:
+    node_id: str
+    secret: bytes
+    cluster_name: str = "default"
+    grpc_host: str = "0.0.0.0"
+    grpc_port: int = 0  # 0: pick a free port
+    api_host: str = "127.0.0.1"
+    api_port: int = 0
+    interfaces: list[str] = field(default_factory=list)  # empty: all interfaces
+    static_peers: list[str] = field(default_factory=list)  # "host:port" gRPC targets
+    discovery: bool = True
+    version: str = ""
+    secret_source: str = ""
+
+
+def parse_peer(value: str) -> str:
+    """Validate HOST:PORT (IPv4 address or host name); returns it normalized."""
+    host, sep, port_s = value.strip().rpartition(":")
+    if not sep or not host or not port_s.isdigit() or not 0 < int(port_s) < 65536:
+        raise argparse.ArgumentTypeError(
+            f"invalid --peer {value!r}: expected HOST:PORT with a port in 1-65535"
+        )
+    if not re.fullmatch(r"[A-Za-z0-9.-]+", host):
+        raise argparse.ArgumentTypeError(f"invalid --peer {value!r}: bad host {host!r}")
+    return f"{host}:{int(port_s)}"
+
+
+def _parse_interface(value: str) -> str:
+    try:
+        return str(ipaddress.IPv4Address(value.strip()))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"invalid --interface {value!r}: expected an IPv4 address of this machine"
+        ) from None
+
+
+def _parse_node_id(value: str) -> str:
+    if not _NODE_ID_RE.match(value):
+        raise argparse.ArgumentTypeError(
+            f"invalid --node-id {value!r}: use 1-63 letters, digits, '.', '_' or '-'"
+        )
+    return value
+
+
+def _parse_port(value: str) -> int:
+    if not value.isdigit() or not 0 <= int(value) < 65536:
+        raise argparse.ArgumentTypeError(f"invalid --grpc-port {value!r}")
+    return int(value)
+
+
+def add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("cluster")
+    g.add_argument(
+        "--cluster",
+        default="default",
+        metavar="NAME",
+        help="cluster name; nodes only join nodes of the same name (default: default)",
+    )
+    g.add_argument(
+        "--interface",
+        action="append",
+        default=[],
+        type=_parse_interface,
+        metavar="IP",
+        help="advertise/discover only on this IPv4 address (repeatable; default: all interfaces)",
+    )
+    g.add_argument(
+        "--peer",
+        action="append",
+        default=[],
+        type=parse_peer,
+        metavar="HOST:PORT",
+        help="gRPC address of a node to join, besides zeroconf (repeatable)",
+    )
+    g.add_argument(
+        "--no-discovery",
+        action="store_true",
+        help="disable zeroconf; only --peer addresses are used",
+    )
+    g.add_argument(
+        "--secret-file",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="file holding the cluster secret (else $EXO_TOOLS_SECRET, else "
+        "<home>/cluster_secret, generated on first start)",
+    )
+    g.add_argument(
+        "--grpc-port",
+        type=_parse_port,
+        default=0,
+        metavar="N",
+        help="inter-node gRPC port (default 0: any free port, advertised over zeroconf;"
+        " fix it when other nodes use --peer to reach this one)",
+    )
+    g.add_argument(
+        "--node-id",
+        type=_parse_node_id,
+        default=None,
+        metavar="ID",
+        help="node id (default: a persistent id stored in <home>/node_id)",
+    )
+
+
+def load_or_create_node_id(home: Path) -> str:
+    path = home / NODE_ID_FILENAME
+    if path.exists():
+        value = path.read_text().strip()
+        if _NODE_ID_RE.match(value):
+            return value
+    home.mkdir(parents=True, exist_ok=True)
+    value = f"node-{secrets.token_hex(4)}"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(value + "\n")
+    os.replace(tmp, path)
+    return value
+
+
+def cluster_config_from_args(
+    args: argparse.Namespace, *, home: Path, api_host: str, api_port: int, version: str
+) -> ClusterConfig:
+    secret, source = load_or_create_secret(args.secret_file, home)
+    return ClusterConfig(
+        node_id=args.node_id or load_or_create_node_id(home),
+        secret=secret,
+        secret_source=source,
+        cluster_name=args.cluster,
+        grpc_port=args.grpc_port,
+        api_host=api_host,
+        api_port=api_port,
+        interfaces=list(args.interface),
+        static_peers=list(args.peer),
+        discovery=not args.no_discovery,
+        version=version,
+    )

@@ -1,0 +1,204 @@
+"""Zeroconf (mDNS/DNS-SD) advertisement and browsing of exo-tools nodes.
+
+mDNS only finds candidates: it never reports a silent departure, so liveness comes from gRPC
+heartbeats (membership.py). A goodbye (clean stop of the peer) is passed on as a hint.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import psutil
+from zeroconf import InterfaceChoice, IPVersion, ServiceStateChange, Zeroconf
+from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
+
+logger = logging.getLogger(__name__)
+
+SERVICE_TYPE = "_exo-tools._tcp.local."
+RESOLVE_TIMEOUT_MS = 3000
+
+
+@dataclass(frozen=True)
+class DiscoveredPeer:
+    node_id: str
+    addresses: tuple[str, ...]
+    grpc_port: int
+    api_port: int
+    version: str
+    cluster_name: str
+
+
+def local_ipv4_addresses() -> list[str]:
+    """Every IPv4 address of this host: non-loopback first, loopback last.
+
+    Loopback comes last so peers on other machines try a reachable address first, while nodes
+    on the same machine can still use it (a wrong target is caught by the node-id check).
+    """
+    outer: list[str] = []
+    loop: list[str] = []
+    for addrs in psutil.net_if_addrs().values():
+        for a in addrs:
+            if a.family != socket.AF_INET:
+                continue
+            ip = ipaddress.ip_address(a.address)
+            if ip.is_loopback:
+                loop.append(a.address)
+            elif not ip.is_link_local:
+                outer.append(a.address)
+    return sorted(set(outer)) + sorted(set(loop))
+
+
+def advertised_addresses(interfaces: list[str]) -> list[str]:
+    return list(interfaces) if interfaces else local_ipv4_addresses()
+
+
+def _instance_name(node_id: str) -> str:
+    # DNS-SD instance labels are at most 63 bytes; the full id is in the TXT record anyway.
+    return f"{node_id.encode()[:63].decode(errors='ignore')}.{SERVICE_TYPE}"
+
+
+def _prop(props: dict[bytes, bytes | None], key: str) -> str:
+    value = props.get(key.encode())
+    return value.decode(errors="replace") if value else ""
+
+
+class Discovery:
+    """Registers this node and reports other nodes of the same cluster name."""
+
+    def __init__(
+        self,
+        *,
+        node_id: str,
+        cluster_name: str,
+        grpc_port: int,
+        api_port: int,
+        version: str,
+        interfaces: list[str],
+        on_found: Callable[[DiscoveredPeer], None],
+        on_gone: Callable[[str], None],
+    ) -> None:
+        self.node_id = node_id
+        self.cluster_name = cluster_name
+        self.grpc_port = grpc_port
+        self.api_port = api_port
+        self.version = version
+        self.interfaces = interfaces
+        self.on_found = on_found
+        self.on_gone = on_gone
+        self._azc: AsyncZeroconf | None = None
+        self._browser: AsyncServiceBrowser | None = None
+        self._info: AsyncServiceInfo | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._names: dict[str, str] = {}  # service name -> node id (for goodbyes)
+
+    async def start(self) -> None:
+        addresses = advertised_addresses(self.interfaces)
+        self._azc = AsyncZeroconf(
+            interfaces=list(self.interfaces) if self.interfaces else InterfaceChoice.All,
+            ip_version=IPVersion.V4Only,
+        )
+        self._info = AsyncServiceInfo(
+            SERVICE_TYPE,
+            _instance_name(self.node_id),
+            port=self.grpc_port,
+            addresses=[socket.inet_aton(a) for a in addresses],
+            properties={
+                "node_id": self.node_id,
+                "grpc_port": str(self.grpc_port),
+                "api_port": str(self.api_port),
+                "version": self.version,
+                "cluster": self.cluster_name,
+            },
+        )
+        # Browse first so discovery of others overlaps the ~1.6 s registration probe.
+        self._browser = AsyncServiceBrowser(
+            self._azc.zeroconf, [SERVICE_TYPE], handlers=[self._on_change]
+        )
+        await self._azc.async_register_service(self._info, allow_name_change=True)
+        logger.info(
+            "advertising %s on %s (grpc %d, cluster %r)",
+            self.node_id,
+            ", ".join(addresses),
+            self.grpc_port,
+            self.cluster_name,
+        )
+
+    async def stop(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._browser is not None:
+            await self._browser.async_cancel()
+            self._browser = None
+        if self._azc is not None:
+            try:
+                if self._info is not None:
+                    # Goodbye packets let peers drop us at once instead of by heartbeat failure.
+                    await asyncio.wait_for(self._azc.async_unregister_service(self._info), 3)
+            except (TimeoutError, Exception) as e:  # stop must never hang or raise
+                logger.debug("unregister failed: %s", e)
+            await self._azc.async_close()
+            self._azc = None
+
+    def _on_change(
+        self,
+        zeroconf: Zeroconf,
+        service_type: str,
+        name: str,
+        state_change: ServiceStateChange,
+    ) -> None:
+        if state_change is ServiceStateChange.Removed:
+            node_id = self._names.pop(name, None)
+            if node_id is not None and node_id != self.node_id:
+                self.on_gone(node_id)
+            return
+        task = asyncio.ensure_future(self._resolve(service_type, name))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _resolve(self, service_type: str, name: str) -> None:
+        if self._azc is None:
+            return
+        info = AsyncServiceInfo(service_type, name)
+        try:
+            ok = await info.async_request(self._azc.zeroconf, RESOLVE_TIMEOUT_MS)
+        except Exception as e:
+            logger.debug("resolve of %s failed: %s", name, e)
+            return
+        if not ok:
+            logger.debug("could not resolve %s", name)
+            return
+        props = info.properties
+        node_id = _prop(props, "node_id")
+        cluster = _prop(props, "cluster")
+        if not node_id or node_id == self.node_id:
+            return
+        if cluster != self.cluster_name:
+            logger.debug("ignoring %s of cluster %r", node_id, cluster)
+            return
+        try:
+            grpc_port = int(_prop(props, "grpc_port") or info.port or 0)
+            api_port = int(_prop(props, "api_port") or 0)
+        except ValueError:
+            logger.debug("bad ports in TXT of %s", name)
+            return
+        addresses = tuple(info.parsed_addresses(IPVersion.V4Only))
+        if not addresses or not grpc_port:
+            return
+        self._names[name] = node_id
+        self.on_found(
+            DiscoveredPeer(
+                node_id=node_id,
+                addresses=addresses,
+                grpc_port=grpc_port,
+                api_port=api_port,
+                version=_prop(props, "version"),
+                cluster_name=cluster,
+            )
+        )

@@ -1,0 +1,438 @@
+"""Who is in the cluster: admission, heartbeats, liveness, gossip, election.
+
+One `PeerLink` per way of reaching a peer (a static --peer address, a zeroconf record, or an
+address learned from an inbound call or another node's view). Each link runs its own loop:
+admit via Hello/Admit, then heartbeat every HEARTBEAT_INTERVAL_S with a deadline; after
+`Liveness` declares it dead the link goes back to admitting, so a returning peer is re-admitted
+without restarts. A node's health is the best of its links.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+import grpc.aio
+
+from exo_tools.cluster.auth import AuthError, ClusterAuth, RejectLog, new_nonce
+from exo_tools.cluster.capabilities import Ewma
+from exo_tools.cluster.convert import info_from_proto, info_to_proto
+from exo_tools.cluster.election import Candidate, Liveness, elect
+from exo_tools.cluster.view import ClusterView, LinkInfo, NodeInfo
+from exo_tools.proto import node_pb2, node_pb2_grpc
+
+logger = logging.getLogger(__name__)
+
+HEARTBEAT_INTERVAL_S = 0.5
+HEARTBEAT_TIMEOUT_S = 0.8
+ADMIT_TIMEOUT_S = 1.0
+RETRY_INTERVAL_S = 0.5
+REFUSED_RETRY_S = 3.0  # after a peer failed to prove the secret: no need to hammer it
+LEARNED_GIVE_UP_S = 60.0  # learned addresses that never answer are dropped (re-learned if alive)
+
+# Fast reconnects: gRPC's default backoff (1 s growing to 120 s) would delay re-admission.
+CHANNEL_OPTIONS: list[tuple[str, int]] = [
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.min_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 3_000),
+]
+
+
+class _ClientDetails(grpc.aio.ClientCallDetails):
+    pass
+
+
+class _SigningInterceptor(
+    grpc.aio.UnaryUnaryClientInterceptor,
+    grpc.aio.UnaryStreamClientInterceptor,
+    grpc.aio.StreamUnaryClientInterceptor,
+    grpc.aio.StreamStreamClientInterceptor,
+):
+    """Adds the per-call auth metadata to every call made on a peer channel."""
+
+    def __init__(self, auth: ClusterAuth, node_id: str) -> None:
+        self._auth = auth
+        self._node_id = node_id
+
+    def _details(self, d: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
+        raw = d.method
+        method = raw.decode() if isinstance(raw, bytes) else str(raw)
+        md = grpc.aio.Metadata(*(d.metadata or ()))
+        for key, value in self._auth.sign_call(self._node_id, method):
+            md.add(key, value)
+        return _ClientDetails(d.method, d.timeout, md, d.credentials, d.wait_for_ready)
+
+    async def intercept_unary_unary(self, continuation, client_call_details, request):  # type: ignore[override]
+        return await continuation(self._details(client_call_details), request)
+
+    async def intercept_unary_stream(self, continuation, client_call_details, request):  # type: ignore[override]
+        return await continuation(self._details(client_call_details), request)
+
+    async def intercept_stream_unary(self, continuation, client_call_details, request_iterator):  # type: ignore[override]
+        return await continuation(self._details(client_call_details), request_iterator)
+
+    async def intercept_stream_stream(self, continuation, client_call_details, request_iterator):  # type: ignore[override]
+        return await continuation(self._details(client_call_details), request_iterator)
+
+
+@dataclass
+class PeerLink:
+    key: str
+    origin: str  # "static", "discovered" or "learned"
+    targets: list[str]  # candidate "host:port", tried in order while admitting
+    expected_id: str | None = None
+    node_id: str | None = None
+    info: NodeInfo | None = None
+    admitted: bool = False
+    target: str | None = None  # the target in use once admitted
+    liveness: Liveness = field(default_factory=Liveness)
+    rtt: Ewma = field(default_factory=Ewma)
+    peers: list[node_pb2.PeerEntry] = field(default_factory=list)
+    created: float = field(default_factory=time.monotonic)
+    channel: grpc.aio.Channel | None = None
+    channel_target: str | None = None
+    task: asyncio.Task[None] | None = None
+
+    def healthy(self, now: float) -> bool:
+        return self.admitted and not self.liveness.is_dead(now)
+
+
+class Membership:
+    def __init__(
+        self,
+        *,
+        auth: ClusterAuth,
+        self_info: Callable[[], NodeInfo],
+        cluster_name: str,
+    ) -> None:
+        self.auth = auth
+        self.self_info = self_info
+        self.cluster_name = cluster_name
+        self.links: dict[str, PeerLink] = {}
+        self.reject_log = RejectLog()
+        self._running = False
+        self._interceptor: _SigningInterceptor | None = None
+        self._monitor: asyncio.Task[None] | None = None
+        self._master: str = ""
+        self.master_listeners: list[Callable[[str], None]] = []
+        self._bg: set[asyncio.Future[None]] = set()
+
+    @property
+    def node_id(self) -> str:
+        return self.self_info().id
+
+    def _background(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._bg.add(task)
+        task.add_done_callback(self._bg.discard)
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self, static_peers: list[str]) -> None:
+        self._running = True
+        self._interceptor = _SigningInterceptor(self.auth, self.node_id)
+        for target in static_peers:
+            self._add_link(PeerLink(key=f"static:{target}", origin="static", targets=[target]))
+        self._master = self.compute_master()
+        self._monitor = asyncio.create_task(self._monitor_loop(), name="cluster-monitor")
+
+    async def stop(self) -> None:
+        self._running = False
+        tasks = [lk.task for lk in self.links.values() if lk.task is not None]
+        if self._monitor is not None:
+            tasks.append(self._monitor)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for link in list(self.links.values()):
+            await self._close_channel(link)
+        self.links.clear()
+
+    # ------------------------------------------------------------------ learning peers
+    def on_discovered(self, node_id: str, addresses: list[str], grpc_port: int) -> None:
+        targets = [f"{a}:{grpc_port}" for a in addresses]
+        link = self.links.get(node_id)
+        if link is not None:
+            # A re-registered node may have moved ports; new targets first, keep old as fallback.
+            link.targets = targets + [t for t in link.targets if t not in targets]
+            return
+        if self._known(node_id):
+            return
+        self._add_link(
+            PeerLink(key=node_id, origin="discovered", targets=targets, expected_id=node_id)
+        )
+
+    def on_discovery_gone(self, node_id: str) -> None:
+        # A goodbye means a clean stop: drop it now rather than after heartbeat failures.
+        link = self.links.get(node_id)
+        if link is not None and link.origin == "discovered":
+            logger.info("peer %s left (mDNS goodbye)", node_id)
+            self._remove_link(link)
+
+    def learn(self, node_id: str, targets: list[str]) -> None:
+        """A peer seen in an inbound call or in another node's view."""
+        if not self._running or node_id == self.node_id or self._known(node_id):
+            return
+        targets = list(dict.fromkeys(t for t in targets if t))
+        if targets:
+            self._add_link(
+                PeerLink(key=node_id, origin="learned", targets=targets, expected_id=node_id)
+            )
+
+    def _known(self, node_id: str) -> bool:
+        return any(node_id in (lk.node_id, lk.expected_id) for lk in self.links.values())
+
+    def _add_link(self, link: PeerLink) -> None:
+        self.links[link.key] = link
+        link.task = asyncio.create_task(self._link_loop(link), name=f"peer-{link.key}")
+
+    def _remove_link(self, link: PeerLink) -> None:
+        self.links.pop(link.key, None)
+        if link.task is not None and link.task is not asyncio.current_task():
+            link.task.cancel()
+        self._background(self._close_channel(link))
+
+    # ------------------------------------------------------------------ per-link loop
+    def _stub(self, link: PeerLink, target: str) -> node_pb2_grpc.MembershipStub:
+        if link.channel is None or link.channel_target != target:
+            if link.channel is not None:
+                self._background(link.channel.close())
+            link.channel = grpc.aio.insecure_channel(
+                target,
+                options=CHANNEL_OPTIONS,
+                interceptors=[self._interceptor],  # type: ignore[list-item]
+            )
+            link.channel_target = target
+        return node_pb2_grpc.MembershipStub(link.channel)
+
+    async def _close_channel(self, link: PeerLink) -> None:
+        if link.channel is not None:
+            channel, link.channel = link.channel, None
+            with contextlib.suppress(Exception):
+                await channel.close(grace=None)
+
+    async def _link_loop(self, link: PeerLink) -> None:
+        while self._running:
+            if not link.admitted:
+                delay = await self._admit(link)
+                if delay is None:
+                    return  # link is pointless (self, or duplicate of a learned one)
+                if not link.admitted:
+                    if (
+                        link.origin == "learned"
+                        and link.liveness.last_ok is None
+                        and time.monotonic() - link.created > LEARNED_GIVE_UP_S
+                    ):
+                        self._remove_link(link)
+                        return
+                    await asyncio.sleep(delay)
+                    continue
+            started = time.monotonic()
+            await self._heartbeat(link)
+            await asyncio.sleep(max(0.0, HEARTBEAT_INTERVAL_S - (time.monotonic() - started)))
+
+    async def _admit(self, link: PeerLink) -> float | None:
+        """Try each target once. Returns the delay before the next try (None: give up link)."""
+        delay = RETRY_INTERVAL_S
+        for target in list(link.targets):
+            stub = self._stub(link, target)
+            me = self.self_info()
+            client_nonce = new_nonce()
+            try:
+                hello = await stub.Hello(
+                    node_pb2.HelloRequest(
+                        node_id=me.id, cluster_name=self.cluster_name, nonce=client_nonce
+                    ),
+                    timeout=ADMIT_TIMEOUT_S,
+                )
+                if hello.node_id == me.id:
+                    logger.debug("%s is this node itself; dropping", target)
+                    self._remove_link(link)
+                    return None
+                if link.expected_id is not None and hello.node_id != link.expected_id:
+                    # e.g. an advertised loopback address that reaches another local node
+                    logger.debug("%s is %s, not %s", target, hello.node_id, link.expected_id)
+                    continue
+                if hello.cluster_name != self.cluster_name:
+                    self.reject_log.refused(target, f"other cluster {hello.cluster_name!r}")
+                    delay = REFUSED_RETRY_S
+                    continue
+                expected = self.auth.hello_proof(client_nonce, hello.nonce, me.id, hello.node_id)
+                if not self.auth.check(expected, hello.proof):
+                    self.reject_log.refused(
+                        f"{hello.node_id}@{target}", "could not prove the cluster secret"
+                    )
+                    delay = REFUSED_RETRY_S
+                    continue
+                proof = self.auth.admit_proof(client_nonce, hello.nonce, me.id, hello.node_id)
+                resp = await stub.Admit(
+                    node_pb2.AdmitRequest(
+                        node_id=me.id,
+                        client_nonce=client_nonce,
+                        server_nonce=hello.nonce,
+                        proof=proof,
+                        info=info_to_proto(me, self.cluster_name),
+                    ),
+                    timeout=ADMIT_TIMEOUT_S,
+                )
+            except grpc.aio.AioRpcError as e:
+                if e.code() in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED):
+                    self.reject_log.refused(target, f"it refused us: {e.details()}")
+                    delay = REFUSED_RETRY_S
+                else:
+                    logger.debug("admit %s failed: %s", target, e.code())
+                continue
+            now = time.monotonic()
+            link.node_id = hello.node_id
+            link.info = info_from_proto(resp.info)
+            link.target = target
+            link.admitted = True
+            link.liveness.success(now)
+            link.peers = list(resp.peers)
+            self.reject_log.forgive(target)
+            self.reject_log.forgive(f"{hello.node_id}@{target}")
+            logger.info("admitted %s at %s", hello.node_id, target)
+            self._learn_from(link.peers)
+            self._check_master()
+            return delay
+        return delay
+
+    async def _heartbeat(self, link: PeerLink) -> None:
+        assert link.target is not None
+        stub = self._stub(link, link.target)
+        nonce = new_nonce()
+        me = self.self_info()
+        sent = time.monotonic()
+        try:
+            resp = await stub.Heartbeat(
+                node_pb2.HeartbeatRequest(
+                    info=info_to_proto(me, self.cluster_name),
+                    peers=self.peer_entries(),
+                    nonce=nonce,
+                ),
+                timeout=HEARTBEAT_TIMEOUT_S,
+            )
+            expected = self.auth.heartbeat_response_proof(nonce, link.node_id or "")
+            if resp.info.node_id != link.node_id or not self.auth.check(expected, resp.proof):
+                raise AuthError(f"bad heartbeat response from {link.target}")
+        except (grpc.aio.AioRpcError, AuthError) as e:
+            now = time.monotonic()
+            if link.liveness.failure(now):
+                link.admitted = False
+                logger.warning(
+                    "peer %s at %s removed: %d missed heartbeats, last ok %.1fs ago (%s)",
+                    link.node_id,
+                    link.target,
+                    link.liveness.strikes,
+                    now - (link.liveness.last_ok or now),
+                    e.code() if isinstance(e, grpc.aio.AioRpcError) else e,
+                )
+                link.liveness.reset()
+                self._check_master()
+            return
+        now = time.monotonic()
+        link.liveness.success(now)
+        link.rtt.add((now - sent) * 1000.0)
+        link.info = info_from_proto(resp.info)
+        link.peers = list(resp.peers)
+        self._learn_from(link.peers)
+
+    def _learn_from(self, peers: list[node_pb2.PeerEntry]) -> None:
+        for entry in peers:
+            self.learn(entry.node_id, [entry.grpc_target])
+
+    # ------------------------------------------------------------------ view
+    def healthy_links(self) -> dict[str, PeerLink]:
+        """Best healthy link per node id (most recent success)."""
+        now = time.monotonic()
+        best: dict[str, PeerLink] = {}
+        for link in self.links.values():
+            if link.node_id is None or link.info is None or not link.healthy(now):
+                continue
+            cur = best.get(link.node_id)
+            if cur is None or (link.liveness.last_ok or 0) > (cur.liveness.last_ok or 0):
+                best[link.node_id] = link
+        best.pop(self.node_id, None)
+        return best
+
+    def peer_entries(self) -> list[node_pb2.PeerEntry]:
+        return [
+            node_pb2.PeerEntry(
+                node_id=nid, grpc_target=lk.target or "", latency_ms=lk.rtt.value or 0.0
+            )
+            for nid, lk in self.healthy_links().items()
+        ]
+
+    def compute_master(self) -> str:
+        me = self.self_info()
+        candidates = [Candidate(me.id, me.start_time)]
+        for nid, link in self.healthy_links().items():
+            assert link.info is not None
+            candidates.append(Candidate(nid, link.info.start_time))
+        return elect(candidates)
+
+    @property
+    def master(self) -> str:
+        # Recomputed on read so callers never see a master older than the liveness state.
+        self._check_master()
+        return self._master
+
+    def _check_master(self) -> None:
+        new = self.compute_master()
+        if new != self._master:
+            old, self._master = self._master, new
+            logger.info("master is now %s (was %s)", new, old or "none")
+            for listener in list(self.master_listeners):
+                try:
+                    listener(new)
+                except Exception:
+                    logger.exception("master listener failed")
+
+    async def _monitor_loop(self) -> None:
+        # Notices deaths between heartbeats (is_dead depends on time) for listeners.
+        while self._running:
+            self._check_master()
+            await asyncio.sleep(0.1)
+
+    def snapshot(self) -> ClusterView:
+        me = self.self_info()
+        healthy = self.healthy_links()
+        nodes = [me.model_copy(update={"healthy": True})]
+        links: list[LinkInfo] = []
+        for nid in sorted(healthy):
+            link = healthy[nid]
+            assert link.info is not None
+            nodes.append(link.info.model_copy(update={"healthy": True}))
+            if link.rtt.value is not None:
+                links.append(
+                    LinkInfo(source=me.id, target=nid, latency_ms=round(link.rtt.value, 3))
+                )
+            # The peer's own measurements complete the picture (links between other nodes).
+            for entry in link.peers:
+                if entry.node_id in healthy or entry.node_id == me.id:
+                    links.append(
+                        LinkInfo(
+                            source=nid, target=entry.node_id, latency_ms=round(entry.latency_ms, 3)
+                        )
+                    )
+        return ClusterView(
+            self_id=me.id,
+            cluster=self.cluster_name,
+            master=self.master,
+            nodes=nodes,
+            links=links,
+        )
+
+    def master_target(self) -> tuple[str, PeerLink] | None:
+        master = self.master
+        link = self.healthy_links().get(master)
+        if link is None or link.target is None:
+            return None
+        return master, link

@@ -1,0 +1,175 @@
+"""ClusterNode: the cluster side of one node daemon (gRPC server, discovery, membership)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+
+import grpc
+import grpc.aio
+
+from exo_tools.cluster import capabilities
+from exo_tools.cluster.auth import ClusterAuth
+from exo_tools.cluster.config import ClusterConfig
+from exo_tools.cluster.discovery import DiscoveredPeer, Discovery, advertised_addresses
+from exo_tools.cluster.membership import Membership
+from exo_tools.cluster.service import AuthInterceptor, MembershipService
+from exo_tools.cluster.view import Capabilities, ClusterView, NodeInfo
+from exo_tools.proto import node_pb2_grpc
+
+logger = logging.getLogger(__name__)
+
+CAPS_REFRESH_S = 2.0
+
+ServicerHook = Callable[[grpc.aio.Server], None]
+
+
+class ClusterNode:
+    """Lifecycle: construct, `add_servicer_hook(...)` (optional), `await start()`, ...,
+    `await stop()`."""
+
+    def __init__(self, config: ClusterConfig) -> None:
+        self.config = config
+        self.auth = ClusterAuth(config.secret, config.cluster_name)
+        self.start_time = time.time()
+        self._hooks: list[ServicerHook] = []
+        self._server: grpc.aio.Server | None = None
+        self._discovery: Discovery | None = None
+        self._grpc_port = config.grpc_port
+        self._caps = Capabilities()
+        self._caps_at = 0.0
+        self._addresses = advertised_addresses(config.interfaces)
+        self.membership = Membership(
+            auth=self.auth, self_info=self.self_info, cluster_name=config.cluster_name
+        )
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    # ------------------------------------------------------------------ integrator API
+    def add_servicer_hook(self, hook: ServicerHook) -> None:
+        """`hook(server)` runs before the server starts, e.g.
+        `lambda s: node_pb2_grpc.add_WorkerServicer_to_server(worker, s)`. Every call to it is
+        authenticated by the same interceptor; call peers through `channel(node_id)`."""
+        if self._server is not None:
+            raise RuntimeError("add_servicer_hook must be called before start()")
+        self._hooks.append(hook)
+
+    def add_master_listener(self, listener: Callable[[str], None]) -> None:
+        """`listener(master_id)` on every master change (called in the event loop)."""
+        self.membership.master_listeners.append(listener)
+
+    @property
+    def node_id(self) -> str:
+        return self.config.node_id
+
+    @property
+    def grpc_port(self) -> int:
+        return self._grpc_port
+
+    @property
+    def master_id(self) -> str:
+        return self.membership.master
+
+    @property
+    def is_master(self) -> bool:
+        return self.master_id == self.node_id
+
+    def master_api_url(self) -> str | None:
+        """http://host:port of the master's API as reachable from here; None if self is master
+        (or the master is not reachable right now)."""
+        if self.is_master:
+            return None
+        found = self.membership.master_target()
+        if found is None:
+            return None
+        _, link = found
+        assert link.target is not None and link.info is not None
+        host = link.target.rpartition(":")[0]
+        return f"http://{host}:{link.info.api_port}"
+
+    def channel(self, node_id: str) -> grpc.aio.Channel | None:
+        """The persistent, authenticated channel to a healthy peer (None when not healthy)."""
+        link = self.membership.healthy_links().get(node_id)
+        return None if link is None else link.channel
+
+    def snapshot(self) -> ClusterView:
+        return self.membership.snapshot()
+
+    def self_info(self) -> NodeInfo:
+        now = time.monotonic()
+        if now - self._caps_at > CAPS_REFRESH_S:
+            self._caps = capabilities.probe()
+            self._caps_at = now
+        return NodeInfo(
+            id=self.config.node_id,
+            addresses=self._addresses,
+            grpc_port=self._grpc_port,
+            api_port=self.config.api_port,
+            version=self.config.version,
+            start_time=self.start_time,
+            capabilities=self._caps,
+        )
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        # mlx import and sysctl are slow-ish; keep them off the event loop.
+        await asyncio.to_thread(capabilities.mlx_device)
+        await asyncio.to_thread(capabilities.chip_name)
+        server = grpc.aio.server(
+            interceptors=[AuthInterceptor(self.auth, self.membership.reject_log)]
+        )
+        node_pb2_grpc.add_MembershipServicer_to_server(
+            MembershipService(self.membership, self.auth), server
+        )
+        for hook in self._hooks:
+            hook(server)
+        port = server.add_insecure_port(f"{self.config.grpc_host}:{self.config.grpc_port}")
+        if port == 0:
+            raise OSError(f"cannot bind gRPC to {self.config.grpc_host}:{self.config.grpc_port}")
+        self._grpc_port = port
+        await server.start()
+        self._server = server
+        await self.membership.start(self.config.static_peers)
+        if self.config.discovery:
+            self._discovery = Discovery(
+                node_id=self.node_id,
+                cluster_name=self.config.cluster_name,
+                grpc_port=port,
+                api_port=self.config.api_port,
+                version=self.config.version,
+                interfaces=self.config.interfaces,
+                on_found=self._on_found,
+                on_gone=self._on_gone,
+            )
+            await self._discovery.start()
+        logger.info(
+            "cluster node %s serving gRPC on %s:%d (cluster %r, discovery %s, %d static peers)",
+            self.node_id,
+            self.config.grpc_host,
+            port,
+            self.config.cluster_name,
+            "on" if self.config.discovery else "off",
+            len(self.config.static_peers),
+        )
+
+    async def stop(self) -> None:
+        if self._discovery is not None:
+            await self._discovery.stop()
+            self._discovery = None
+        await self.membership.stop()
+        if self._server is not None:
+            await self._server.stop(grace=0.5)
+            self._server = None
+
+    # Zeroconf may call back from its own thread; hop onto our loop.
+    def _on_found(self, peer: DiscoveredPeer) -> None:
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(
+                self.membership.on_discovered, peer.node_id, list(peer.addresses), peer.grpc_port
+            )
+
+    def _on_gone(self, node_id: str) -> None:
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self.membership.on_discovery_gone, node_id)

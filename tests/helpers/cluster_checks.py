@@ -1,0 +1,197 @@
+"""Launch cluster members and poll/assert their GET /v1/cluster views (test helpers).
+
+The checks only need each member's base URL, so they work for the helper member
+(tests/helpers/cluster_member.py) and for real `exo-tools node` processes alike.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+MEMBER_SCRIPT = ROOT / "tests" / "helpers" / "cluster_member.py"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def get_view(url: str, timeout: float = 1.0) -> dict[str, Any] | None:
+    """GET {url}/v1/cluster, or None when it does not answer."""
+    try:
+        with urllib.request.urlopen(f"{url}/v1/cluster", timeout=timeout) as resp:
+            return json.loads(resp.read())
+    except (OSError, urllib.error.URLError, ValueError):
+        return None
+
+
+def node_ids(view: dict[str, Any] | None) -> set[str]:
+    return {n["id"] for n in view["nodes"]} if view else set()
+
+
+def wait_for(
+    predicate: Callable[[], bool], timeout: float, what: str, interval: float = 0.05
+) -> float:
+    """Poll until predicate() holds; returns the seconds it took, raises AssertionError after
+    timeout."""
+    start = time.monotonic()
+    while True:
+        if predicate():
+            return time.monotonic() - start
+        if time.monotonic() - start > timeout:
+            raise AssertionError(f"timed out after {timeout:.1f}s waiting for {what}")
+        time.sleep(interval)
+
+
+def agreed_master(urls: Sequence[str], expected: set[str]) -> str | None:
+    """The master all of urls agree on, if each sees exactly `expected` (all healthy)."""
+    masters: set[str] = set()
+    for url in urls:
+        view = get_view(url)
+        if view is None or node_ids(view) != expected:
+            return None
+        if not all(n.get("healthy") for n in view["nodes"]):
+            return None
+        masters.add(view["master"])
+    if len(masters) != 1:
+        return None
+    (master,) = masters
+    return master if master in expected else None
+
+
+def wait_converged(urls: Sequence[str], expected: set[str], timeout: float) -> tuple[float, str]:
+    """Wait until every url shows exactly `expected` and the same master; (seconds, master)."""
+    found: list[str] = []
+
+    def check() -> bool:
+        master = agreed_master(urls, expected)
+        if master is not None:
+            found.append(master)
+        return master is not None
+
+    try:
+        elapsed = wait_for(check, timeout, f"{list(urls)} to agree on members {sorted(expected)}")
+    except AssertionError as e:
+        views = {u: get_view(u) for u in urls}
+        summary = {u: (sorted(node_ids(v)), v and v.get("master")) for u, v in views.items()}
+        raise AssertionError(f"{e}; views: {summary}") from None
+    return elapsed, found[-1]
+
+
+@dataclass
+class Member:
+    node_id: str
+    api_port: int
+    grpc_port: int
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+    host: str = "127.0.0.1"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.api_port}"
+
+    @property
+    def grpc_target(self) -> str:
+        return f"{self.host}:{self.grpc_port}"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def signal(self, sig: int) -> None:
+        self.proc.send_signal(sig)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.proc.send_signal(signal.SIGCONT)
+                self.proc.terminate()
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=5)
+
+
+def start_member(
+    node_id: str,
+    workdir: Path,
+    *,
+    secret_file: Path,
+    api_port: int | None = None,
+    grpc_port: int | None = None,
+    interface: str | None = "127.0.0.1",
+    host: str = "127.0.0.1",
+    cluster: str = "default",
+    peers: Sequence[str] = (),
+    discovery: bool = True,
+    prefix: Sequence[str] = (),
+    extra_env: dict[str, str] | None = None,
+) -> Member:
+    """Start tests/helpers/cluster_member.py (optionally under `prefix`, e.g. ip netns exec)."""
+    api_port = api_port or free_port()
+    grpc_port = grpc_port or free_port()
+    home = workdir / "homes" / node_id
+    home.mkdir(parents=True, exist_ok=True)
+    cmd = [
+        *prefix,
+        sys.executable,
+        str(MEMBER_SCRIPT),
+        "--node-id",
+        node_id,
+        "--api-port",
+        str(api_port),
+        "--grpc-port",
+        str(grpc_port),
+        "--cluster",
+        cluster,
+        "--secret-file",
+        str(secret_file),
+        "--home",
+        str(home),
+    ]
+    if interface:
+        cmd += ["--interface", interface]
+    for peer in peers:
+        cmd += ["--peer", peer]
+    if not discovery:
+        cmd.append("--no-discovery")
+    log_path = workdir / f"{node_id}.log"
+    env = {**os.environ, **(extra_env or {})}
+    env.pop("EXO_TOOLS_SECRET", None)
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    return Member(node_id, api_port, grpc_port, proc, log_path, host=host)
+
+
+def wait_serving(members: Sequence[Member], timeout: float = 15.0) -> None:
+    for m in members:
+        wait_for(
+            lambda m=m: get_view(m.url) is not None or not m.alive(),
+            timeout,
+            f"{m.node_id} to serve",
+        )
+        assert m.alive(), f"{m.node_id} exited:\n{m.log()[-3000:]}"
+
+
+def write_secret(path: Path, value: str) -> Path:
+    path.write_text(value + "\n")
+    path.chmod(0o600)
+    return path
