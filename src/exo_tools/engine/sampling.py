@@ -1,0 +1,54 @@
+"""Token sampling with a per-request random key.
+
+mlx-lm's samplers draw from MLX's global random state; with several requests interleaved
+on one thread that would make a request's output depend on its neighbours, so each
+request carries its own key (seeded when the client gives `seed`).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import mlx.core as mx
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0.0
+
+
+class Sampler:
+    def __init__(self, params: SamplingParams) -> None:
+        self.params = params
+        seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(4), "little")
+        self._key = mx.random.key(seed)
+
+    def __call__(self, logits: mx.array) -> mx.array:
+        """One token id per row of `logits` (shape [batch, vocab])."""
+        if self.params.greedy:
+            return mx.argmax(logits, axis=-1)
+        self._key, step_key = mx.random.split(self._key)
+        scaled = logits.astype(mx.float32) / self.params.temperature
+        if self.params.top_p < 1.0:
+            scaled = _top_p_filter(scaled, self.params.top_p)
+        return mx.random.categorical(scaled, key=step_key)
+
+
+def _top_p_filter(logits: mx.array, top_p: float) -> mx.array:
+    """Keep the smallest set of tokens whose probability reaches top_p."""
+    order = mx.argsort(-logits, axis=-1)
+    sorted_logits = mx.take_along_axis(logits, order, axis=-1)
+    probs = mx.softmax(sorted_logits, axis=-1)
+    cumulative = mx.cumsum(probs, axis=-1)
+    # A token stays if the mass before it is still below top_p (the first always stays).
+    keep_sorted = (cumulative - probs) < top_p
+    filtered_sorted = mx.where(keep_sorted, sorted_logits, -mx.inf)
+    inverse = mx.argsort(order, axis=-1)
+    return mx.take_along_axis(filtered_sorted, inverse, axis=-1)

