@@ -1,0 +1,110 @@
+"""Start real `exo-tools node` processes for tests and tear them down."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import requests
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def shared_models_dir() -> Path:
+    """One model store for every test node, so the model is fetched once per machine."""
+    path = Path(os.environ.get("EXO_TOOLS_TEST_MODELS", REPO / ".exo-tools-home" / "models"))
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def node_environment(threads: int = 1) -> dict[str, str]:
+    env = dict(os.environ)
+    # Several processes share 2 cores here: one BLAS thread each avoids oversubscription.
+    env.setdefault("OPENBLAS_NUM_THREADS", str(threads))
+    env["EXO_TOOLS_MODELS_DIR"] = str(shared_models_dir())
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+@dataclass
+class NodeProcess:
+    process: subprocess.Popen[bytes]
+    api_port: int
+    home: Path
+    log_path: Path
+    extra: dict[str, object] = field(default_factory=dict)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.api_port}"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def health(self) -> dict[str, object]:
+        return requests.get(f"{self.url}/health", timeout=5).json()
+
+    def wait_ready(self, timeout: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"node exited with {self.process.returncode}:\n{self.log()}")
+            try:
+                if self.health().get("status") == "ready":
+                    return
+            except requests.RequestException:
+                pass
+            time.sleep(0.2)
+        raise TimeoutError(f"node not ready after {timeout} s:\n{self.log()}")
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=5)
+
+
+def start_node(*args: str, env: dict[str, str] | None = None, wait: bool = True) -> NodeProcess:
+    api_port = free_port()
+    home = Path(tempfile.mkdtemp(prefix="exo-tools-node-"))
+    log_path = home / "node.log"
+    command = [
+        sys.executable,
+        "-m",
+        "exo_tools",
+        "node",
+        "--api-port",
+        str(api_port),
+        "--home",
+        str(home),
+        "--no-progress",
+        *args,
+    ]
+    with log_path.open("wb") as log_file:
+        process = subprocess.Popen(
+            command, stdout=log_file, stderr=subprocess.STDOUT, env=env or node_environment()
+        )
+    node = NodeProcess(process=process, api_port=api_port, home=home, log_path=log_path)
+    if wait:
+        try:
+            node.wait_ready()
+        except Exception:
+            node.stop(signal.SIGKILL)
+            raise
+    return node
