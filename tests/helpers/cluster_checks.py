@@ -16,7 +16,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +30,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def get_view(url: str, timeout: float = 1.0) -> dict[str, Any] | None:
-    """GET {url}/v1/cluster, or None when it does not answer."""
+ViewSource = str | Callable[[], "dict[str, Any] | None"]
+
+
+def get_view(src: ViewSource, timeout: float = 1.0) -> dict[str, Any] | None:
+    """GET {url}/v1/cluster, or None when it does not answer. `src` is a base URL or a callable
+    fetching the view some other way (e.g. from inside a network namespace)."""
+    if callable(src):
+        return src()
+    url = src
     try:
         with urllib.request.urlopen(f"{url}/v1/cluster", timeout=timeout) as resp:
             return json.loads(resp.read())
@@ -57,7 +64,7 @@ def wait_for(
         time.sleep(interval)
 
 
-def agreed_master(urls: Sequence[str], expected: set[str]) -> str | None:
+def agreed_master(urls: Sequence[ViewSource], expected: set[str]) -> str | None:
     """The master all of urls agree on, if each sees exactly `expected` (all healthy)."""
     masters: set[str] = set()
     for url in urls:
@@ -73,7 +80,9 @@ def agreed_master(urls: Sequence[str], expected: set[str]) -> str | None:
     return master if master in expected else None
 
 
-def wait_converged(urls: Sequence[str], expected: set[str], timeout: float) -> tuple[float, str]:
+def wait_converged(
+    urls: Sequence[ViewSource], expected: set[str], timeout: float
+) -> tuple[float, str]:
     """Wait until every url shows exactly `expected` and the same master; (seconds, master)."""
     found: list[str] = []
 
@@ -100,11 +109,15 @@ class Member:
     proc: subprocess.Popen[bytes]
     log_path: Path
     host: str = "127.0.0.1"
-    extra: dict[str, Any] = field(default_factory=dict)
+    netns: str | None = None
 
     @property
-    def url(self) -> str:
-        return f"http://{self.host}:{self.api_port}"
+    def url(self) -> ViewSource:
+        base = f"http://{self.host}:{self.api_port}"
+        if self.netns is None:
+            return base
+        ns = self.netns
+        return lambda: netns_get_view(ns, base)
 
     @property
     def grpc_target(self) -> str:
@@ -142,14 +155,15 @@ def start_member(
     cluster: str = "default",
     peers: Sequence[str] = (),
     discovery: bool = True,
-    prefix: Sequence[str] = (),
+    netns: str | None = None,
     extra_env: dict[str, str] | None = None,
 ) -> Member:
-    """Start tests/helpers/cluster_member.py (optionally under `prefix`, e.g. ip netns exec)."""
+    """Start tests/helpers/cluster_member.py (inside network namespace `netns` if given)."""
     api_port = api_port or free_port()
     grpc_port = grpc_port or free_port()
     home = workdir / "homes" / node_id
     home.mkdir(parents=True, exist_ok=True)
+    prefix = ["ip", "netns", "exec", netns] if netns else []
     cmd = [
         *prefix,
         sys.executable,
@@ -178,7 +192,31 @@ def start_member(
     env.pop("EXO_TOOLS_SECRET", None)
     with log_path.open("wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-    return Member(node_id, api_port, grpc_port, proc, log_path, host=host)
+    return Member(node_id, api_port, grpc_port, proc, log_path, host=host, netns=netns)
+
+
+def netns_get_view(netns: str, base_url: str) -> dict[str, Any] | None:
+    """The view of a member inside a network namespace, fetched from inside it with curl."""
+    try:
+        out = subprocess.run(
+            [
+                "ip",
+                "netns",
+                "exec",
+                netns,
+                "curl",
+                "-sf",
+                "--max-time",
+                "1",
+                f"{base_url}/v1/cluster",
+            ],
+            capture_output=True,
+            timeout=3,
+            check=False,
+        )
+        return json.loads(out.stdout) if out.returncode == 0 else None
+    except (subprocess.SubprocessError, ValueError):
+        return None
 
 
 def wait_serving(members: Sequence[Member], timeout: float = 15.0) -> None:
