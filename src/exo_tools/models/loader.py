@@ -10,7 +10,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -99,7 +99,7 @@ def _keep_for_shard(name: str, shard: Shard, tied: bool) -> str | None:
 
 def parameter_arrays(module: nn.Module) -> list[tuple[str, mx.array]]:
     """Every parameter of a module, by dotted name."""
-    flat: list[tuple[str, Any]] = tree_flatten(module.parameters())
+    flat = cast(list[tuple[str, Any]], tree_flatten(module.parameters()))
     return [(name, value) for name, value in flat if isinstance(value, mx.array)]
 
 

@@ -1,0 +1,284 @@
+"""The node as a real process, driven over HTTP with requests and the OpenAI SDK."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+import requests
+
+from exo_tools.models.catalog import CATALOG, DEFAULT_MODEL_ID
+from exo_tools.models.loader import load_model
+from tests.helpers.mlx_lm_reference import reference_generate
+from tests.helpers.nodes import NodeProcess, start_node
+
+pytestmark = pytest.mark.slow
+MODEL = DEFAULT_MODEL_ID
+
+PROMPTS = [
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "List three prime numbers.",
+    "Explain recursion in one sentence.",
+]
+
+
+def chat(node: NodeProcess, **body: Any) -> requests.Response:
+    body.setdefault("model", MODEL)
+    return requests.post(f"{node.url}/v1/chat/completions", json=body, timeout=120)
+
+
+def user(text: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": text}]
+
+
+def stream_chunks(node: NodeProcess, **body: Any) -> list[dict[str, Any] | str]:
+    body.setdefault("model", MODEL)
+    body["stream"] = True
+    chunks: list[dict[str, Any] | str] = []
+    with requests.post(
+        f"{node.url}/v1/chat/completions", json=body, stream=True, timeout=120
+    ) as response:
+        assert response.status_code == 200
+        assert response.headers["Content-Type"].startswith("text/event-stream")
+        for line in response.iter_lines():
+            if not line:
+                continue
+            assert line.startswith(b"data: ")
+            data = line[len(b"data: ") :].decode()
+            chunks.append(data if data == "[DONE]" else json.loads(data))
+    return chunks
+
+
+def streamed_text(chunks: list[dict[str, Any] | str]) -> str:
+    return "".join(
+        choice["delta"].get("content") or ""
+        for chunk in chunks
+        if isinstance(chunk, dict)
+        for choice in chunk["choices"]
+    )
+
+
+def test_greedy_output_is_token_identical_to_mlx_lm(node: NodeProcess, model_path: Path) -> None:
+    dtype = str(node.health()["dtype"])
+    cases = [{"messages": user(prompt), "max_tokens": 24} for prompt in PROMPTS]
+    reference = reference_generate(model_path, dtype, cases)
+    tokenizer = load_model(CATALOG[MODEL], model_path, dtype="native", progress=False).tokenizer
+    for case, expected_ids in zip(cases, reference, strict=True):
+        expected_text = tokenizer.decode(expected_ids)
+        reply = chat(node, messages=case["messages"], max_tokens=24, temperature=0).json()
+        assert reply["choices"][0]["message"]["content"] == expected_text
+        assert reply["usage"]["completion_tokens"] == len(expected_ids)
+        # The same through the stream.
+        chunks = stream_chunks(node, messages=case["messages"], max_tokens=24, temperature=0)
+        assert streamed_text(chunks) == expected_text
+
+
+def test_sensible_answer_and_usage(node: NodeProcess) -> None:
+    reply = chat(node, messages=user("What is the capital of France?"), temperature=0).json()
+    choice = reply["choices"][0]
+    assert "Paris" in choice["message"]["content"]
+    assert choice["finish_reason"] == "stop"
+    usage = reply["usage"]
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+    assert reply["object"] == "chat.completion"
+    assert reply["id"].startswith("chatcmpl-")
+
+
+def test_content_parts_and_max_completion_tokens(node: NodeProcess) -> None:
+    messages = [{"role": "user", "content": [{"type": "text", "text": "Say hello."}]}]
+    reply = chat(node, messages=messages, max_completion_tokens=3, temperature=0).json()
+    assert reply["choices"][0]["finish_reason"] == "length"
+    assert reply["usage"]["completion_tokens"] == 3
+
+
+def test_streaming_shape_and_usage(node: NodeProcess) -> None:
+    chunks = stream_chunks(
+        node,
+        messages=user("Count from one to ten."),
+        max_tokens=10,
+        temperature=0,
+        stream_options={"include_usage": True},
+    )
+    assert chunks[-1] == "[DONE]"
+    objects = [chunk for chunk in chunks if isinstance(chunk, dict)]
+    assert objects[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert objects[-2]["choices"][0]["finish_reason"] == "length"
+    usage_chunk = objects[-1]
+    assert usage_chunk["choices"] == []
+    assert usage_chunk["usage"]["completion_tokens"] == 10
+    assert len({chunk["id"] for chunk in objects}) == 1
+    # Without include_usage there is no usage chunk.
+    plain = [c for c in stream_chunks(node, messages=user("Hi"), max_tokens=3) if isinstance(c, dict)]
+    assert all("usage" not in chunk for chunk in plain)
+
+
+def test_stop_strings_never_leak(node: NodeProcess) -> None:
+    question = user("What is the capital of France?")
+    full = chat(node, messages=question, temperature=0).json()["choices"][0]["message"]["content"]
+    assert "apital of Fr" in full
+    # A stop string that spans several tokens, in both modes.
+    for stop in ["apital of Fr", ["zzz", "of France"]]:
+        reply = chat(node, messages=question, temperature=0, stop=stop).json()
+        content = reply["choices"][0]["message"]["content"]
+        stops = [stop] if isinstance(stop, str) else stop
+        assert full.startswith(content)
+        assert all(s not in content for s in stops)
+        assert reply["choices"][0]["finish_reason"] == "stop"
+        streamed = streamed_text(stream_chunks(node, messages=question, temperature=0, stop=stop))
+        assert streamed == content
+
+
+def test_seeded_sampling_is_reproducible(node: NodeProcess) -> None:
+    body = {"messages": user("Tell me a story."), "max_tokens": 16, "temperature": 1.0}
+    first = chat(node, seed=1234, **body).json()["choices"][0]["message"]["content"]
+    second = chat(node, seed=1234, **body).json()["choices"][0]["message"]["content"]
+    assert first == second
+
+
+def test_concurrent_requests_are_never_mixed(node: NodeProcess) -> None:
+    expected = {
+        prompt: chat(node, messages=user(prompt), max_tokens=16, temperature=0).json()
+        for prompt in PROMPTS
+    }
+    results: dict[str, Any] = {}
+
+    def run(prompt: str) -> None:
+        results[prompt] = chat(node, messages=user(prompt), max_tokens=16, temperature=0).json()
+
+    threads = [threading.Thread(target=run, args=(prompt,)) for prompt in PROMPTS]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for prompt in PROMPTS:
+        got = results[prompt]["choices"][0]["message"]["content"]
+        assert got == expected[prompt]["choices"][0]["message"]["content"]
+
+
+def test_client_disconnect_stops_generation(node: NodeProcess) -> None:
+    body = {
+        "model": MODEL,
+        "messages": user("Write a very long essay about the history of Europe."),
+        "max_tokens": 2000,
+        "temperature": 0,
+        "stream": True,
+    }
+    response = requests.post(f"{node.url}/v1/chat/completions", json=body, stream=True, timeout=60)
+    lines = response.iter_lines()
+    received = 0
+    for line in lines:
+        if line:
+            received += 1
+        if received >= 3:
+            break
+    assert node.health()["active_requests"] == 1
+    response.close()
+    deadline = time.monotonic() + 10
+    while node.health()["active_requests"] != 0:
+        assert time.monotonic() < deadline, "generation kept running after the client left"
+        time.sleep(0.1)
+    # The node still serves.
+    assert chat(node, messages=user("Hi"), max_tokens=2).status_code == 200
+
+
+def test_models_and_health(node: NodeProcess) -> None:
+    models = requests.get(f"{node.url}/v1/models", timeout=10).json()
+    assert models["object"] == "list"
+    assert [m["id"] for m in models["data"]] == [MODEL]
+    assert requests.get(f"{node.url}/v1/models/{MODEL}", timeout=10).status_code == 200
+    missing = requests.get(f"{node.url}/v1/models/nope", timeout=10)
+    assert missing.status_code == 404
+    assert missing.json()["error"]["code"] == "model_not_found"
+    assert node.health()["status"] == "ready"
+
+
+def _error(response: requests.Response, status: int) -> dict[str, Any]:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["message"]
+    return error
+
+
+def test_errors(node: NodeProcess) -> None:
+    url = f"{node.url}/v1/chat/completions"
+    error = _error(requests.post(url, data=b"{not json", timeout=10), 400)
+    assert "JSON" in error["message"]
+    error = _error(requests.post(url, json={"model": MODEL}, timeout=10), 400)
+    assert error["param"] == "messages"
+    error = _error(chat(node, messages=user("hi"), temperature=5), 400)
+    assert error["param"] == "temperature"
+    error = _error(chat(node, messages=[{"role": "wizard", "content": "hi"}]), 400)
+    assert error["param"].startswith("messages.0")
+    error = _error(chat(node, messages=user("hi"), max_tokens=0), 400)
+    assert error["param"] == "max_tokens"
+    error = _error(chat(node, model="gpt-9", messages=user("hi")), 404)
+    assert error["code"] == "model_not_found"
+    error = _error(chat(node, messages=user("hi"), max_tokens=9000), 400)
+    assert error["code"] == "context_length_exceeded"
+    error = _error(chat(node, messages=user("word " * 9000)), 400)
+    assert error["code"] == "context_length_exceeded"
+    oversized = {"model": MODEL, "messages": user("x" * (9 * 1024 * 1024))}
+    _error(requests.post(url, json=oversized, timeout=30), 413)
+    image = [{"type": "image_url", "image_url": {"url": "data:,"}}]
+    _error(chat(node, messages=[{"role": "user", "content": image}]), 400)
+    _error(requests.get(f"{node.url}/v1/nothing", timeout=10), 404)
+    # After all that, the node still answers.
+    assert chat(node, messages=user("Hi"), max_tokens=2).status_code == 200
+
+
+def test_openai_sdk(node: NodeProcess) -> None:
+    client = openai.OpenAI(base_url=f"{node.url}/v1", api_key="unused")
+    completion = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "What is the capital of France?"}],
+        temperature=0,
+    )
+    text = completion.choices[0].message.content or ""
+    assert "Paris" in text
+    assert completion.usage is not None and completion.usage.completion_tokens > 0
+    stream = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "What is the capital of France?"}],
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    pieces: list[str] = []
+    usage = None
+    for event in stream:
+        if event.choices:
+            pieces.append(event.choices[0].delta.content or "")
+        if event.usage:
+            usage = event.usage
+    assert "".join(pieces) == text
+    assert usage is not None and usage.completion_tokens == completion.usage.completion_tokens
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "x"}])
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model=MODEL, messages=[])
+
+
+def test_api_key_guards_every_route_but_health(model_path: Path) -> None:
+    guarded = start_node("--api-key", "sekrit")
+    try:
+        assert requests.get(f"{guarded.url}/health", timeout=10).status_code == 200
+        response = requests.get(f"{guarded.url}/v1/models", timeout=10)
+        assert _error(response, 401)["code"] == "invalid_api_key"
+        response = requests.post(
+            f"{guarded.url}/v1/chat/completions",
+            json={"model": MODEL, "messages": user("hi")},
+            headers={"Authorization": "Bearer wrong"},
+            timeout=10,
+        )
+        _error(response, 401)
+        client = openai.OpenAI(base_url=f"{guarded.url}/v1", api_key="sekrit")
+        reply = client.chat.completions.create(model=MODEL, messages=user("hi"), max_tokens=2)  # type: ignore[arg-type]
+        assert reply.choices[0].message.content is not None
+    finally:
+        guarded.stop()
