@@ -32,8 +32,11 @@ def find_openblas() -> str | None:
     return None
 
 
-def reexec_with_fast_blas(argv: list[str]) -> None:
-    """Replace this process with one that has the optimized BLAS preloaded, if one is here."""
+def reexec_with_fast_blas(command: list[str]) -> None:
+    """Replace this process with `python COMMAND...` with the optimized BLAS preloaded.
+
+    Does nothing when no optimized BLAS is installed, off Linux, or when already active.
+    """
     if not sys.platform.startswith("linux") or os.environ.get(SWITCH_ENV, "").lower() == "off":
         return
     if os.environ.get(ACTIVE_ENV):
@@ -49,4 +52,4 @@ def reexec_with_fast_blas(argv: list[str]) -> None:
     environment = dict(os.environ)
     environment["LD_PRELOAD"] = f"{library}:{preload}" if preload else library
     environment[ACTIVE_ENV] = library
-    os.execve(sys.executable, [sys.executable, "-m", "exo_tools", *argv], environment)
+    os.execve(sys.executable, [sys.executable, *command], environment)

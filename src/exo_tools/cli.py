@@ -259,7 +259,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "node" or (args.command == "models" and args.models_command == "pull"):
         from .blas import reexec_with_fast_blas
 
-        reexec_with_fast_blas(argv)
+        reexec_with_fast_blas(["-m", "exo_tools", *argv])
     if args.command == "node":
         raise SystemExit(_run_node(args))
     if args.command == "models":

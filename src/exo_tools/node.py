@@ -24,6 +24,18 @@ from .serving.chat import ChatService
 log = logging.getLogger(__name__)
 
 
+def memory_report() -> dict[str, int]:
+    """This process's resident memory and MLX's own allocator counters, in bytes."""
+    import mlx.core as mx
+    import psutil
+
+    return {
+        "rss": psutil.Process().memory_info().rss,
+        "mlx_active": mx.get_active_memory(),
+        "mlx_peak": mx.get_peak_memory(),
+    }
+
+
 @dataclass
 class NodeConfig:
     model: str
@@ -72,6 +84,7 @@ class Node:
             body["dtype"] = self._loaded.dtype
             body["weight_bytes"] = self._loaded.weight_bytes
             body["active_requests"] = self._runner.active_requests if self._runner else 0
+            body["memory"] = memory_report()
         if self._error:
             body["error"] = self._error
         return body

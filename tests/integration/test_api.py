@@ -114,7 +114,9 @@ def test_streaming_shape_and_usage(node: NodeProcess) -> None:
     assert usage_chunk["usage"]["completion_tokens"] == 10
     assert len({chunk["id"] for chunk in objects}) == 1
     # Without include_usage there is no usage chunk.
-    plain = [c for c in stream_chunks(node, messages=user("Hi"), max_tokens=3) if isinstance(c, dict)]
+    plain = [
+        c for c in stream_chunks(node, messages=user("Hi"), max_tokens=3) if isinstance(c, dict)
+    ]
     assert all("usage" not in chunk for chunk in plain)
 
 
@@ -236,7 +238,8 @@ def test_errors(node: NodeProcess) -> None:
 def test_openai_sdk(node: NodeProcess) -> None:
     client = openai.OpenAI(base_url=f"{node.url}/v1", api_key="unused")
     completion = client.chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": "What is the capital of France?"}],
+        model=MODEL,
+        messages=[{"role": "user", "content": "What is the capital of France?"}],
         temperature=0,
     )
     text = completion.choices[0].message.content or ""

@@ -1,0 +1,135 @@
+"""Pure logic of the serving and engine layers."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+import pytest
+from pydantic import ValidationError
+
+from exo_tools.api.errors import from_validation_error
+from exo_tools.api.schemas import ChatCompletionRequest
+from exo_tools.engine.sampling import Sampler, SamplingParams, _top_p_filter
+from exo_tools.engine.shard import Shard
+from exo_tools.models.catalog import (
+    GGUFFileSource,
+    HFRepoSource,
+    UnknownModelError,
+    resolve_model,
+)
+from exo_tools.serving.generation import StopStringMatcher
+
+
+def run_matcher(stops: list[str], pieces: list[str]) -> tuple[str, bool]:
+    matcher = StopStringMatcher(stops)
+    out = []
+    for piece in pieces:
+        text, stopped = matcher.feed(piece)
+        out.append(text)
+        if stopped:
+            return "".join(out), True
+    return "".join(out) + matcher.flush(), False
+
+
+@pytest.mark.parametrize(
+    ("stops", "pieces", "expected"),
+    [
+        (["END"], ["hello E", "N", "D world"], ("hello ", True)),
+        (["END"], ["hello E", "NO"], ("hello ENO", False)),
+        (["ab", "b c"], ["x a", "b c"], ("x ", True)),
+        (["\n\n"], ["line\n", "\nmore"], ("line", True)),
+        ([], ["a", "b"], ("ab", False)),
+        (["stop"], ["sto"], ("sto", False)),
+    ],
+)
+def test_stop_strings(stops: list[str], pieces: list[str], expected: tuple[str, bool]) -> None:
+    assert run_matcher(stops, pieces) == expected
+
+
+def test_stop_matcher_holds_back_only_possible_prefixes() -> None:
+    matcher = StopStringMatcher(["<END>"])
+    assert matcher.feed("abc<E") == ("abc", False)
+    assert matcher.feed("x") == ("<Ex", False)
+
+
+def test_greedy_sampler_is_argmax() -> None:
+    logits = mx.array([[0.1, 3.0, 2.9]])
+    assert Sampler(SamplingParams(temperature=0.0))(logits).tolist() == [1]
+
+
+def test_seeded_sampler_is_reproducible_and_top_p_filters() -> None:
+    logits = mx.array([[2.0, 1.9, -5.0, -6.0]])
+    draws = [Sampler(SamplingParams(temperature=1.0, seed=7))(logits).tolist() for _ in range(2)]
+    assert draws[0] == draws[1]
+    filtered = _top_p_filter(logits, 0.5)
+    assert filtered.tolist()[0][0] == 2.0
+    assert all(value == float("-inf") for value in filtered.tolist()[0][1:])
+    sampler = Sampler(SamplingParams(temperature=1.0, top_p=0.9, seed=3))
+    assert {sampler(logits).tolist()[0] for _ in range(50)} <= {0, 1}
+
+
+def test_shard_bounds() -> None:
+    shard = Shard("m", 0, 10, 30)
+    assert shard.is_first and not shard.is_last and shard.n_local_layers == 10
+    assert Shard.full("m", 30).is_last
+    with pytest.raises(ValueError):
+        Shard("m", 10, 10, 30)
+    with pytest.raises(ValueError):
+        Shard("m", 0, 31, 30)
+
+
+def test_resolve_model(tmp_path: Path) -> None:
+    assert resolve_model("smollm2-135m").tool_format == "hermes"
+    gguf = tmp_path / "My Model.Q8_0.gguf"
+    gguf.write_bytes(b"GGUF")
+    card = resolve_model(str(gguf))
+    assert isinstance(card.source, GGUFFileSource) and card.id == "my-model.q8-0"
+    assert isinstance(resolve_model("org/some-model").source, HFRepoSource)
+    with pytest.raises(UnknownModelError, match="catalog id"):
+        resolve_model("no such model")
+    with pytest.raises(UnknownModelError, match="not found"):
+        resolve_model(str(tmp_path / "missing.gguf"))
+    with pytest.raises(UnknownModelError, match="config.json"):
+        resolve_model(str(tmp_path))
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"model": "m"}, "messages"),
+        ({"model": "m", "messages": [{"role": "user"}]}, "messages.0"),
+        ({"model": "m", "messages": [{"role": "user", "content": "x"}], "top_p": 0}, "top_p"),
+        ({"model": "m", "messages": [{"role": "user", "content": "x"}], "n": 2}, "n"),
+        (
+            {"model": "m", "messages": [{"role": "user", "content": "x"}], "stop": ["a"] * 17},
+            "stop",
+        ),
+    ],
+)
+def test_request_validation_names_the_field(body: dict[str, object], param: str) -> None:
+    with pytest.raises(ValidationError) as caught:
+        ChatCompletionRequest.model_validate(body)
+    error = from_validation_error(caught.value)
+    assert error.status == 400
+    assert error.param is not None and error.param.startswith(param)
+
+
+def test_cli_names_the_bad_flag() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "exo_tools", "node", "--api-port", "99999"],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 2
+    assert "--api-port" in result.stderr and "65535" in result.stderr
+    result = subprocess.run(
+        [sys.executable, "-m", "exo_tools", "node", "--model", "no such model"],
+        capture_output=True,
+        text=True,
+        env={"EXO_TOOLS_BLAS": "off", "PATH": ""},
+    )
+    assert result.returncode == 2
+    assert "--model" in result.stderr
