@@ -123,8 +123,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="tool-call format of the model (default: from the model card, else inferred "
         "from the chat template)",
     )
+    from .cluster import add_cluster_arguments
+
+    add_cluster_arguments(node)
     node.add_argument("--no-progress", action="store_true", help="no progress bars")
     node.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+    cluster = commands.add_parser(
+        "cluster",
+        help="show a running cluster: nodes, master, links",
+        description="Print GET /v1/cluster of a node as a table.",
+    )
+    cluster.add_argument(
+        "--url", default="http://127.0.0.1:52415", help="any node's API (default local)"
+    )
+    cluster.add_argument("--api-key", default=os.environ.get("EXO_TOOLS_API_KEY"))
+    cluster.add_argument("--json", action="store_true", help="print the raw JSON")
 
     models = commands.add_parser("models", help="list, fetch and inspect models")
     model_commands = models.add_subparsers(dest="models_command", metavar="ACTION")
@@ -149,6 +163,7 @@ def _fail(message: str) -> None:
 
 
 def _run_node(args: argparse.Namespace) -> int:
+    from .cluster import cluster_config_from_args
     from .models.catalog import UnknownModelError
     from .node import Node, NodeConfig
 
@@ -156,6 +171,16 @@ def _run_node(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=args.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    home.mkdir(parents=True, exist_ok=True)
+    cluster = cluster_config_from_args(
+        args, home=home, api_host=args.host, api_port=args.api_port, version=__version__
+    )
+    logging.getLogger("exo_tools.cluster").info(
+        "node %s, cluster %r, secret from %s",
+        cluster.node_id,
+        cluster.cluster_name,
+        cluster.secret_source,
     )
     try:
         node = Node(
@@ -170,6 +195,7 @@ def _run_node(args: argparse.Namespace) -> int:
                 chat_template_file=args.chat_template,
                 tool_format=args.tool_format,
                 progress=not args.no_progress,
+                cluster=cluster,
             )
         )
     except UnknownModelError as error:
@@ -249,6 +275,25 @@ def _run_models(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
     return 0
 
 
+def _run_cluster(args: argparse.Namespace) -> int:
+    import requests
+
+    from .cluster import render_cluster_table
+
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    url = args.url.rstrip("/")
+    try:
+        response = requests.get(f"{url}/v1/cluster", headers=headers, timeout=10)
+    except requests.RequestException as error:
+        _fail(f"--url: cannot reach {url}: {error}")
+        return 2
+    if response.status_code != 200:
+        _fail(f"{url}/v1/cluster answered {response.status_code}: {response.text.strip()}")
+    view = response.json()
+    print(json.dumps(view, indent=2) if args.json else render_cluster_table(view))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
@@ -264,5 +309,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(_run_node(args))
     if args.command == "models":
         raise SystemExit(_run_models(args, parser))
+    if args.command == "cluster":
+        raise SystemExit(_run_cluster(args))
     parser.print_help()
     raise SystemExit(2)

@@ -14,6 +14,7 @@ from typing import Any
 from aiohttp import web
 
 from .api.server import create_app
+from .cluster import ClusterConfig, ClusterNode
 from .engine.runner import Runner
 from .engine.shard import ShardModel
 from .models import sources
@@ -48,6 +49,7 @@ class NodeConfig:
     chat_template_file: Path | None = None
     tool_format: str | None = None
     progress: bool = True
+    cluster: ClusterConfig | None = None
 
 
 class Node:
@@ -64,6 +66,7 @@ class Node:
         self._runner: Runner | None = None
         self._service: ChatService | None = None
         self._stop = asyncio.Event()
+        self.cluster = ClusterNode(config.cluster) if config.cluster else None
 
     # NodeBackend
 
@@ -78,8 +81,18 @@ class Node:
     def chat_service(self) -> ChatService | None:
         return self._service
 
+    def cluster_view(self) -> dict[str, Any] | None:
+        return self.cluster.snapshot().model_dump(by_alias=True) if self.cluster else None
+
+    def master_api_url(self) -> str | None:
+        """The master's API when another node is master (chat requests go there)."""
+        return self.cluster.master_api_url() if self.cluster else None
+
     def health(self) -> dict[str, Any]:
         body: dict[str, Any] = {"status": self._state, "model": self.card.id}
+        if self.cluster is not None:
+            body["node_id"] = self.cluster.node_id
+            body["master"] = self.cluster.master_id
         if self._loaded is not None:
             body["dtype"] = self._loaded.dtype
             body["weight_bytes"] = self._loaded.weight_bytes
@@ -146,6 +159,9 @@ class Node:
                 f"(--host/--api-port): {error.strerror}"
             ) from error
         log.info("API listening on http://%s:%d", self.config.host, self.config.api_port)
+        if self.cluster is not None:
+            # After the API listens, so the api_port peers learn about already answers.
+            await self.cluster.start()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(NotImplementedError):
@@ -157,6 +173,8 @@ class Node:
             loader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await loader
+            if self.cluster is not None:
+                await self.cluster.stop()
             await runner.cleanup()
             if self._runner is not None:
                 await asyncio.to_thread(self._runner.stop)

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -81,8 +82,18 @@ class NodeProcess:
 
 
 def start_node(*args: str, env: dict[str, str] | None = None, wait: bool = True) -> NodeProcess:
+    """A node process; unless `args` say otherwise it is alone in a cluster of its own.
+
+    A unique cluster name and loopback-only discovery keep test nodes from joining each
+    other, or a developer's own nodes, by accident.
+    """
     api_port = free_port()
     home = Path(tempfile.mkdtemp(prefix="exo-tools-node-"))
+    defaults: list[str] = []
+    if "--cluster" not in args:
+        defaults += ["--cluster", f"test-{uuid.uuid4().hex[:12]}"]
+    if "--interface" not in args and "--no-discovery" not in args:
+        defaults += ["--interface", "127.0.0.1"]
     log_path = home / "node.log"
     command = [
         sys.executable,
@@ -94,6 +105,7 @@ def start_node(*args: str, env: dict[str, str] | None = None, wait: bool = True)
         "--home",
         str(home),
         "--no-progress",
+        *defaults,
         *args,
     ]
     with log_path.open("wb") as log_file:

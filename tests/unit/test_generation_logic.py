@@ -92,7 +92,7 @@ def test_resolve_model(tmp_path: Path) -> None:
         resolve_model("no such model")
     with pytest.raises(UnknownModelError, match="not found"):
         resolve_model(str(tmp_path / "missing.gguf"))
-    with pytest.raises(UnknownModelError, match="config.json"):
+    with pytest.raises(UnknownModelError, match=r"config\.json"):
         resolve_model(str(tmp_path))
 
 

@@ -9,6 +9,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
+import aiohttp
 from aiohttp import web
 from pydantic import ValidationError
 
@@ -20,6 +21,9 @@ from .schemas import ChatCompletionRequest, ModelList, ModelObject, Usage
 log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 8 * 1024 * 1024
+# Marks a request one node already forwarded, so views that briefly disagree on the
+# master never bounce a request between nodes.
+FORWARDED_HEADER = "X-Exo-Tools-Forwarded-By"
 
 
 class NodeBackend(Protocol):
@@ -36,6 +40,14 @@ class NodeBackend(Protocol):
         ...
 
     def health(self) -> dict[str, Any]: ...
+
+    def cluster_view(self) -> dict[str, Any] | None:
+        """GET /v1/cluster; None on a node that runs without the cluster layer."""
+        ...
+
+    def master_api_url(self) -> str | None:
+        """Where to forward chat requests when this node is not the master."""
+        ...
 
 
 def _auth_middleware(api_key: str | None) -> Callable[..., Awaitable[web.StreamResponse]]:
@@ -59,7 +71,9 @@ def create_app(backend: NodeBackend, *, api_key: str | None = None) -> web.Appli
         middlewares=[error_middleware, _auth_middleware(api_key)],
     )
     routes = _Routes(backend)
+    app.on_cleanup.append(routes.close)
     app.router.add_get("/health", routes.health)
+    app.router.add_get("/v1/cluster", routes.cluster)
     app.router.add_get("/v1/models", routes.list_models)
     app.router.add_get("/v1/models/{model_id:.+}", routes.get_model)
     app.router.add_post("/v1/chat/completions", routes.chat_completions)
@@ -74,10 +88,56 @@ def _sse(payload: dict[str, Any] | str) -> bytes:
 class _Routes:
     def __init__(self, backend: NodeBackend) -> None:
         self.backend = backend
+        self._session: aiohttp.ClientSession | None = None
+
+    async def close(self, _: web.Application) -> None:
+        if self._session is not None:
+            await self._session.close()
 
     async def health(self, _: web.Request) -> web.Response:
         body = {"version": __version__, **self.backend.health()}
         return web.json_response(body)
+
+    async def cluster(self, _: web.Request) -> web.Response:
+        view = self.backend.cluster_view()
+        if view is None:
+            raise APIError(404, "this node runs without the cluster layer")
+        return web.json_response(view)
+
+    async def _forward(self, request: web.Request, master_url: str) -> web.StreamResponse:
+        """Relay a chat request to the master and stream its answer back unchanged."""
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=5)
+            )
+        headers = {
+            name: request.headers[name]
+            for name in ("Authorization", "Content-Type")
+            if name in request.headers
+        }
+        headers[FORWARDED_HEADER] = request.host
+        body = await request.read()
+        try:
+            async with self._session.post(
+                f"{master_url}/v1/chat/completions", data=body, headers=headers
+            ) as upstream:
+                response = web.StreamResponse(
+                    status=upstream.status,
+                    headers={
+                        "Content-Type": upstream.headers.get("Content-Type", "application/json")
+                    },
+                )
+                await response.prepare(request)
+                async for piece in upstream.content.iter_any():
+                    await response.write(piece)
+                await response.write_eof()
+                return response
+        except aiohttp.ClientError as error:
+            raise APIError(
+                503,
+                f"the master node at {master_url} is unreachable: {error}",
+                code="master_unreachable",
+            ) from error
 
     def _model_object(self) -> ModelObject:
         return ModelObject(id=self.backend.model_id, created=self.backend.created)
@@ -107,6 +167,9 @@ class _Routes:
             raise from_validation_error(error) from error
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        master_url = self.backend.master_api_url()
+        if master_url and FORWARDED_HEADER not in request.headers:
+            return await self._forward(request, master_url)
         chat = await self._parse(request)
         if chat.model != self.backend.model_id:
             raise APIError(
