@@ -18,6 +18,9 @@ class SamplingParams:
     temperature: float = 1.0
     top_p: float = 1.0
     seed: int | None = None
+    # A grammar constraint for this request (see exo_tools.constraints), as its serialized
+    # spec so it can travel to whichever node samples; None = unconstrained.
+    constraint: str | None = None
 
     @property
     def greedy(self) -> bool:
