@@ -14,7 +14,15 @@ from aiohttp import web
 from pydantic import ValidationError
 
 from .. import __version__
-from ..serving.chat import ChatFinished, ChatService, ContentDelta, PreparedChat
+from ..serving.chat import (
+    ChatEvent,
+    ChatFinished,
+    ChatService,
+    ContentDelta,
+    PreparedChat,
+    ReasoningDelta,
+    ToolCallEvent,
+)
 from .errors import APIError, error_middleware, from_validation_error
 from .schemas import ChatCompletionRequest, ModelList, ModelObject, Usage
 
@@ -78,6 +86,31 @@ def create_app(backend: NodeBackend, *, api_key: str | None = None) -> web.Appli
     app.router.add_get("/v1/models/{model_id:.+}", routes.get_model)
     app.router.add_post("/v1/chat/completions", routes.chat_completions)
     return app
+
+
+def _delta(event: ChatEvent) -> dict[str, Any]:
+    """The `delta` object of a streamed chunk for one chat event."""
+    if isinstance(event, ToolCallEvent):
+        return {"tool_calls": [dict(event.delta)]}
+    if isinstance(event, ReasoningDelta):
+        return {"reasoning_content": event.text}
+    assert isinstance(event, ContentDelta)
+    return {"content": event.text}
+
+
+def _merge_tool_call(calls: list[dict[str, Any]], event: ToolCallEvent) -> None:
+    """Accumulate streamed tool-call deltas into complete OpenAI tool calls."""
+    delta = event.delta
+    index = delta["index"]
+    while len(calls) <= index:
+        calls.append({"id": "", "type": "function", "function": {"name": "", "arguments": ""}})
+    call = calls[index]
+    if "id" in delta:
+        call["id"] = delta["id"]
+    function = delta["function"]
+    if "name" in function:
+        call["function"]["name"] = function["name"]
+    call["function"]["arguments"] += function.get("arguments", "")
 
 
 def _sse(payload: dict[str, Any] | str) -> bytes:
@@ -189,14 +222,31 @@ class _Routes:
         return await self._complete(service, prepared)
 
     async def _complete(self, service: ChatService, prepared: PreparedChat) -> web.Response:
+        # Built from the same events as the stream, so both modes always agree.
         parts: list[str] = []
+        reasoning: list[str] = []
+        calls: list[dict[str, Any]] = []
         finished: ChatFinished | None = None
         async for event in service.run(prepared):
             if isinstance(event, ContentDelta):
                 parts.append(event.text)
+            elif isinstance(event, ReasoningDelta):
+                reasoning.append(event.text)
+            elif isinstance(event, ToolCallEvent):
+                _merge_tool_call(calls, event)
             else:
                 finished = event
         assert finished is not None
+        content = "".join(parts)
+        message: dict[str, Any] = {
+            "role": "assistant",
+            # OpenAI sends null content beside tool calls when there is no text.
+            "content": content if content or not calls else None,
+        }
+        if calls:
+            message["tool_calls"] = calls
+        if reasoning:
+            message["reasoning_content"] = "".join(reasoning)
         usage = Usage(
             prompt_tokens=finished.prompt_tokens,
             completion_tokens=finished.completion_tokens,
@@ -210,7 +260,7 @@ class _Routes:
             "choices": [
                 {
                     "index": 0,
-                    "message": {"role": "assistant", "content": "".join(parts)},
+                    "message": message,
                     "finish_reason": finished.finish_reason,
                     "logprobs": None,
                 }
@@ -255,8 +305,8 @@ class _Routes:
         await response.write(_sse(chunk({"role": "assistant", "content": ""})))
         try:
             async for event in service.run(prepared):
-                if isinstance(event, ContentDelta):
-                    await response.write(_sse(chunk({"content": event.text})))
+                if not isinstance(event, ChatFinished):
+                    await response.write(_sse(chunk(_delta(event))))
                     continue
                 await response.write(_sse(chunk({}, event.finish_reason)))
                 if include_usage:

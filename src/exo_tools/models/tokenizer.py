@@ -196,15 +196,16 @@ class IncrementalDetokenizer:
     that starts one emitted step back and releases only the new, complete characters.
     """
 
-    def __init__(self, tokenizer: TextTokenizer) -> None:
+    def __init__(self, tokenizer: TextTokenizer, *, skip_special_tokens: bool = True) -> None:
         self._tokenizer = tokenizer
+        self._skip_special = skip_special_tokens
         self._ids: list[int] = []
         self._prefix_offset = 0
         self._read_offset = 0
 
     def add(self, token_id: int) -> str:
         self._ids.append(token_id)
-        decode = self._tokenizer.decode
+        decode = self._decode
         prefix_text = decode(self._ids[self._prefix_offset : self._read_offset])
         new_text = decode(self._ids[self._prefix_offset :])
         if len(new_text) <= len(prefix_text) or new_text.endswith("\ufffd"):
@@ -213,8 +214,11 @@ class IncrementalDetokenizer:
         self._read_offset = len(self._ids)
         return new_text[len(prefix_text) :]
 
+    def _decode(self, ids: list[int]) -> str:
+        return self._tokenizer.decode(ids, skip_special_tokens=self._skip_special)
+
     def flush(self) -> str:
-        decode = self._tokenizer.decode
+        decode = self._decode
         prefix_text = decode(self._ids[self._prefix_offset : self._read_offset])
         new_text = decode(self._ids[self._prefix_offset :])
         self._prefix_offset = self._read_offset = len(self._ids)

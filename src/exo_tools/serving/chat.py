@@ -1,19 +1,41 @@
-"""One chat completion on the master: messages → prompt ids → generation → OpenAI events."""
+"""One chat completion on the master: messages → prompt ids → generation → OpenAI events.
+
+Tool calling happens here: the history is prepared for the model's template (Llama 3.1
+rewrite, or folding into plain text for templates that ignore tools), tools are rendered
+(by the template, or into the system prompt), and the output runs through the streaming
+tool-call parser of the model's format.
+"""
 
 from __future__ import annotations
 
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from ..api.errors import APIError
 from ..api.schemas import ChatCompletionRequest
 from ..engine.sampling import SamplingParams
-from ..models.loader import LoadedModel
-from ..models.tokenizer import ChatTemplateError
+from ..models.catalog import ModelCard
+from ..models.tokenizer import ChatTemplateError, TextTokenizer
+from ..tools import (
+    StreamingToolParser,
+    ToolCallDelta,
+    ToolChoice,
+    ToolChoiceError,
+    add_tools_system_prompt,
+    fold_tool_history,
+    infer_format,
+    normalize_tool_choice,
+    rewrite_history,
+    tools_for_choice,
+)
 from .generation import Finished, GenerationError, TokenGenerator, generate_text
+
+# Formats whose markers are special tokens: the text must keep them for the parser.
+_SPECIAL_TOKEN_FORMATS = frozenset({"llama3_json", "mistral", "gpt_oss", "deepseek_v3"})
+DEFAULT_TOOL_FORMAT = "hermes"
 
 
 @dataclass(frozen=True)
@@ -22,15 +44,25 @@ class ContentDelta:
 
 
 @dataclass(frozen=True)
+class ReasoningDelta:
+    text: str
+
+
+@dataclass(frozen=True)
+class ToolCallEvent:
+    delta: ToolCallDelta
+
+
+@dataclass(frozen=True)
 class ChatFinished:
-    finish_reason: str
+    finish_reason: str  # "stop", "length" or "tool_calls"
     prompt_tokens: int
     completion_tokens: int
     prefill_seconds: float
     decode_seconds: float
 
 
-ChatEvent = ContentDelta | ChatFinished
+ChatEvent = ContentDelta | ReasoningDelta | ToolCallEvent | ChatFinished
 
 
 @dataclass
@@ -41,7 +73,9 @@ class PreparedChat:
     max_tokens: int
     sampling: SamplingParams
     stop: list[str]
-    extras: dict[str, Any] = field(default_factory=dict)
+    tool_format: str
+    tools: list[dict[str, Any]]  # the tools shown to the model; empty = no parsing
+    tool_choice: ToolChoice
 
 
 def messages_as_dicts(request: ChatCompletionRequest) -> list[dict[str, Any]]:
@@ -54,7 +88,9 @@ def messages_as_dicts(request: ChatCompletionRequest) -> list[dict[str, Any]]:
         if message.name:
             entry["name"] = message.name
         if message.tool_calls:
-            entry["tool_calls"] = [call.model_dump() for call in message.tool_calls]
+            entry["tool_calls"] = [
+                call.model_dump(exclude_none=True) for call in message.tool_calls
+            ]
         if message.tool_call_id:
             entry["tool_call_id"] = message.tool_call_id
         result.append(entry)
@@ -62,13 +98,42 @@ def messages_as_dicts(request: ChatCompletionRequest) -> list[dict[str, Any]]:
 
 
 class ChatService:
-    def __init__(self, loaded: LoadedModel, generator: TokenGenerator) -> None:
-        self.loaded = loaded
+    def __init__(
+        self,
+        card: ModelCard,
+        tokenizer: TextTokenizer,
+        context_length: int,
+        generator: TokenGenerator,
+    ) -> None:
+        self.card = card
+        self.tokenizer = tokenizer
+        self.context_length = context_length
         self.generator = generator
+        template = tokenizer.chat_template
+        self.tool_format = (
+            card.tool_format
+            or infer_format(template.source if template else None)
+            or DEFAULT_TOOL_FORMAT
+        )
 
     @property
     def model_id(self) -> str:
-        return self.loaded.card.id
+        return self.card.id
+
+    def _render_prompt(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]]) -> str:
+        template = self.tokenizer.chat_template
+        fmt = self.tool_format
+        if template is not None and template.renders_tools:
+            # The template renders tools and tool history itself; Llama 3.1-style
+            # templates need one call per assistant message.
+            prepared = rewrite_history(messages, fmt)
+            return self.tokenizer.apply_chat_template(prepared, tools=tools or None)
+        # The template only prints role + content: calls and results become text in the
+        # model's format, and the tools go into the system prompt.
+        prepared = fold_tool_history(messages, fmt)
+        if tools:
+            prepared = add_tools_system_prompt(prepared, tools, fmt)
+        return self.tokenizer.apply_chat_template(prepared)
 
     def prepare(self, request: ChatCompletionRequest) -> PreparedChat:
         """Validate against the model and render the prompt; raises APIError (400)."""
@@ -83,16 +148,20 @@ class ChatService:
                 f"response_format type {request.response_format.type!r} is not supported yet",
                 param="response_format",
             )
-        tokenizer = self.loaded.tokenizer
-        messages = messages_as_dicts(request)
+        declared = [tool.model_dump(exclude_none=True) for tool in request.tools or []]
         try:
-            prompt_text = tokenizer.apply_chat_template(messages)
+            choice = normalize_tool_choice(request.tool_choice, declared)
+        except ToolChoiceError as error:
+            raise APIError(400, str(error), param="tool_choice") from error
+        shown = tools_for_choice(declared, choice)
+        try:
+            prompt_text = self._render_prompt(messages_as_dicts(request), shown)
         except ChatTemplateError as error:
             raise APIError(
                 400, f"the model's chat template refused the messages: {error}", param="messages"
             ) from error
-        prompt_ids = tokenizer.encode(prompt_text, add_special_tokens=True)
-        context = self.loaded.context_length
+        prompt_ids = self.tokenizer.encode(prompt_text, add_special_tokens=True)
+        context = self.context_length
         requested = request.token_limit()
         if len(prompt_ids) >= context:
             raise APIError(
@@ -122,28 +191,54 @@ class ChatService:
             max_tokens=max_tokens,
             sampling=sampling,
             stop=request.stop_list(),
+            tool_format=self.tool_format,
+            tools=shown,
+            tool_choice=choice,
         )
 
     async def run(self, prepared: PreparedChat) -> AsyncIterator[ChatEvent]:
+        parser = (
+            StreamingToolParser(prepared.tools, prepared.tool_format) if prepared.tools else None
+        )
+        keep_special = parser is not None and prepared.tool_format in _SPECIAL_TOKEN_FORMATS
         try:
             async for item in generate_text(
                 self.generator,
-                self.loaded.tokenizer,
+                self.tokenizer,
                 request_id=prepared.request_id,
                 prompt=prepared.prompt_ids,
                 sampling=prepared.sampling,
                 max_tokens=prepared.max_tokens,
                 stop=prepared.stop,
+                skip_special_tokens=not keep_special,
             ):
-                if isinstance(item, Finished):
-                    yield ChatFinished(
-                        item.finish_reason,
-                        item.prompt_tokens,
-                        item.completion_tokens,
-                        item.prefill_seconds,
-                        item.decode_seconds,
-                    )
-                else:
-                    yield ContentDelta(item)
+                if not isinstance(item, Finished):
+                    if parser is None:
+                        yield ContentDelta(item)
+                        continue
+                    for delta in parser.feed(item):
+                        yield _event(delta)
+                    continue
+                reason = item.finish_reason
+                if parser is not None:
+                    for delta in parser.finish(truncated=reason == "length"):
+                        yield _event(delta)
+                    if parser.tool_calls:
+                        reason = "tool_calls"
+                yield ChatFinished(
+                    reason,
+                    item.prompt_tokens,
+                    item.completion_tokens,
+                    item.prefill_seconds,
+                    item.decode_seconds,
+                )
         except GenerationError as error:
             raise APIError(500, str(error), error_type="server_error") from error
+
+
+def _event(delta: Any) -> ChatEvent:
+    if delta.tool_call is not None:
+        return ToolCallEvent(delta.tool_call)
+    if delta.reasoning is not None:
+        return ReasoningDelta(delta.reasoning)
+    return ContentDelta(delta.content or "")

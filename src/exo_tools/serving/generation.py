@@ -84,13 +84,14 @@ async def generate_text(
     sampling: SamplingParams,
     max_tokens: int,
     stop: Sequence[str] = (),
+    skip_special_tokens: bool = True,
 ) -> AsyncIterator[str | Finished]:
     """Text deltas, then one `Finished`. Cancels the generation if the consumer stops early."""
     loop = asyncio.get_running_loop()
     handle = generator.submit(
         request_id, prompt, sampling=sampling, max_tokens=max_tokens, loop=loop
     )
-    detokenizer = IncrementalDetokenizer(tokenizer)
+    detokenizer = IncrementalDetokenizer(tokenizer, skip_special_tokens=skip_special_tokens)
     matcher = StopStringMatcher(stop)
     completion_tokens = 0
     finished = False
