@@ -126,6 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .cluster import add_cluster_arguments
 
     add_cluster_arguments(node)
+    from .cluster.placement import add_placement_arguments
+
+    add_placement_arguments(node)
     node.add_argument("--no-progress", action="store_true", help="no progress bars")
     node.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
@@ -196,6 +199,8 @@ def _run_node(args: argparse.Namespace) -> int:
                 tool_format=args.tool_format,
                 progress=not args.no_progress,
                 cluster=cluster,
+                parallelism=args.parallelism,
+                min_nodes=args.min_nodes,
             )
         )
     except UnknownModelError as error:

@@ -4,37 +4,33 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
+import json
 import logging
 import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from aiohttp import web
 
 from .api.server import create_app
 from .cluster import ClusterConfig, ClusterNode
-from .engine.runner import Runner
-from .engine.shard import ShardModel
+from .cluster import capabilities as node_capabilities
+from .cluster.coordinator import Coordinator
+from .cluster.placement import ModelLayout
+from .cluster.worker import Worker, memory_report
+from .engine.pipeline import StageEngine
 from .models import sources
 from .models.catalog import ModelCard, resolve_model
-from .models.loader import LoadedModel, load_model
+from .models.loader import LoadedModel, model_layout
+from .proto import node_pb2_grpc
 from .serving.chat import ChatService
 
 log = logging.getLogger(__name__)
 
-
-def memory_report() -> dict[str, int]:
-    """This process's resident memory and MLX's own allocator counters, in bytes."""
-    import mlx.core as mx
-    import psutil
-
-    return {
-        "rss": psutil.Process().memory_info().rss,
-        "mlx_active": mx.get_active_memory(),
-        "mlx_peak": mx.get_peak_memory(),
-    }
+__all__ = ["Node", "NodeConfig", "memory_report"]
 
 
 @dataclass
@@ -50,9 +46,24 @@ class NodeConfig:
     tool_format: str | None = None
     progress: bool = True
     cluster: ClusterConfig | None = None
+    parallelism: str = "auto"
+    min_nodes: int = 1
+
+
+def _chat_service(loaded: LoadedModel, generator: StageEngine) -> ChatService:
+    # ChatService is moving from (loaded, generator) to (card, tokenizer, context_length,
+    # generator); accept both until that change has landed everywhere.
+    factory = cast(Any, ChatService)
+    if "loaded" in inspect.signature(ChatService).parameters:
+        return factory(loaded, generator)
+    return factory(loaded.card, loaded.tokenizer, loaded.context_length, generator)
 
 
 class Node:
+    """Every node runs the same parts: the Worker service and its MLX thread (a pipeline
+    stage), and the coordinator, which acts while this node is master. The master serves the
+    API by driving requests around the ring of stages; other nodes forward to it."""
+
     def __init__(self, config: NodeConfig) -> None:
         self.config = config
         card = resolve_model(config.model)
@@ -60,13 +71,47 @@ class Node:
             card = card.with_tool_format(config.tool_format)
         self.card: ModelCard = card
         self._created = int(time.time())
-        self._state = "starting"
-        self._error: str | None = None
-        self._loaded: LoadedModel | None = None
-        self._runner: Runner | None = None
-        self._service: ChatService | None = None
         self._stop = asyncio.Event()
+        self._service: ChatService | None = None
         self.cluster = ClusterNode(config.cluster) if config.cluster else None
+        self.node_id = config.cluster.node_id if config.cluster else "local"
+        self.engine = StageEngine()
+        template = config.chat_template_file.read_text() if config.chat_template_file else None
+        self.worker = Worker(
+            card=card,
+            models_dir=config.models_dir,
+            engine=self.engine,
+            channel_for=self._channel,
+            sign=self._sign,
+            chat_template=template,
+        )
+        self.coordinator = Coordinator(
+            node_id=self.node_id,
+            cluster=self.cluster,
+            worker=self.worker,
+            layout=self._layout,
+            memory_available=lambda: node_capabilities.probe().memory_available,
+            parallelism=config.parallelism,
+            min_nodes=config.min_nodes,
+            dtype=config.dtype,
+        )
+        if self.cluster is not None:
+            worker = self.worker
+            self.cluster.add_servicer_hook(
+                lambda server: node_pb2_grpc.add_WorkerServicer_to_server(worker, server)
+            )
+
+    def _channel(self, node_id: str) -> Any:
+        return self.cluster.channel(node_id) if self.cluster is not None else None
+
+    def _sign(self, method: str) -> list[tuple[str, str]]:
+        if self.cluster is None:
+            return []
+        return self.cluster.auth.sign_call(self.node_id, method)
+
+    def _layout(self) -> ModelLayout:
+        path = sources.fetch(self.card, self.config.models_dir, progress=self.config.progress)
+        return model_layout(self.card, path, dtype=self.config.dtype)
 
     # NodeBackend
 
@@ -79,71 +124,60 @@ class Node:
         return self._created
 
     def chat_service(self) -> ChatService | None:
+        """The master's chat service while its placement is ready; None otherwise."""
+        loaded = self.worker.loaded
+        if not self.coordinator.ready or loaded is None:
+            return None
+        if self._service is None:
+            # The tokenizer and template are the model's, whatever this node's layers are.
+            self._service = _chat_service(loaded, self.engine)
         return self._service
 
     def cluster_view(self) -> dict[str, Any] | None:
-        return self.cluster.snapshot().model_dump(by_alias=True) if self.cluster else None
+        if self.cluster is None:
+            return None
+        view = self.cluster.snapshot().model_dump(by_alias=True)
+        placement = self.coordinator.describe()
+        if placement is None and self.worker.placement_json:
+            # A member shows the placement the master last gave it.
+            placement = json.loads(self.worker.placement_json)
+        view["placement"] = placement
+        return view
 
     def master_api_url(self) -> str | None:
         """The master's API when another node is master (chat requests go there)."""
         return self.cluster.master_api_url() if self.cluster else None
 
+    def _status(self) -> str:
+        if self.coordinator.is_master:
+            return self.coordinator.state
+        # A member serves the API by forwarding; "ready" once its own stage is loaded.
+        return {"ready": "ready", "loading": "loading", "failed": "failed"}.get(
+            self.worker.state, "standby"
+        )
+
     def health(self) -> dict[str, Any]:
-        body: dict[str, Any] = {"status": self._state, "model": self.card.id}
+        body: dict[str, Any] = {"status": self._status(), "model": self.card.id}
         if self.cluster is not None:
             body["node_id"] = self.cluster.node_id
             body["master"] = self.cluster.master_id
-        if self._loaded is not None:
-            body["dtype"] = self._loaded.dtype
-            body["weight_bytes"] = self._loaded.weight_bytes
-            body["active_requests"] = self._runner.active_requests if self._runner else 0
+        body["stage"] = self.worker.describe()
+        body["active_requests"] = self.engine.active_requests
+        body["pipeline"] = self.engine.stats()
+        loaded = self.worker.loaded
+        if loaded is not None:
+            body["dtype"] = loaded.dtype
+            body["weight_bytes"] = loaded.weight_bytes
             body["memory"] = memory_report()
-        if self._error:
-            body["error"] = self._error
+        error = self.coordinator.error if self.coordinator.is_master else self.worker.error
+        if error:
+            body["error"] = error
         return body
 
     # lifecycle
 
-    def _load_blocking(self) -> LoadedModel:
-        self._state = "fetching"
-        path = sources.fetch(self.card, self.config.models_dir, progress=self.config.progress)
-        self._state = "loading"
-        template = (
-            self.config.chat_template_file.read_text() if self.config.chat_template_file else None
-        )
-        return load_model(
-            self.card,
-            path,
-            dtype=self.config.dtype,
-            progress=self.config.progress,
-            chat_template=template,
-        )
-
-    async def _load(self) -> None:
-        try:
-            loaded = await asyncio.to_thread(self._load_blocking)
-        except Exception as error:
-            self._state = "failed"
-            self._error = str(error)
-            log.error("could not load %s: %s", self.card.id, error)
-            self._stop.set()
-            return
-        runner = Runner(ShardModel(loaded.model, loaded.shard), loaded.tokenizer.eos_token_ids)
-        runner.start()
-        self._loaded, self._runner = loaded, runner
-        self._service = ChatService(loaded, runner)
-        self._state = "ready"
-        log.info(
-            "ready: %s (%s, %.0f MB) at http://%s:%d/v1",
-            self.card.id,
-            loaded.dtype,
-            loaded.weight_bytes / 1e6,
-            self.config.host,
-            self.config.api_port,
-        )
-
     async def run(self) -> int:
-        """Serve until SIGINT/SIGTERM; the exit status is non-zero if the model failed."""
+        """Serve until SIGINT/SIGTERM."""
         app = create_app(self, api_key=self.config.api_key)
         # handler_cancellation: a client that disconnects cancels its handler, which
         # cancels its generation and frees its KV cache.
@@ -159,6 +193,7 @@ class Node:
                 f"(--host/--api-port): {error.strerror}"
             ) from error
         log.info("API listening on http://%s:%d", self.config.host, self.config.api_port)
+        self.engine.start()
         if self.cluster is not None:
             # After the API listens, so the api_port peers learn about already answers.
             await self.cluster.start()
@@ -166,16 +201,14 @@ class Node:
         for signum in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(NotImplementedError):
                 loop.add_signal_handler(signum, self._stop.set)
-        loader = asyncio.create_task(self._load())
+        self.coordinator.start()
         try:
             await self._stop.wait()
         finally:
-            loader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await loader
+            await self.coordinator.stop()
+            await self.worker.stop()
             if self.cluster is not None:
                 await self.cluster.stop()
             await runner.cleanup()
-            if self._runner is not None:
-                await asyncio.to_thread(self._runner.stop)
-        return 1 if self._state == "failed" else 0
+            await asyncio.to_thread(self.engine.stop)
+        return 0

@@ -70,14 +70,25 @@ class _RequestState:
 class GenerationHandle:
     """The event loop's side of one request: an async stream of runner events."""
 
-    def __init__(self, request_id: str, cancelled: threading.Event) -> None:
+    def __init__(
+        self,
+        request_id: str,
+        cancelled: threading.Event,
+        on_cancel: Callable[[], None] | None = None,
+    ) -> None:
         self.request_id = request_id
         self.events: asyncio.Queue[RunnerEvent] = asyncio.Queue()
         self._cancelled = cancelled
+        self._on_cancel = on_cancel
 
     def cancel(self) -> None:
         """Stop generating; the runner frees the request's state at its next step."""
+        if self._cancelled.is_set():
+            return
         self._cancelled.set()
+        if self._on_cancel is not None:
+            # Wakes an engine whose request is waiting on other stages.
+            self._on_cancel()
 
 
 class Runner:

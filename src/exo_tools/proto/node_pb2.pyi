@@ -176,47 +176,71 @@ class ShardSpec(_message.Message):
     def __init__(self, model_id: _Optional[str] = ..., start_layer: _Optional[int] = ..., end_layer: _Optional[int] = ..., n_layers: _Optional[int] = ..., tp_rank: _Optional[int] = ..., tp_size: _Optional[int] = ...) -> None: ...
 
 class LoadShardRequest(_message.Message):
-    __slots__ = ("epoch", "shard", "placement_id")
+    __slots__ = ("epoch", "shard", "placement_id", "next_node_id", "master_id", "dtype", "stage_index", "n_stages", "placement_json")
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     SHARD_FIELD_NUMBER: _ClassVar[int]
     PLACEMENT_ID_FIELD_NUMBER: _ClassVar[int]
+    NEXT_NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    MASTER_ID_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    STAGE_INDEX_FIELD_NUMBER: _ClassVar[int]
+    N_STAGES_FIELD_NUMBER: _ClassVar[int]
+    PLACEMENT_JSON_FIELD_NUMBER: _ClassVar[int]
     epoch: int
     shard: ShardSpec
     placement_id: str
-    def __init__(self, epoch: _Optional[int] = ..., shard: _Optional[_Union[ShardSpec, _Mapping]] = ..., placement_id: _Optional[str] = ...) -> None: ...
+    next_node_id: str
+    master_id: str
+    dtype: str
+    stage_index: int
+    n_stages: int
+    placement_json: str
+    def __init__(self, epoch: _Optional[int] = ..., shard: _Optional[_Union[ShardSpec, _Mapping]] = ..., placement_id: _Optional[str] = ..., next_node_id: _Optional[str] = ..., master_id: _Optional[str] = ..., dtype: _Optional[str] = ..., stage_index: _Optional[int] = ..., n_stages: _Optional[int] = ..., placement_json: _Optional[str] = ...) -> None: ...
 
 class LoadShardProgress(_message.Message):
-    __slots__ = ("epoch", "stage", "done", "total", "finished", "error")
+    __slots__ = ("epoch", "stage", "done", "total", "finished", "error", "weight_bytes", "rss", "mlx_active", "current_epoch")
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     STAGE_FIELD_NUMBER: _ClassVar[int]
     DONE_FIELD_NUMBER: _ClassVar[int]
     TOTAL_FIELD_NUMBER: _ClassVar[int]
     FINISHED_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    RSS_FIELD_NUMBER: _ClassVar[int]
+    MLX_ACTIVE_FIELD_NUMBER: _ClassVar[int]
+    CURRENT_EPOCH_FIELD_NUMBER: _ClassVar[int]
     epoch: int
     stage: str
     done: int
     total: int
     finished: bool
     error: str
-    def __init__(self, epoch: _Optional[int] = ..., stage: _Optional[str] = ..., done: _Optional[int] = ..., total: _Optional[int] = ..., finished: _Optional[bool] = ..., error: _Optional[str] = ...) -> None: ...
+    weight_bytes: int
+    rss: int
+    mlx_active: int
+    current_epoch: int
+    def __init__(self, epoch: _Optional[int] = ..., stage: _Optional[str] = ..., done: _Optional[int] = ..., total: _Optional[int] = ..., finished: _Optional[bool] = ..., error: _Optional[str] = ..., weight_bytes: _Optional[int] = ..., rss: _Optional[int] = ..., mlx_active: _Optional[int] = ..., current_epoch: _Optional[int] = ...) -> None: ...
 
 class SamplingParams(_message.Message):
-    __slots__ = ("temperature", "top_p", "top_k", "seed", "has_seed")
+    __slots__ = ("temperature", "top_p", "top_k", "seed", "has_seed", "constraint", "has_constraint")
     TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
     TOP_P_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     HAS_SEED_FIELD_NUMBER: _ClassVar[int]
+    CONSTRAINT_FIELD_NUMBER: _ClassVar[int]
+    HAS_CONSTRAINT_FIELD_NUMBER: _ClassVar[int]
     temperature: float
     top_p: float
     top_k: int
     seed: int
     has_seed: bool
-    def __init__(self, temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ..., has_seed: _Optional[bool] = ...) -> None: ...
+    constraint: str
+    has_constraint: bool
+    def __init__(self, temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ..., has_seed: _Optional[bool] = ..., constraint: _Optional[str] = ..., has_constraint: _Optional[bool] = ...) -> None: ...
 
 class ActivationMessage(_message.Message):
-    __slots__ = ("request_id", "epoch", "step", "hidden", "token_ids", "sampling", "error")
+    __slots__ = ("request_id", "epoch", "step", "hidden", "token_ids", "sampling", "error", "sample", "release", "sent_ns")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
@@ -224,6 +248,9 @@ class ActivationMessage(_message.Message):
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    SAMPLE_FIELD_NUMBER: _ClassVar[int]
+    RELEASE_FIELD_NUMBER: _ClassVar[int]
+    SENT_NS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     epoch: int
     step: int
@@ -231,7 +258,10 @@ class ActivationMessage(_message.Message):
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     sampling: SamplingParams
     error: str
-    def __init__(self, request_id: _Optional[str] = ..., epoch: _Optional[int] = ..., step: _Optional[int] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., error: _Optional[str] = ...) -> None: ...
+    sample: bool
+    release: bool
+    sent_ns: int
+    def __init__(self, request_id: _Optional[str] = ..., epoch: _Optional[int] = ..., step: _Optional[int] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., error: _Optional[str] = ..., sample: _Optional[bool] = ..., release: _Optional[bool] = ..., sent_ns: _Optional[int] = ...) -> None: ...
 
 class AllReduceMessage(_message.Message):
     __slots__ = ("request_id", "epoch", "step", "layer", "phase", "rank", "tensor", "error")

@@ -1,0 +1,297 @@
+"""The master's side of placement: choose stages, have members load them, re-place on change.
+
+Runs on every node; only the master acts. It places once the membership has been stable for
+a moment, re-places when a stage's node is lost or a pipeline stream breaks (after the
+liveness bound, so the dead node is out of the view), and spreads wider when nodes join
+while the placement has fewer stages than --min-nodes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+import grpc.aio
+
+from ..proto import node_pb2, node_pb2_grpc
+from .node import ClusterNode
+from .placement import (
+    ModelLayout,
+    NodeResources,
+    Placement,
+    PlacementError,
+    PlacementView,
+    plan_placement,
+)
+from .worker import LOAD_SHARD_METHOD, Worker
+
+log = logging.getLogger(__name__)
+
+TICK_S = 0.1
+STABLE_S = 1.0  # membership unchanged this long before placing
+BREAK_SETTLE_S = 3.0  # after a stream broke: longer than liveness needs to drop a dead node
+RETRY_S = 3.0
+LOAD_TIMEOUT_S = 600.0
+
+
+class Coordinator:
+    def __init__(
+        self,
+        *,
+        node_id: str,
+        cluster: ClusterNode | None,
+        worker: Worker,
+        layout: Callable[[], ModelLayout],
+        memory_available: Callable[[], int],
+        parallelism: str = "auto",
+        min_nodes: int = 1,
+        dtype: str = "auto",
+    ) -> None:
+        self.node_id = node_id
+        self.cluster = cluster
+        self.worker = worker
+        self._layout_fn = layout
+        self._layout: ModelLayout | None = None
+        self._memory_available = memory_available
+        self.parallelism = parallelism
+        self.min_nodes = min_nodes
+        self.dtype = dtype
+        self.state = "waiting"  # waiting, loading, ready, failed, standby (not master)
+        self.error: str | None = None
+        self.placement: Placement | None = None
+        self.view: PlacementView | None = None
+        self._epoch = 0
+        self._placed_once = False
+        self._members: frozenset[str] = frozenset()
+        self._changed_at = time.monotonic()
+        self._broken_at: float | None = None
+        self._retry_at = 0.0
+        self._task: asyncio.Task[None] | None = None
+        worker.broken_listeners.append(self._on_broken)
+
+    @property
+    def ready(self) -> bool:
+        return self.state == "ready" and self.is_master
+
+    @property
+    def is_master(self) -> bool:
+        return self.cluster is None or self.cluster.is_master
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="placement")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    def describe(self) -> dict[str, Any] | None:
+        if self.view is None:
+            return None
+        return self.view.model_dump()
+
+    # ---------------------------------------------------------------- membership
+
+    def _resources(self) -> dict[str, NodeResources]:
+        nodes = {self.node_id: NodeResources(self.node_id, self._memory_available())}
+        if self.cluster is not None:
+            for node in self.cluster.snapshot().nodes:
+                if node.healthy and node.id != self.node_id:
+                    nodes[node.id] = NodeResources(node.id, node.capabilities.memory_available)
+        return nodes
+
+    def _on_broken(self, reason: str) -> None:
+        if self.placement is None or not self.is_master:
+            return
+        if self._broken_at is None:
+            self._broken_at = time.monotonic()
+        self.error = reason
+        if self.state == "ready":
+            self.state = "loading"  # not serving until re-placed
+            if self.view is not None:
+                self.view.state = "broken"
+                self.view.error = reason
+
+    def _lost(self, members: frozenset[str]) -> list[str]:
+        if self.placement is None:
+            return []
+        return [node for node in self.placement.node_ids if node not in members]
+
+    # ---------------------------------------------------------------- the loop
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self._tick()
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:  # keep coordinating whatever one attempt did
+                log.exception("placement failed")
+                self.state, self.error = "failed", str(error)
+                self._retry_at = time.monotonic() + RETRY_S
+            await asyncio.sleep(TICK_S)
+
+    async def _tick(self) -> None:
+        if not self.is_master:
+            if self.placement is not None:
+                log.info("no longer master: dropping placement of epoch %d", self._epoch)
+            self.placement, self.view, self.state = None, None, "standby"
+            return
+        resources = self._resources()
+        members = frozenset(resources)
+        now = time.monotonic()
+        if members != self._members:
+            self._members, self._changed_at = members, now
+        lost = self._lost(members)
+        if lost and self.state == "ready":
+            # Fail in-flight requests now; re-placing waits for the view to settle.
+            reason = f"node(s) {', '.join(lost)} of the placement left the cluster"
+            self._on_broken(reason)
+            self.worker.engine.fail_all(f"{reason}; re-placing the model")
+        if now - self._changed_at < STABLE_S or now < self._retry_at:
+            return
+        if self._broken_at is not None and now - self._broken_at < BREAK_SETTLE_S:
+            return
+        if not self._needs_placement(members):
+            return
+        if not self._placed_once and len(members) < self.min_nodes:
+            self.state = "waiting"
+            self.error = f"waiting for {self.min_nodes} nodes (--min-nodes); {len(members)} healthy"
+            return
+        await self._place(resources)
+
+    def _needs_placement(self, members: frozenset[str]) -> bool:
+        if self.placement is None or self._broken_at is not None or self.state == "failed":
+            return True
+        if self._lost(members):
+            return True
+        stages = len(self.placement.stages)
+        # Spread wider when nodes joined and the placement is below --min-nodes.
+        return stages < self.min_nodes and len(members) > stages
+
+    async def _place(self, resources: dict[str, NodeResources]) -> None:
+        if self._layout is None:
+            self.state = "loading"
+            self._layout = await asyncio.to_thread(self._layout_fn)
+        min_nodes = min(self.min_nodes, len(resources))
+        # Epochs grow across masters too: a new master starts above any older placement.
+        epoch = max(self._epoch + 1, time.time_ns() // 1_000_000)
+        try:
+            placement = plan_placement(
+                self._layout,
+                list(resources.values()),
+                master_id=self.node_id,
+                epoch=epoch,
+                parallelism=self.parallelism,
+                min_nodes=min_nodes,
+            )
+        except PlacementError as error:
+            self.state, self.error = "failed", str(error)
+            self.placement, self.view = None, None
+            self._retry_at = time.monotonic() + RETRY_S
+            log.error("cannot place the model: %s", error)
+            return
+        self._epoch = epoch
+        self.placement, self._broken_at, self.error = placement, None, None
+        self.view = PlacementView.of(placement, "loading")
+        self.state = "loading"
+        log.info(
+            "placing %s, epoch %d: %s",
+            placement.model_id,
+            epoch,
+            ", ".join(f"{s.node_id}[{s.start_layer},{s.end_layer})" for s in placement.stages),
+        )
+        results = await asyncio.gather(
+            *(self._load_stage(placement, index) for index in range(len(placement.stages))),
+            return_exceptions=True,
+        )
+        if self.placement is not placement:
+            return  # superseded meanwhile
+        errors = [str(result) for result in results if isinstance(result, BaseException)]
+        if errors:
+            self.state, self.error = "failed", "; ".join(errors)
+            self.view.state, self.view.error = "failed", self.error
+            self._retry_at = time.monotonic() + RETRY_S
+            log.error("placement of epoch %d failed: %s", epoch, self.error)
+            return
+        self._placed_once = True
+        if self._broken_at is None:
+            self.state = "ready"
+            self.view.state = "ready"
+            log.info("placement of epoch %d is ready (%d stages)", epoch, len(placement.stages))
+
+    async def _load_stage(self, placement: Placement, index: int) -> None:
+        stage = placement.stages[index]
+        assert self.view is not None
+        view = self.view.stages[index]
+        view.state = "loading"
+        request = node_pb2.LoadShardRequest(
+            epoch=placement.epoch,
+            shard=node_pb2.ShardSpec(
+                model_id=placement.model_id,
+                start_layer=stage.start_layer,
+                end_layer=stage.end_layer,
+                n_layers=placement.n_layers,
+                tp_size=1,
+            ),
+            placement_id=f"{placement.model_id}@{placement.epoch}",
+            next_node_id=placement.next_node(index) if len(placement.stages) > 1 else "",
+            master_id=self.node_id,
+            dtype=self.dtype,
+            stage_index=index,
+            n_stages=len(placement.stages),
+            placement_json=self.view.model_dump_json(),
+        )
+
+        def report(progress: node_pb2.LoadShardProgress) -> None:
+            if progress.total:
+                view.layers_loaded = int(progress.done)
+            if progress.weight_bytes:
+                view.weight_bytes = int(progress.weight_bytes)
+                view.rss = int(progress.rss)
+                view.mlx_active = int(progress.mlx_active)
+
+        if stage.node_id == self.node_id:
+            final = await self.worker.load(request, report)
+        else:
+            final = await self._load_remote(stage.node_id, request, report)
+        report(final)
+        if final.current_epoch > self._epoch:
+            self._epoch = int(final.current_epoch)  # a member saw a newer master's epoch
+        if final.error:
+            view.state, view.error = "failed", final.error
+            raise RuntimeError(f"node {stage.node_id}: {final.error}")
+        view.state = "ready"
+
+    async def _load_remote(
+        self,
+        node_id: str,
+        request: node_pb2.LoadShardRequest,
+        report: Callable[[node_pb2.LoadShardProgress], None],
+    ) -> node_pb2.LoadShardProgress:
+        channel = self.cluster.channel(node_id) if self.cluster is not None else None
+        if channel is None:
+            raise RuntimeError(f"node {node_id} is not a healthy member")
+        final: node_pb2.LoadShardProgress | None = None
+        try:
+            call: Any = node_pb2_grpc.WorkerStub(channel).LoadShard(
+                request, timeout=LOAD_TIMEOUT_S, metadata=self.worker.sign(LOAD_SHARD_METHOD)
+            )
+            async for progress in call:
+                if progress.finished:
+                    final = progress
+                else:
+                    report(progress)
+        except grpc.aio.AioRpcError as error:
+            raise RuntimeError(
+                f"node {node_id} did not load its shard: {error.code().name}: {error.details()}"
+            ) from error
+        if final is None:
+            raise RuntimeError(f"node {node_id} ended LoadShard without a result")
+        return final

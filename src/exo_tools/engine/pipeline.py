@@ -1,0 +1,533 @@
+"""One pipeline stage's MLX thread: its layers, per-request KV caches, and (on stage 0) the
+requests it drives.
+
+Stages form a ring S0 → S1 → … → Sk-1 → S0. Stage 0 is the master: it turns prompt ids into
+hidden states, the last stage samples and sends the token back to stage 0, which emits it
+and feeds it in as the next input. Every message of a request travels the same ordered
+streams, so a release or an error always arrives after the work it follows. With one stage
+the whole loop runs on this thread without any network.
+
+All MLX work, and all per-request state, live on this one thread; the event loop only puts
+items into its inbox. Messages of many requests interleave, so while stage 1 computes
+request A stage 0 is free to compute request B.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import queue
+import statistics
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import mlx.core as mx
+
+from ..proto import node_pb2
+from .runner import (
+    PREFILL_CHUNK,
+    ErrorEvent,
+    FinishEvent,
+    GenerationHandle,
+    RunnerEvent,
+    TokenEvent,
+)
+from .sampling import Sampler, SamplingParams
+from .shard import ShardModel
+from .tensors import from_proto, to_proto
+
+log = logging.getLogger(__name__)
+
+SWEEP_INTERVAL_S = 1.0
+DEFAULT_IDLE_TIMEOUT_S = 300.0
+HOP_WINDOW = 128
+
+Send = Callable[[node_pb2.ActivationMessage], None]
+
+
+def sampling_to_proto(params: SamplingParams) -> node_pb2.SamplingParams:
+    return node_pb2.SamplingParams(
+        temperature=params.temperature,
+        top_p=params.top_p,
+        seed=params.seed or 0,
+        has_seed=params.seed is not None,
+        constraint=params.constraint or "",
+        has_constraint=params.constraint is not None,
+    )
+
+
+def sampling_from_proto(msg: node_pb2.SamplingParams) -> SamplingParams:
+    return SamplingParams(
+        temperature=msg.temperature,
+        top_p=msg.top_p,
+        seed=int(msg.seed) if msg.has_seed else None,
+        constraint=msg.constraint if msg.has_constraint else None,
+    )
+
+
+class EpochError(RuntimeError):
+    """A message for a placement epoch this stage does not hold."""
+
+
+@dataclass
+class InstalledStage:
+    """What this node computes in placement `epoch`."""
+
+    epoch: int
+    model: ShardModel
+    eos_token_ids: frozenset[int]
+    n_stages: int
+    # Thread-safe: hands a message to the stream towards the next stage (None: one stage).
+    send: Send | None = None
+
+    @property
+    def is_first(self) -> bool:
+        return self.model.shard.is_first
+
+    @property
+    def is_last(self) -> bool:
+        return self.model.shard.is_last
+
+
+@dataclass
+class _Cache:
+    cache: list[Any]
+    sampler: Sampler | None = None
+    last_used: float = field(default_factory=time.monotonic)
+
+    def close(self) -> None:
+        # A constrained sampler holds grammar state worth freeing promptly.
+        close = getattr(self.sampler, "close", None)
+        if callable(close):
+            close()
+
+
+@dataclass
+class _Origin:
+    """A request stage 0 drives: prompt, progress, and the handle's side of the events."""
+
+    request_id: str
+    epoch: int
+    prompt: list[int]
+    max_tokens: int
+    sampling: SamplingParams
+    emit: Callable[[RunnerEvent], None]
+    cancelled: threading.Event
+    prompt_done: int = 0
+    generated: int = 0
+    next_input: int | None = None
+    sent_first: bool = False
+    waiting: bool = False  # a sampling step is out on the other stages
+    started: float = field(default_factory=time.perf_counter)
+    first_token_at: float | None = None
+
+
+class StageEngine:
+    """Lifecycle: `start()`, `install(stage)` per placement, `submit`/`deliver`, `stop()`."""
+
+    def __init__(self, *, idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S) -> None:
+        self._idle_timeout_s = idle_timeout_s
+        self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+        self._stage: InstalledStage | None = None
+        self._epoch = 0
+        self._caches: dict[str, _Cache] = {}
+        self._origins: dict[str, _Origin] = {}
+        self._hops: deque[float] = deque(maxlen=HOP_WINDOW)
+        self._refused = 0
+        self._thread = threading.Thread(target=self._run, name="exo-tools-mlx", daemon=True)
+        self._last_sweep = time.monotonic()
+
+    # ---------------------------------------------------------------- any thread
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._inbox.put(("stop", None))
+        self._thread.join(timeout=10)
+
+    @property
+    def epoch(self) -> int:
+        return self._epoch
+
+    @property
+    def active_requests(self) -> int:
+        return len(self._origins)
+
+    @property
+    def cached_requests(self) -> int:
+        return len(self._caches)
+
+    def stats(self) -> dict[str, Any]:
+        hops = list(self._hops)
+        return {
+            "epoch": self._epoch,
+            "cached_requests": len(self._caches),
+            "hop_us_median": round(statistics.median(hops), 1) if hops else None,
+            "hops_measured": len(hops),
+            "refused_stale": self._refused,
+        }
+
+    def install(self, stage: InstalledStage | None, reason: str, timeout: float = 30.0) -> None:
+        """Switch to `stage` (None: hold nothing) between messages; blocks until done.
+
+        Requests of the old placement fail with `reason`; their caches are dropped."""
+        done = threading.Event()
+        self._inbox.put(("install", (stage, reason, done)))
+        if not done.wait(timeout):
+            raise TimeoutError("the MLX thread did not switch placements in time")
+
+    def submit(
+        self,
+        request_id: str,
+        prompt: list[int],
+        *,
+        sampling: SamplingParams,
+        max_tokens: int,
+        loop: asyncio.AbstractEventLoop,
+    ) -> GenerationHandle:
+        """The TokenGenerator protocol: stage 0 drives the request around the ring."""
+        if not prompt:
+            raise ValueError("prompt is empty")
+        cancelled = threading.Event()
+        handle = GenerationHandle(
+            request_id, cancelled, on_cancel=lambda: self._inbox.put(("cancel", request_id))
+        )
+
+        def emit(event: RunnerEvent) -> None:
+            # The loop may be gone at shutdown; the event has no one to go to then.
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(handle.events.put_nowait, event)
+
+        origin = _Origin(
+            request_id=request_id,
+            epoch=self._epoch,
+            prompt=list(prompt),
+            max_tokens=max_tokens,
+            sampling=sampling,
+            emit=emit,
+            cancelled=cancelled,
+        )
+        self._inbox.put(("start", origin))
+        return handle
+
+    def deliver(self, message: node_pb2.ActivationMessage) -> None:
+        """A message from the previous stage's stream (called on the event loop)."""
+        self._inbox.put(("net", message))
+
+    def release(self, request_id: str) -> None:
+        self._inbox.put(("release", request_id))
+
+    def fail_all(self, message: str) -> None:
+        """The ring broke: every request of this stage fails with `message`."""
+        self._inbox.put(("fail", message))
+
+    # ---------------------------------------------------------------- the MLX thread
+
+    def _run(self) -> None:
+        stream = mx.new_stream(mx.default_device())
+        with mx.stream(stream):
+            while True:
+                try:
+                    kind, payload = self._inbox.get(timeout=SWEEP_INTERVAL_S)
+                except queue.Empty:
+                    kind, payload = "idle", None
+                if kind == "stop":
+                    break
+                try:
+                    self._handle(kind, payload)
+                except Exception:  # one bad message must not stop the stage
+                    log.exception("stage failed handling %s", kind)
+                now = time.monotonic()
+                if now - self._last_sweep >= SWEEP_INTERVAL_S:
+                    self._last_sweep = now
+                    self._sweep(now)
+        self._fail_origins("node is shutting down")
+        self._drop_all()
+
+    def _handle(self, kind: str, payload: Any) -> None:
+        if kind == "net":
+            self._on_message(payload)
+        elif kind == "step":
+            origin = self._origins.get(payload)
+            if origin is not None:
+                self._step_safely(origin)
+        elif kind == "start":
+            self._on_start(payload)
+        elif kind == "cancel":
+            origin = self._origins.get(payload)
+            if origin is not None:
+                self._finish(origin, "cancelled")
+        elif kind == "release":
+            self._drop(payload)
+        elif kind == "fail":
+            self._fail_origins(payload)
+            self._drop_all()
+        elif kind == "install":
+            stage, reason, done = payload
+            try:
+                self._install(stage, reason)
+            finally:
+                done.set()
+
+    def _install(self, stage: InstalledStage | None, reason: str) -> None:
+        self._fail_origins(reason)
+        self._drop_all()
+        self._stage = None
+        mx.clear_cache()  # hand the old shard's memory back before the new one grows
+        self._stage = stage
+        self._epoch = stage.epoch if stage is not None else self._epoch
+        self._hops.clear()
+
+    def _sweep(self, now: float) -> None:
+        """Drop caches of requests nobody has touched for the idle timeout."""
+        stale = [
+            request_id
+            for request_id, entry in self._caches.items()
+            if request_id not in self._origins and now - entry.last_used > self._idle_timeout_s
+        ]
+        for request_id in stale:
+            log.info("dropping idle request %s", request_id)
+            self._drop(request_id)
+
+    def _drop(self, request_id: str) -> None:
+        entry = self._caches.pop(request_id, None)
+        if entry is not None:
+            entry.close()
+
+    def _drop_all(self) -> None:
+        for request_id in list(self._caches):
+            self._drop(request_id)
+
+    def _cache_for(
+        self, request_id: str, stage: InstalledStage, sampling: SamplingParams | None
+    ) -> _Cache:
+        entry = self._caches.get(request_id)
+        if entry is None:
+            entry = _Cache(stage.model.make_cache())
+            self._caches[request_id] = entry
+        if entry.sampler is None and sampling is not None and stage.is_last:
+            entry.sampler = Sampler(sampling)
+        entry.last_used = time.monotonic()
+        return entry
+
+    # -- stage 0: the requests it drives
+
+    def _on_start(self, origin: _Origin) -> None:
+        stage = self._stage
+        if stage is None or not stage.is_first:
+            origin.emit(ErrorEvent("no model placement is ready on this node; retry shortly"))
+            return
+        if origin.epoch != stage.epoch:
+            origin.emit(ErrorEvent("the placement changed while the request started; retry"))
+            return
+        if origin.request_id in self._origins:
+            origin.emit(ErrorEvent(f"request id {origin.request_id} is already running"))
+            return
+        self._origins[origin.request_id] = origin
+        self._step_safely(origin)
+
+    def _step_safely(self, origin: _Origin) -> None:
+        if origin.cancelled.is_set():
+            self._finish(origin, "cancelled")
+            return
+        try:
+            self._step(origin)
+        except Exception as error:  # one request's failure must not stop the others
+            log.exception("request %s failed", origin.request_id)
+            self._fail(origin, f"generation failed: {error}")
+
+    def _step(self, origin: _Origin) -> None:
+        stage = self._stage
+        assert stage is not None
+        entry = self._cache_for(origin.request_id, stage, origin.sampling)
+        remaining = len(origin.prompt) - 1 - origin.prompt_done
+        if remaining > 0:
+            # mlx-lm's generate prefills prompt[:-1] in 2048-token chunks and runs the last
+            # prompt token on its own; the same split keeps greedy output identical to it.
+            count = min(PREFILL_CHUNK, remaining)
+            ids = origin.prompt[origin.prompt_done : origin.prompt_done + count]
+            origin.prompt_done += count
+            sample = False
+        else:
+            last = origin.next_input if origin.next_input is not None else origin.prompt[-1]
+            ids = [last]
+            sample = True
+        out = stage.model.forward(mx.array(ids)[None], entry.cache)
+        if stage.n_stages == 1:
+            if sample:
+                token = int(entry.sampler(out[:, -1, :]).item())  # type: ignore[misc]
+                self._on_token(origin, token)
+            else:
+                mx.eval([layer_cache.state for layer_cache in entry.cache])
+                self._inbox.put(("step", origin.request_id))
+            return
+        message = node_pb2.ActivationMessage(
+            request_id=origin.request_id,
+            epoch=stage.epoch,
+            step=origin.generated,
+            hidden=to_proto(out),
+            sample=sample,
+        )
+        if not origin.sent_first:
+            message.sampling.CopyFrom(sampling_to_proto(origin.sampling))
+            origin.sent_first = True
+        self._send(stage, message)
+        if sample:
+            origin.waiting = True
+        else:
+            # Prefill chunks stream on: stage 1 works on this chunk while we run the next.
+            self._inbox.put(("step", origin.request_id))
+
+    def _on_token(self, origin: _Origin, token: int) -> None:
+        origin.waiting = False
+        if origin.first_token_at is None:
+            origin.first_token_at = time.perf_counter()
+        if origin.cancelled.is_set():
+            self._finish(origin, "cancelled")
+            return
+        stage = self._stage
+        assert stage is not None
+        if token in stage.eos_token_ids:
+            self._finish(origin, "stop")
+            return
+        origin.generated += 1
+        origin.next_input = token
+        origin.emit(TokenEvent(token))
+        if origin.generated >= origin.max_tokens:
+            self._finish(origin, "length")
+            return
+        # Queued rather than run now so other requests' work interleaves fairly.
+        self._inbox.put(("step", origin.request_id))
+
+    def _finish(self, origin: _Origin, reason: str) -> None:
+        now = time.perf_counter()
+        first = origin.first_token_at or now
+        origin.emit(
+            FinishEvent(
+                reason=reason,
+                prompt_tokens=len(origin.prompt),
+                completion_tokens=origin.generated,
+                prefill_seconds=first - origin.started,
+                decode_seconds=now - first,
+            )
+        )
+        self._end(origin)
+
+    def _fail(self, origin: _Origin, message: str) -> None:
+        origin.emit(ErrorEvent(message))
+        self._end(origin)
+
+    def _end(self, origin: _Origin) -> None:
+        self._origins.pop(origin.request_id, None)
+        self._drop(origin.request_id)
+        stage = self._stage
+        if stage is not None and stage.n_stages > 1 and origin.sent_first:
+            # Follows the request's last work down the same streams, so it frees every
+            # stage's cache after that stage is done with it.
+            self._send(
+                stage,
+                node_pb2.ActivationMessage(
+                    request_id=origin.request_id, epoch=stage.epoch, release=True
+                ),
+            )
+
+    def _fail_origins(self, message: str) -> None:
+        for origin in list(self._origins.values()):
+            origin.emit(ErrorEvent(message))
+        self._origins.clear()
+
+    # -- messages from the previous stage
+
+    def _on_message(self, message: node_pb2.ActivationMessage) -> None:
+        if message.sent_ns:
+            self._hops.append((time.time_ns() - message.sent_ns) / 1000.0)
+        stage = self._stage
+        if stage is None or message.epoch != stage.epoch:
+            # The servicer refuses stale streams; this catches a switch between the two.
+            self._refused += 1
+            log.warning(
+                "dropped a message of request %s for epoch %d (this stage is at epoch %d)",
+                message.request_id,
+                message.epoch,
+                self._epoch,
+            )
+            return
+        if stage.is_first:
+            self._on_return(stage, message)
+            return
+        if message.release or message.error:
+            self._drop(message.request_id)
+            if not stage.is_last or message.error:
+                self._send(stage, message)  # on down the ring; an error goes back to stage 0
+            return
+        try:
+            self._forward(stage, message)
+        except Exception as error:
+            log.exception("request %s failed on this stage", message.request_id)
+            self._drop(message.request_id)
+            self._send(
+                stage,
+                node_pb2.ActivationMessage(
+                    request_id=message.request_id,
+                    epoch=stage.epoch,
+                    error=f"stage [{stage.model.shard.start_layer}, "
+                    f"{stage.model.shard.end_layer}) failed: {error}",
+                ),
+            )
+
+    def _on_return(self, stage: InstalledStage, message: node_pb2.ActivationMessage) -> None:
+        """Stage 0: a sampled token (or an error) came back around the ring."""
+        origin = self._origins.get(message.request_id)
+        if origin is None:
+            return  # cancelled meanwhile; its release is already on its way
+        if message.error:
+            self._fail(origin, message.error)
+            return
+        if not message.token_ids:
+            self._fail(origin, "the last stage returned no token")
+            return
+        self._on_token(origin, int(message.token_ids[0]))
+
+    def _forward(self, stage: InstalledStage, message: node_pb2.ActivationMessage) -> None:
+        sampling = sampling_from_proto(message.sampling) if message.HasField("sampling") else None
+        entry = self._cache_for(message.request_id, stage, sampling)
+        out = stage.model.forward(from_proto(message.hidden), entry.cache)
+        if not stage.is_last:
+            forward = node_pb2.ActivationMessage(
+                request_id=message.request_id,
+                epoch=stage.epoch,
+                step=message.step,
+                hidden=to_proto(out),
+                sample=message.sample,
+            )
+            if message.HasField("sampling"):
+                forward.sampling.CopyFrom(message.sampling)
+            self._send(stage, forward)
+            return
+        if not message.sample:
+            mx.eval([layer_cache.state for layer_cache in entry.cache])
+            return
+        if entry.sampler is None:
+            raise RuntimeError("no sampling parameters arrived for this request")
+        token = int(entry.sampler(out[:, -1, :]).item())  # type: ignore[misc]
+        self._send(
+            stage,
+            node_pb2.ActivationMessage(
+                request_id=message.request_id,
+                epoch=stage.epoch,
+                step=message.step,
+                token_ids=[token],
+            ),
+        )
+
+    def _send(self, stage: InstalledStage, message: node_pb2.ActivationMessage) -> None:
+        if stage.send is None:
+            raise RuntimeError("this stage has no next stage to send to")
+        message.sent_ns = time.time_ns()
+        stage.send(message)
