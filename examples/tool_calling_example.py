@@ -88,7 +88,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--required", action="store_true", help='send tool_choice "required" on the first turn'
     )
-    parser.add_argument("--timeout", type=float, default=120.0)
+    parser.add_argument(
+        "--max-tokens", type=int, default=256, help="token limit of each answer (default 256)"
+    )
+    parser.add_argument("--timeout", type=float, default=300.0)
     parser.add_argument(
         "prompt", nargs="?", default="What is the weather in Paris? Also, what is 2 + 40?"
     )
@@ -99,7 +102,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"user: {args.prompt}")
     try:
         for turn in range(args.max_turns):
-            payload: dict[str, Any] = {"model": args.model, "messages": messages, "tools": TOOLS}
+            payload: dict[str, Any] = {
+                "model": args.model,
+                "messages": messages,
+                "tools": TOOLS,
+                "max_tokens": args.max_tokens,
+            }
             if args.required and turn == 0:
                 payload["tool_choice"] = "required"
             choice = chat(url, payload, args.timeout)["choices"][0]

@@ -17,6 +17,17 @@ extras=""
 echo "Installing exo-tools${extras} into .venv ..."
 .venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".${extras}"
 
+# The end-to-end tests drive opencode (npm) against a node; it needs ripgrep for its tools.
+if [ "${1:-}" = "--test" ]; then
+  if command -v npm >/dev/null; then
+    echo "Installing opencode (npm) into .tools ..."
+    npm install --prefix .tools --no-audit --no-fund --silent opencode-ai@1.18.33 >/dev/null ||
+      echo "note: npm install of opencode-ai failed; its end-to-end test will be skipped" >&2
+  else
+    echo "note: npm not found; the opencode end-to-end test will be skipped" >&2
+  fi
+fi
+
 # Linux CPU nodes: an optimized BLAS makes float32 inference ~20x faster at prefill.
 if [ "$(uname -s)" = Linux ] && ! ls /usr/lib/*-linux-gnu/openblas-pthread/libopenblas.so.0 >/dev/null 2>&1; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
