@@ -198,9 +198,14 @@ class Node:
             # After the API listens, so the api_port peers learn about already answers.
             await self.cluster.start()
         loop = asyncio.get_running_loop()
+
+        def on_signal(signum: int) -> None:
+            log.info("received %s: shutting down", signal.Signals(signum).name)
+            self._stop.set()
+
         for signum in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(NotImplementedError):
-                loop.add_signal_handler(signum, self._stop.set)
+                loop.add_signal_handler(signum, on_signal, signum)
         self.coordinator.start()
         try:
             await self._stop.wait()

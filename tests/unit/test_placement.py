@@ -48,9 +48,7 @@ def test_every_node_gets_at_least_one_layer() -> None:
 def test_auto_uses_the_fewest_nodes_that_fit_master_first() -> None:
     placement = plan_placement(SMOL, nodes(8, 16, 16), master_id="n0", epoch=7)
     assert placement.epoch == 7
-    assert [(s.node_id, s.start_layer, s.end_layer) for s in placement.stages] == [
-        ("n0", 0, 30)
-    ]
+    assert [(s.node_id, s.start_layer, s.end_layer) for s in placement.stages] == [("n0", 0, 30)]
 
 
 def test_min_nodes_forces_a_spread_in_proportion_to_memory() -> None:

@@ -179,8 +179,12 @@ class StageEngine:
         Requests of the old placement fail with `reason`; their caches are dropped."""
         done = threading.Event()
         self._inbox.put(("install", (stage, reason, done)))
-        if not done.wait(timeout):
-            raise TimeoutError("the MLX thread did not switch placements in time")
+        deadline = time.monotonic() + timeout
+        while not done.wait(0.1):
+            if not self._thread.is_alive():  # stopped (shutdown): nothing will switch
+                raise RuntimeError("the MLX thread has stopped")
+            if time.monotonic() > deadline:
+                raise TimeoutError("the MLX thread did not switch placements in time")
 
     def submit(
         self,

@@ -1,0 +1,253 @@
+"""Pipeline parallelism: single-process mlx-lm against 1-, 2- and 3-node pipelines.
+
+One run prints one table: TTFT, single-stream decode tok/s, per-hop overhead, per-node peak
+memory, and aggregate tok/s with 1 and 4 concurrent streams. Every node process (and the
+mlx-lm baseline) gets OPENBLAS_NUM_THREADS=1, so on a 2-core machine the stages do not
+oversubscribe the cores. Ratios are against the baseline measured in the same run.
+
+    python benchmarks/pipeline.py [--prompt-tokens 128] [--max-tokens 64] [--repeats 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import (
+    benchmark_messages,
+    default_model_path,
+    measure_mlx_lm,
+    median_run,
+    print_table,
+)
+
+MODEL = "smollm2-135m"
+
+
+def stream_once(url: str, messages: list[dict[str, str]], max_tokens: int) -> dict[str, float]:
+    import requests
+
+    body = {
+        "model": MODEL,
+        "messages": messages,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    started = time.perf_counter()
+    first = last = 0.0
+    tokens = 0
+    with requests.post(f"{url}/v1/chat/completions", json=body, stream=True, timeout=600) as r:
+        r.raise_for_status()
+        for line in r.iter_lines():
+            if not line.startswith(b"data: {"):
+                continue
+            chunk = json.loads(line[6:])
+            if "error" in chunk:
+                raise RuntimeError(chunk["error"])
+            if chunk.get("usage"):
+                tokens = int(chunk["usage"]["completion_tokens"])
+            if any(c["delta"].get("content") for c in chunk.get("choices", [])):
+                now = time.perf_counter()
+                first = first or now
+                last = now
+    return {
+        "ttft_s": first - started,
+        "decode_tps": (tokens - 1) / (last - first) if tokens > 1 and last > first else 0.0,
+        "tokens": float(tokens),
+        "wall_s": time.perf_counter() - started,
+    }
+
+
+def aggregate(url: str, messages: list[dict[str, str]], max_tokens: int, streams: int) -> float:
+    results: list[dict[str, float]] = []
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            results.append(stream_once(url, messages, max_tokens))
+        except BaseException as error:  # reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=run) for _ in range(streams)]
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+    return sum(r["tokens"] for r in results) / (time.perf_counter() - started)
+
+
+def start_pipeline(count: int) -> list[Any]:
+    from tests.helpers.nodes import node_environment, start_node
+
+    env = node_environment(threads=1)
+    env["EXO_TOOLS_SECRET"] = uuid.uuid4().hex
+    args = ("--cluster", f"bench-{uuid.uuid4().hex[:8]}", "--min-nodes", str(count))
+    nodes = [start_node(*args, env=env, wait=False)]
+    time.sleep(0.3)  # the oldest node is master
+    nodes += [start_node(*args, env=env, wait=False) for _ in range(count - 1)]
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        try:
+            health = nodes[0].health()
+            if health.get("status") == "ready" and len(health_stages(nodes[0])) == count:
+                return nodes
+        except Exception:
+            pass
+        time.sleep(0.3)
+    for node in nodes:
+        node.stop()
+    raise TimeoutError(f"{count}-node pipeline did not become ready")
+
+
+def health_stages(node: Any) -> list[dict[str, Any]]:
+    import requests
+
+    placement = requests.get(f"{node.url}/v1/cluster", timeout=5).json().get("placement") or {}
+    return placement.get("stages", []) if placement.get("state") == "ready" else []
+
+
+def measure_pipeline(
+    count: int, messages: list[dict[str, str]], max_tokens: int, repeats: int
+) -> dict[str, Any]:
+    nodes = start_pipeline(count)
+    url = nodes[0].url
+    try:
+        stream_once(url, messages, 8)  # warm-up: streams opened, caches allocated
+        single = median_run([stream_once(url, messages, max_tokens) for _ in range(repeats)])
+        # Read right after the single-stream runs: the window holds their hops only.
+        healths = [node.health() for node in nodes]
+        hops = [h["pipeline"]["hop_us_median"] for h in healths if count > 1]
+        one = aggregate(url, messages, max_tokens, 1)
+        four = aggregate(url, messages, max_tokens, 4)
+        healths = [node.health() for node in nodes]
+    finally:
+        for node in nodes:
+            node.stop()
+    return {
+        **single,
+        "hop_us": statistics.median(h for h in hops if h is not None) if hops else None,
+        "peaks_mb": [h["memory"]["mlx_peak"] / 1e6 for h in healths],
+        "rss_mb": [h["memory"]["rss"] / 1e6 for h in healths],
+        "agg1": one,
+        "agg4": four,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--prompt-tokens", type=int, default=128)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--nodes", default="1,2,3", help="pipeline sizes to measure")
+    args = parser.parse_args()
+
+    # One BLAS thread for the baseline too (set before the re-exec loads OpenBLAS).
+    os.environ["OPENBLAS_NUM_THREADS"] = "1"
+    from exo_tools.blas import reexec_with_fast_blas
+
+    reexec_with_fast_blas([__file__, *sys.argv[1:]])
+
+    from exo_tools.models.catalog import CATALOG, DEFAULT_MODEL_ID
+    from exo_tools.models.loader import load_model
+
+    model_path = default_model_path()
+    loaded = load_model(CATALOG[DEFAULT_MODEL_ID], model_path, dtype="auto", progress=False)
+    messages = benchmark_messages(loaded.tokenizer, args.prompt_tokens)
+    prompt = loaded.tokenizer.encode(loaded.tokenizer.apply_chat_template(messages))
+    measure_mlx_lm(loaded, prompt, 4, 1)
+    baseline = measure_mlx_lm(loaded, prompt, args.max_tokens, args.repeats)
+    del loaded
+
+    results = {
+        n: measure_pipeline(n, messages, args.max_tokens, args.repeats)
+        for n in [int(x) for x in args.nodes.split(",")]
+    }
+
+    base_tps = baseline["decode_tps"]
+    one_node_tpot = 1 / results[1]["decode_tps"] if 1 in results else None
+    rows = [
+        [
+            "mlx-lm single process",
+            f"{baseline['ttft_s'] * 1000:.0f}",
+            f"{base_tps:.2f}",
+            "1.00x",
+            "-",
+            "-",
+            f"{baseline['mlx_peak_mb']:.0f}",
+            "n/a",
+            "n/a",
+            "",
+        ]
+    ]
+    for count, r in results.items():
+        from_tpot = ""
+        if one_node_tpot is not None and count > 1 and r["decode_tps"]:
+            from_tpot = f"{(1 / r['decode_tps'] - one_node_tpot) / count * 1e6:.0f}"
+        rows.append(
+            [
+                f"{count}-node pipeline",
+                f"{r['ttft_s'] * 1000:.0f}",
+                f"{r['decode_tps']:.2f}",
+                f"{r['decode_tps'] / base_tps:.2f}x",
+                f"{r['hop_us']:.0f}" if r["hop_us"] is not None else "-",
+                from_tpot or "-",
+                " / ".join(f"{p:.0f}" for p in r["peaks_mb"]),
+                f"{r['agg1']:.2f}",
+                f"{r['agg4']:.2f}",
+                f"{r['agg4'] / r['agg1']:.2f}x",
+            ]
+        )
+    rows.append(
+        [
+            "MLX distributed (ring) pipeline",
+            "n/a",
+            "n/a",
+            "",
+            "",
+            "",
+            "",
+            "",
+            "",
+            "n/a: mlx-lm 0.32.2's llama has no pipeline()",
+        ]
+    )
+    print(
+        f"\nmodel {DEFAULT_MODEL_ID}, float32 + OpenBLAS, OPENBLAS_NUM_THREADS=1 per process, "
+        f"prompt {len(prompt)} tokens, {args.max_tokens} generated, median of {args.repeats}, "
+        f"{os.cpu_count()} CPU cores"
+    )
+    print_table(
+        "Pipeline parallelism over gRPC (loopback)",
+        [
+            "",
+            "TTFT ms",
+            "decode tok/s",
+            "vs mlx-lm",
+            "hop µs (median, measured)",
+            "overhead/hop µs (from TPOT vs 1-node)",
+            "per-node MLX peak MB",
+            "agg tok/s 1 stream",
+            "agg tok/s 4 streams",
+            "4 / 1",
+        ],
+        rows,
+    )
+
+
+if __name__ == "__main__":
+    main()
