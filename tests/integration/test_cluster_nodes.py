@@ -46,10 +46,10 @@ def test_three_nodes_discover_each_other_and_forward_to_the_master(
         views = [get_view(url) for url in urls]
         if all(views):
             ids = {view["self"] for view in views if view}
-            if all(node_ids(view) == ids for view in views) and len(ids) == 3:
-                if agreed_master(urls, ids):
-                    converged_at = time.monotonic()
-                    break
+            same_members = all(node_ids(view) == ids for view in views) and len(ids) == 3
+            if same_members and agreed_master(urls, ids):
+                converged_at = time.monotonic()
+                break
         time.sleep(0.1)
     assert converged_at is not None, [node.log()[-1500:] for node in trio]
     elapsed = converged_at - last_start
