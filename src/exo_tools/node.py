@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import json
 import logging
 import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 from aiohttp import web
 
@@ -24,7 +23,7 @@ from .cluster.worker import Worker, memory_report
 from .engine.pipeline import StageEngine
 from .models import sources
 from .models.catalog import ModelCard, resolve_model
-from .models.loader import LoadedModel, model_layout
+from .models.loader import model_layout
 from .proto import node_pb2_grpc
 from .serving.chat import ChatService
 
@@ -48,15 +47,6 @@ class NodeConfig:
     cluster: ClusterConfig | None = None
     parallelism: str = "auto"
     min_nodes: int = 1
-
-
-def _chat_service(loaded: LoadedModel, generator: StageEngine) -> ChatService:
-    # ChatService is moving from (loaded, generator) to (card, tokenizer, context_length,
-    # generator); accept both until that change has landed everywhere.
-    factory = cast(Any, ChatService)
-    if "loaded" in inspect.signature(ChatService).parameters:
-        return factory(loaded, generator)
-    return factory(loaded.card, loaded.tokenizer, loaded.context_length, generator)
 
 
 class Node:
@@ -130,7 +120,9 @@ class Node:
             return None
         if self._service is None:
             # The tokenizer and template are the model's, whatever this node's layers are.
-            self._service = _chat_service(loaded, self.engine)
+            self._service = ChatService(
+                loaded.card, loaded.tokenizer, loaded.context_length, self.engine
+            )
         return self._service
 
     def cluster_view(self) -> dict[str, Any] | None:
