@@ -123,6 +123,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="tool-call format of the model (default: from the model card, else inferred "
         "from the chat template)",
     )
+    node.add_argument(
+        "--lazy-tool-grammar",
+        action="store_true",
+        help='with tool_choice "auto", constrain a tool call to its schema once the model '
+        "starts one (free text before it); forced calls and response_format are always "
+        "constrained",
+    )
     from .cluster import add_cluster_arguments
 
     add_cluster_arguments(node)
@@ -201,6 +208,7 @@ def _run_node(args: argparse.Namespace) -> int:
                 cluster=cluster,
                 parallelism=args.parallelism,
                 min_nodes=args.min_nodes,
+                lazy_tool_grammar=args.lazy_tool_grammar,
             )
         )
     except UnknownModelError as error:

@@ -47,6 +47,7 @@ class NodeConfig:
     cluster: ClusterConfig | None = None
     parallelism: str = "auto"
     min_nodes: int = 1
+    lazy_tool_grammar: bool = False
 
 
 class Node:
@@ -121,7 +122,11 @@ class Node:
         if self._service is None:
             # The tokenizer and template are the model's, whatever this node's layers are.
             self._service = ChatService(
-                loaded.card, loaded.tokenizer, loaded.context_length, self.engine
+                loaded.card,
+                loaded.tokenizer,
+                loaded.context_length,
+                self.engine,
+                lazy_tool_grammar=self.config.lazy_tool_grammar,
             )
         return self._service
 

@@ -21,6 +21,7 @@ from ..engine.pipeline import InstalledStage, StageEngine
 from ..engine.shard import Shard, ShardModel
 from ..models import sources
 from ..models.catalog import ModelCard
+from ..constraints import register_tokenizer
 from ..models.loader import LoadedModel, load_model
 from ..proto import node_pb2, node_pb2_grpc
 
@@ -266,6 +267,9 @@ class Worker(node_pb2_grpc.WorkerServicer):
                 )
                 if self.epoch != request.epoch:
                     raise RuntimeError(f"superseded by epoch {self.epoch} while loading")
+                if shard.is_last:
+                    # The last stage samples, so grammar constraints need the tokenizer here.
+                    await asyncio.to_thread(register_tokenizer, self.card.id, loaded.tokenizer)
                 send = None
                 if request.n_stages > 1:
                     self._sender = StreamSender(

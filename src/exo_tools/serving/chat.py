@@ -16,6 +16,13 @@ from typing import Any
 
 from ..api.errors import APIError
 from ..api.schemas import ChatCompletionRequest
+from ..constraints import (
+    ConstraintError,
+    json_object_constraint,
+    json_schema_constraint,
+    lazy_tool_call_constraint,
+    tool_call_constraint,
+)
 from ..engine.sampling import SamplingParams
 from ..models.catalog import ModelCard
 from ..models.tokenizer import ChatTemplateError, TextTokenizer
@@ -26,6 +33,7 @@ from ..tools import (
     ToolChoiceError,
     add_tools_system_prompt,
     fold_tool_history,
+    forced_function,
     infer_format,
     normalize_tool_choice,
     rewrite_history,
@@ -104,8 +112,12 @@ class ChatService:
         tokenizer: TextTokenizer,
         context_length: int,
         generator: TokenGenerator,
+        *,
+        lazy_tool_grammar: bool = False,
     ) -> None:
         self.card = card
+        # tool_choice "auto": constrain a call once the model starts one (opt-in per node).
+        self.lazy_tool_grammar = lazy_tool_grammar
         self.tokenizer = tokenizer
         self.context_length = context_length
         self.generator = generator
@@ -135,6 +147,41 @@ class ChatService:
             prepared = add_tools_system_prompt(prepared, tools, fmt)
         return self.tokenizer.apply_chat_template(prepared)
 
+    def _constraint(
+        self, request: ChatCompletionRequest, tools: list[dict[str, Any]], choice: ToolChoice
+    ) -> str | None:
+        """The grammar this request samples under, serialized; None = unconstrained.
+
+        Forced tool calls and response_format are always constrained: prompting alone
+        does not make a small model emit valid calls or JSON.
+        """
+        parallel = request.parallel_tool_calls is not False
+        try:
+            if tools and (choice == "required" or forced_function(choice)):
+                forced: Any = choice
+                return tool_call_constraint(
+                    tools, self.tool_format, choice=forced, parallel=parallel
+                )
+            response_format = request.response_format
+            if response_format is not None and response_format.type == "json_object":
+                return json_object_constraint()
+            if response_format is not None and response_format.type == "json_schema":
+                spec = response_format.json_schema or {}
+                schema = spec.get("schema")
+                if not isinstance(schema, dict):
+                    raise APIError(
+                        400,
+                        "response_format json_schema needs a 'schema' object",
+                        param="response_format.json_schema.schema",
+                    )
+                return json_schema_constraint(schema)
+            if tools and choice == "auto" and self.lazy_tool_grammar:
+                return lazy_tool_call_constraint(tools, self.tool_format, parallel=parallel)
+        except ConstraintError as error:
+            param = "response_format" if request.response_format else "tools"
+            raise APIError(400, str(error), param=param, code="unsupported_schema") from error
+        return None
+
     def prepare(self, request: ChatCompletionRequest) -> PreparedChat:
         """Validate against the model and render the prompt; raises APIError (400)."""
         if request.logprobs:
@@ -142,12 +189,6 @@ class ChatService:
         for penalty in ("frequency_penalty", "presence_penalty"):
             if getattr(request, penalty):
                 raise APIError(400, f"{penalty} is not supported; omit it or use 0", param=penalty)
-        if request.response_format is not None and request.response_format.type != "text":
-            raise APIError(
-                400,
-                f"response_format type {request.response_format.type!r} is not supported yet",
-                param="response_format",
-            )
         declared = [tool.model_dump(exclude_none=True) for tool in request.tools or []]
         try:
             choice = normalize_tool_choice(request.tool_choice, declared)
@@ -183,6 +224,7 @@ class ChatService:
             temperature=1.0 if request.temperature is None else request.temperature,
             top_p=1.0 if request.top_p is None else request.top_p,
             seed=request.seed,
+            constraint=self._constraint(request, shown, choice),
         )
         return PreparedChat(
             request_id=f"chatcmpl-{uuid.uuid4().hex}",
