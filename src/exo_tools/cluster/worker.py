@@ -17,11 +17,11 @@ from typing import Any
 import grpc
 import grpc.aio
 
+from ..constraints import register_tokenizer
 from ..engine.pipeline import InstalledStage, StageEngine
 from ..engine.shard import Shard, ShardModel
 from ..models import sources
 from ..models.catalog import ModelCard
-from ..constraints import register_tokenizer
 from ..models.loader import LoadedModel, load_model
 from ..proto import node_pb2, node_pb2_grpc
 
