@@ -3,14 +3,22 @@
 mlx-lm's samplers draw from MLX's global random state; with several requests interleaved
 on one thread that would make a request's output depend on its neighbours, so each
 request carries its own key (seeded when the client gives `seed`).
+
+A request with a `constraint` masks the logits with its grammar before sampling and
+feeds the sampled token back (exo_tools.constraints); once the grammar is complete only
+end-of-sequence is allowed, so the runner stops. Without one, sampling does no extra work.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, cast
 
 import mlx.core as mx
+
+if TYPE_CHECKING:
+    from ..constraints import TokenConstraint
 
 
 @dataclass(frozen=True)
@@ -32,9 +40,33 @@ class Sampler:
         self.params = params
         seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(4), "little")
         self._key = mx.random.key(seed)
+        # Built on the first call, on the thread that samples (the node's MLX thread).
+        self._constraint: TokenConstraint | None = None
 
     def __call__(self, logits: mx.array) -> mx.array:
         """One token id per row of `logits` (shape [batch, vocab])."""
+        if self.params.constraint is None:
+            return self._sample(logits)
+        constraint = self._constraint
+        if constraint is None:
+            constraint = self._constraint = _build_constraint(self.params.constraint)
+        if logits.shape[0] != 1:
+            raise ValueError("constrained sampling takes one row of logits at a time")
+        token = self._sample(constraint.mask_logits(logits))
+        constraint.advance(cast(int, token.item()))
+        return token
+
+    @property
+    def constraint(self) -> TokenConstraint | None:
+        """This request's grammar state, once the first token was sampled."""
+        return self._constraint
+
+    def close(self) -> None:
+        """Free the request's grammar state now (it is also freed with the sampler)."""
+        if self._constraint is not None:
+            self._constraint.close()
+
+    def _sample(self, logits: mx.array) -> mx.array:
         if self.params.greedy:
             return mx.argmax(logits, axis=-1)
         self._key, step_key = mx.random.split(self._key)
@@ -42,6 +74,13 @@ class Sampler:
         if self.params.top_p < 1.0:
             scaled = _top_p_filter(scaled, self.params.top_p)
         return mx.random.categorical(scaled, key=step_key)
+
+
+def _build_constraint(spec: str) -> TokenConstraint:
+    # Imported here so unconstrained serving never loads llguidance.
+    from ..constraints import TokenConstraint
+
+    return TokenConstraint.from_serialized(spec)
 
 
 def _top_p_filter(logits: mx.array, top_p: float) -> mx.array:

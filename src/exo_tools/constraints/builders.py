@@ -1,0 +1,205 @@
+"""Spec builders: pure functions from request fields to a serialized, validated spec.
+
+Everything is compiled to one llguidance Lark grammar up front, so unsupported schema
+features are reported to the client (HTTP 400) before any node sees the request.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from typing import Any, Literal, cast
+
+from llguidance import LLMatcher
+
+from .errors import ConstraintError
+from .spec import ConstraintKind, ConstraintSpec
+
+ToolChoiceArg = Literal["required"] | Mapping[str, Any]
+
+# Compact, single-line JSON in the separators json.dumps uses (and the tools prompt
+# shows): flexible whitespace lets small models pad with newlines until max_tokens.
+_JSON_STYLE: dict[str, Any] = {
+    "whitespace_flexible": False,
+    "item_separator": ", ",
+    "key_separator": ": ",
+}
+
+# Hermes markup, as exo_tools.tools renders and parses it.
+HERMES_OPEN = "<tool_call>"
+HERMES_CLOSE = "</tool_call>"
+
+# The parameters of a tool that declares none: OpenAI reads that as "no arguments".
+_NO_PARAMETERS: dict[str, Any] = {"type": "object", "properties": {}, "additionalProperties": False}
+
+_SCHEMA_ERROR = re.compile(r"failed to compile JSON schema: (?P<message>[^\n]*)")
+
+
+def _lit(text: str) -> str:
+    """A Lark string literal (llguidance reads JSON string escapes)."""
+    return json.dumps(text, ensure_ascii=False)
+
+
+def _schema_grammar(schema: Mapping[str, Any] | bool) -> str:
+    """`%json {...}` for a schema, with our output style (kept if the caller set one)."""
+    if isinstance(schema, bool):
+        return f"%json {json.dumps(schema)}"
+    styled = dict(schema)
+    guidance = styled.get("x-guidance")
+    styled["x-guidance"] = {**_JSON_STYLE, **(guidance if isinstance(guidance, Mapping) else {})}
+    return f"%json {json.dumps(styled, ensure_ascii=False)}"
+
+
+def _check_schema(schema: Any, where: str) -> None:
+    """ConstraintError naming the unsupported feature if llguidance cannot compile it."""
+    if not isinstance(schema, Mapping | bool):
+        raise ConstraintError(f"{where} must be a JSON schema object, got {type(schema).__name__}")
+    # Normalize to a JSON round trip so non-JSON values (sets, objects) are caught here.
+    try:
+        json.dumps(schema)
+    except (TypeError, ValueError) as error:
+        raise ConstraintError(f"{where} is not JSON-serializable: {error}") from error
+    grammar = LLMatcher.grammar_from_lark(
+        f"start: {_schema_grammar(cast(Mapping[str, Any] | bool, schema))}"
+    )
+    error = LLMatcher.validate_grammar(grammar)
+    if error and not error.startswith("WARNING"):
+        found = _SCHEMA_ERROR.search(error)
+        detail = found.group("message") if found else error.strip().splitlines()[0]
+        raise ConstraintError(f"unsupported JSON schema in {where}: {detail}")
+
+
+def _finish(kind: ConstraintKind, lark: str, tokenizer: str | None) -> str:
+    grammar = LLMatcher.grammar_from_lark(lark)
+    error = LLMatcher.validate_grammar(grammar)
+    if error and not error.startswith("WARNING"):
+        # Schemas were checked one by one, so this is a bug in the builder, not the input.
+        raise ConstraintError(f"internal grammar error: {error.strip().splitlines()[0]}")
+    return ConstraintSpec(kind=kind, grammar=grammar, tokenizer=tokenizer).serialize()
+
+
+def _tool_entries(tools: list[dict[str, Any]]) -> list[tuple[str, Mapping[str, Any] | bool]]:
+    entries: list[tuple[str, Mapping[str, Any] | bool]] = []
+    seen: set[str] = set()
+    for index, tool in enumerate(tools):
+        if not isinstance(tool, Mapping):
+            raise ConstraintError(f"tools[{index}] must be an object")
+        function = tool.get("function")
+        spec = cast(Mapping[str, Any], function if isinstance(function, Mapping) else tool)
+        name = spec.get("name")
+        if not isinstance(name, str) or not name:
+            raise ConstraintError(f"tools[{index}] has no function name")
+        if name in seen:
+            raise ConstraintError(f"tool {name!r} is declared twice")
+        seen.add(name)
+        parameters = spec.get("parameters")
+        schema = _NO_PARAMETERS if parameters is None else parameters
+        _check_schema(schema, f"tool {name!r} parameters")
+        entries.append((name, cast(Mapping[str, Any] | bool, schema)))
+    if not entries:
+        raise ConstraintError("a tool-call constraint needs at least one tool")
+    return entries
+
+
+def _chosen(
+    entries: list[tuple[str, Mapping[str, Any] | bool]], choice: ToolChoiceArg
+) -> tuple[list[tuple[str, Mapping[str, Any] | bool]], bool]:
+    """The tools the call may use, and whether one was named."""
+    if choice == "required":
+        return entries, False
+    if isinstance(choice, Mapping):
+        function = choice.get("function")
+        name = function.get("name") if isinstance(function, Mapping) else choice.get("name")
+        if not isinstance(name, str):
+            raise ConstraintError("a named tool choice must give the function name")
+        named = [entry for entry in entries if entry[0] == name]
+        if not named:
+            raise ConstraintError(f"tool choice names unknown function {name!r}")
+        return named, True
+    raise ConstraintError(f"unsupported tool choice {choice!r} for a tool-call constraint")
+
+
+def _check_format(fmt: str) -> None:
+    if fmt != "hermes":
+        raise ConstraintError(f"constrained tool calls are not supported for format {fmt!r} yet")
+
+
+def _hermes_call_rules(entries: list[tuple[str, Mapping[str, Any] | bool]]) -> list[str]:
+    """`call` (one whole Hermes block) and `call_body` (the block after its open tag).
+
+    One alternative per tool, with the name as fixed text, so the name picks the schema.
+    """
+    alternatives: list[str] = []
+    rules: list[str] = []
+    for index, (name, schema) in enumerate(entries):
+        head = _lit('{"name": ' + json.dumps(name, ensure_ascii=False) + ', "arguments": ')
+        rules.append(f"args_{index}: {_schema_grammar(schema)}")
+        alternatives.append(f"{head} args_{index} " + _lit("}"))
+    return [
+        f"call: {_lit(HERMES_OPEN)} call_body",
+        f"call_body: {_lit(chr(10))} ({' | '.join(alternatives)}) {_lit(chr(10) + HERMES_CLOSE)}",
+        *rules,
+    ]
+
+
+def tool_call_constraint(
+    tools: list[dict[str, Any]],
+    fmt: str,
+    *,
+    choice: ToolChoiceArg = "required",
+    parallel: bool = True,
+    tokenizer: str | None = None,
+) -> str:
+    """Output = one or more tool calls in `fmt` (`tool_choice` "required" or a named
+    function); exactly one when `parallel` is False or a function is named."""
+    _check_format(fmt)
+    entries, named = _chosen(_tool_entries(tools), choice)
+    repeat = parallel and not named
+    start = f"start: call ({_lit(chr(10))} call)*" if repeat else "start: call"
+    lark = "\n".join(["%llguidance {}", start, *_hermes_call_rules(entries)])
+    return _finish("tool_calls", lark, tokenizer)
+
+
+def lazy_tool_call_constraint(
+    tools: list[dict[str, Any]],
+    fmt: str,
+    *,
+    parallel: bool = True,
+    tokenizer: str | None = None,
+) -> str:
+    """`tool_choice` "auto": free text until the format's start tag, then the rest of the
+    call constrained (a lazy lexeme in llguidance: it ends at the first `<tool_call>`).
+
+    With `parallel` the model may go on with text and further calls; without, the
+    first call ends the output.
+    """
+    _check_format(fmt)
+    entries = _tool_entries(tools)
+    rules = _hermes_call_rules(entries)
+    lark_lines = [
+        "%llguidance {}",
+        # Text that never contains the trigger, so a `<tool_call>` always enters `call`.
+        f"TEXT: /(.|\\n)*/ & ~/(.|\\n)*{re.escape(HERMES_OPEN)}(.|\\n)*/",
+        "ANY: /(.|\\n)*/",
+        # A lazy lexeme ends at its first match: the text up to and including the tag.
+        f"trigger[lazy]: ANY {_lit(HERMES_OPEN)}",
+        "lazy_call: trigger call_body",
+    ]
+    if parallel:
+        lark_lines.insert(1, "start: lazy_call* TEXT")
+    else:
+        lark_lines.insert(1, "start: TEXT | lazy_call")
+    lark = "\n".join([*lark_lines, *rules[1:]])
+    return _finish("lazy_tool_calls", lark, tokenizer)
+
+
+def json_object_constraint(*, tokenizer: str | None = None) -> str:
+    """`response_format: {"type": "json_object"}`: any JSON object."""
+    return _finish("json_object", f"start: {_schema_grammar({'type': 'object'})}", tokenizer)
+
+
+def json_schema_constraint(schema: Mapping[str, Any], *, tokenizer: str | None = None) -> str:
+    """`response_format: {"type": "json_schema", ...}`: a document valid against `schema`."""
+    _check_schema(schema, "response_format schema")
+    return _finish("json_schema", f"start: {_schema_grammar(schema)}", tokenizer)

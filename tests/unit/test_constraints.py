@@ -1,0 +1,356 @@
+"""Constraint builders, specs, registry and mask application with the real SmolLM2
+tokenizer and real llguidance (no model weights run here)."""
+
+from __future__ import annotations
+
+import json
+import weakref
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from exo_tools import constraints as C
+from exo_tools.constraints import registry
+from exo_tools.engine.sampling import Sampler, SamplingParams
+from exo_tools.models.gguf import gguf_tokenizer, read_gguf
+from exo_tools.models.tokenizer import TextTokenizer
+from exo_tools.tools import parse_tool_calls, render_assistant_tool_calls
+
+KEY = "test-smollm2"
+SCHEMA_2020 = "https://json-schema.org/draft/2020-12/schema"
+
+
+def _tool(name: str, properties: dict[str, Any], required: list[str]) -> dict[str, Any]:
+    return {
+        "type": "function",
+        "function": {
+            "name": name,
+            "description": f"The {name} tool",
+            "parameters": {
+                "$schema": SCHEMA_2020,
+                "type": "object",
+                "properties": properties,
+                "required": required,
+                "additionalProperties": False,
+            },
+        },
+    }
+
+
+STR = {"type": "string", "description": "a string"}
+TOOLS = [
+    _tool(
+        "read",
+        {"filePath": STR, "offset": {"type": "number"}, "limit": {"type": "number"}},
+        ["filePath"],
+    ),
+    _tool(
+        "bash",
+        {"command": STR, "description": STR, "timeout": {"type": "number"}},
+        ["command", "description"],
+    ),
+    _tool("glob", {"pattern": STR, "path": STR}, ["pattern"]),
+]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(model_path: Path) -> Iterator[TextTokenizer]:
+    _, metadata = read_gguf(model_path)
+    backend, _ = gguf_tokenizer(metadata)
+    eos = metadata.get("tokenizer.ggml.eos_token_id")
+    text = TextTokenizer(
+        backend, bos_token_id=None, eos_token_ids=[int(eos)] if eos is not None else []
+    )
+    C.register_tokenizer(KEY, text)
+    yield text
+    C.unregister_tokenizer(KEY)
+
+
+def _matcher(spec: str) -> C.TokenConstraint:
+    return C.TokenConstraint.from_serialized(spec)
+
+
+def _accepts(spec: str, tokenizer: TextTokenizer, text: str) -> tuple[bool, bool]:
+    """(every token consumed, grammar complete) for `text`."""
+    constraint = _matcher(spec)
+    for token in tokenizer.encode(text):
+        if constraint.done:  # text left after the grammar ended
+            return False, False
+        constraint.advance(token)
+        if constraint.error is not None:
+            return False, False
+    return True, constraint.done
+
+
+def _call(name: str, arguments: dict[str, Any]) -> str:
+    return render_assistant_tool_calls(
+        [{"function": {"name": name, "arguments": arguments}}], "hermes"
+    )
+
+
+# spec builders
+
+
+def test_spec_round_trip_names_kind_and_tokenizer() -> None:
+    spec = C.ConstraintSpec.parse(C.tool_call_constraint(TOOLS, "hermes", tokenizer=KEY))
+    assert spec.kind == "tool_calls"
+    assert spec.tokenizer == KEY
+    assert "<tool_call>" in spec.grammar
+    assert C.ConstraintSpec.parse(spec.serialize()) == spec
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("not json", "not JSON"),
+        ("[]", "JSON object"),
+        ('{"v": 9, "kind": "json_object", "grammar": "x"}', "version"),
+        ('{"v": 1, "kind": "regexp", "grammar": "x"}', "unknown constraint kind"),
+        ('{"v": 1, "kind": "json_object", "grammar": ""}', "no grammar"),
+    ],
+)
+def test_malformed_specs_are_rejected(text: str, message: str) -> None:
+    with pytest.raises(C.ConstraintError, match=message):
+        C.ConstraintSpec.parse(text)
+
+
+def test_rendered_calls_are_accepted_and_bad_ones_refused(tokenizer: TextTokenizer) -> None:
+    spec = C.tool_call_constraint(TOOLS, "hermes", parallel=False, tokenizer=KEY)
+    assert _accepts(spec, tokenizer, _call("read", {"filePath": "/a.py", "offset": 3})) == (
+        True,
+        True,
+    )
+    assert _accepts(spec, tokenizer, _call("bash", {"command": "ls", "description": "list"}))[0]
+    # Missing required key, undeclared key, wrong type, unknown tool, leading text.
+    assert not _accepts(spec, tokenizer, _call("bash", {"command": "ls"}))[0]
+    assert not _accepts(spec, tokenizer, _call("read", {"filePath": "a", "mode": "r"}))[0]
+    assert not _accepts(spec, tokenizer, _call("read", {"filePath": 3}))[0]
+    assert not _accepts(spec, tokenizer, _call("write", {"filePath": "a"}))[0]
+    assert not _accepts(spec, tokenizer, "Sure! " + _call("glob", {"pattern": "*"}))[0]
+
+
+def test_parallel_allows_several_calls_single_allows_one(tokenizer: TextTokenizer) -> None:
+    two = _call("read", {"filePath": "a"}) + "\n" + _call("glob", {"pattern": "*.py"})
+    parallel = C.tool_call_constraint(TOOLS, "hermes", parallel=True, tokenizer=KEY)
+    single = C.tool_call_constraint(TOOLS, "hermes", parallel=False, tokenizer=KEY)
+    ok, done = _accepts(parallel, tokenizer, two)
+    assert ok and not done  # a third call may still follow
+    assert not _accepts(single, tokenizer, two)[0]
+
+
+def test_named_function_allows_only_that_tool(tokenizer: TextTokenizer) -> None:
+    for choice in ({"name": "glob"}, {"type": "function", "function": {"name": "glob"}}):
+        spec = C.tool_call_constraint(TOOLS, "hermes", choice=choice, parallel=True, tokenizer=KEY)
+        assert _accepts(spec, tokenizer, _call("glob", {"pattern": "*"})) == (True, True)
+        assert not _accepts(spec, tokenizer, _call("read", {"filePath": "a"}))[0]
+    with pytest.raises(C.ConstraintError, match="unknown function 'write'"):
+        C.tool_call_constraint(TOOLS, "hermes", choice={"name": "write"})
+
+
+def test_other_formats_and_bad_tools_are_errors() -> None:
+    with pytest.raises(C.ConstraintError, match="not supported for format 'mistral'"):
+        C.tool_call_constraint(TOOLS, "mistral")
+    with pytest.raises(C.ConstraintError, match="not supported for format 'pythonic'"):
+        C.lazy_tool_call_constraint(TOOLS, "pythonic")
+    with pytest.raises(C.ConstraintError, match="at least one tool"):
+        C.tool_call_constraint([], "hermes")
+    with pytest.raises(C.ConstraintError, match="declared twice"):
+        C.tool_call_constraint([TOOLS[0], TOOLS[0]], "hermes")
+
+
+def test_tool_without_parameters_takes_empty_arguments(tokenizer: TextTokenizer) -> None:
+    spec = C.tool_call_constraint(
+        [{"type": "function", "function": {"name": "now"}}], "hermes", tokenizer=KEY
+    )
+    assert _accepts(spec, tokenizer, _call("now", {}))[0]
+    assert not _accepts(spec, tokenizer, _call("now", {"x": 1}))[0]
+
+
+@pytest.mark.parametrize(
+    ("schema", "feature"),
+    [
+        (
+            {"type": "object", "if": {"required": ["a"]}, "then": {"required": ["b"]}},
+            '"if", "then"',
+        ),
+        ({"not": {"type": "string"}}, '"not"'),
+        ({"type": "array", "items": {"type": "integer"}, "uniqueItems": True}, "uniqueItems"),
+        ({"type": "array", "contains": {"type": "integer"}}, "contains"),
+        ({"type": "object", "dependentRequired": {"a": ["b"]}}, "dependentRequired"),
+        ({"type": "object", "propertyNames": {"pattern": "^a"}}, "propertyNames"),
+        ({"type": "object", "unevaluatedProperties": False}, "unevaluatedProperties"),
+        ({"$ref": "https://example.com/schema.json"}, "https://example.com/schema.json"),
+        ({"type": "string", "format": "my-format"}, "Unknown format: my-format"),
+        ({"type": "strnig"}, "Invalid type: strnig"),
+    ],
+)
+def test_unsupported_schema_features_name_the_feature(schema: dict[str, Any], feature: str) -> None:
+    with pytest.raises(C.ConstraintError) as caught:
+        C.json_schema_constraint(schema)
+    assert feature in str(caught.value)
+    assert "response_format schema" in str(caught.value)
+    tool = {"type": "function", "function": {"name": "odd", "parameters": schema}}
+    with pytest.raises(C.ConstraintError, match="tool 'odd' parameters") as caught:
+        C.tool_call_constraint([tool], "hermes")
+    assert feature in str(caught.value)
+
+
+def test_json_schema_constrains_documents(tokenizer: TextTokenizer) -> None:
+    schema = {
+        "$schema": SCHEMA_2020,
+        "type": "object",
+        "properties": {
+            "name": {"type": "string", "description": "who"},
+            "age": {"type": "integer", "minimum": 0},
+            "tags": {"type": "array", "items": {"type": "string"}},
+            "kind": {"enum": ["a", "b"]},
+            "ref": {"$ref": "#/$defs/point"},
+        },
+        "required": ["name", "age"],
+        "additionalProperties": False,
+        "$defs": {"point": {"type": "object", "properties": {"x": {"type": "number"}}}},
+    }
+    spec = C.json_schema_constraint(schema, tokenizer=KEY)
+    good = {"name": "Ann", "age": 3, "tags": ["x"], "kind": "b", "ref": {"x": 1.5}}
+    assert _accepts(spec, tokenizer, json.dumps(good)) == (True, True)
+    assert not _accepts(spec, tokenizer, json.dumps({"name": "Ann", "age": -1}))[0]
+    assert not _accepts(spec, tokenizer, json.dumps({"name": "Ann"}) + " ")[0]
+    assert not _accepts(spec, tokenizer, json.dumps({"name": "Ann", "age": 1, "extra": 1}))[0]
+    assert not _accepts(spec, tokenizer, json.dumps({"name": "Ann", "age": 1, "kind": "c"}))[0]
+
+
+def test_json_object_accepts_objects_only(tokenizer: TextTokenizer) -> None:
+    spec = C.json_object_constraint(tokenizer=KEY)
+    assert _accepts(spec, tokenizer, '{"a": [1, {"b": null}]}') == (True, True)
+    assert not _accepts(spec, tokenizer, "[1, 2]")[0]
+    assert not _accepts(spec, tokenizer, "Here is JSON")[0]
+
+
+def test_lazy_constraint_frees_text_until_the_tag(tokenizer: TextTokenizer) -> None:
+    spec = C.lazy_tool_call_constraint(TOOLS, "hermes", parallel=False, tokenizer=KEY)
+    assert C.ConstraintSpec.parse(spec).kind == "lazy_tool_calls"
+    assert _accepts(spec, tokenizer, "Just a plain answer, no < tools > here.\n") == (True, False)
+    call = _call("glob", {"pattern": "**/*.md"})
+    assert _accepts(spec, tokenizer, "Let me look.\n" + call) == (True, True)
+    assert not _accepts(spec, tokenizer, "Let me look. <tool_call> oops")[0]
+    assert not _accepts(spec, tokenizer, "Let me look.\n" + _call("glob", {"path": "x"}))[0]
+    parallel = C.lazy_tool_call_constraint(TOOLS, "hermes", parallel=True, tokenizer=KEY)
+    assert _accepts(parallel, tokenizer, "A\n" + call + "\nthen\n" + call + "\ndone") == (
+        True,
+        False,
+    )
+
+
+# registry
+
+
+def test_registry_lookup(tokenizer: TextTokenizer, monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(C.ConstraintError, match="no tokenizer registered for 'nope'"):
+        C.get_tokenizer("nope")
+    entry = C.get_tokenizer(KEY)
+    assert C.register_tokenizer(KEY, tokenizer) is entry  # same object: not rebuilt
+    monkeypatch.setattr(registry, "_registry", {KEY: entry})
+    assert C.get_tokenizer(None) is entry
+    monkeypatch.setattr(registry, "_registry", {KEY: entry, "other": entry})
+    with pytest.raises(C.ConstraintError, match="names no tokenizer and 2 are registered"):
+        C.get_tokenizer(None)
+
+
+# mask application through the Sampler
+
+
+def _id(tokenizer: TextTokenizer, text: str) -> int:
+    ids = tokenizer.encode(text)
+    assert len(ids) == 1, ids
+    return ids[0]
+
+
+def test_mask_overrides_the_model_preference(tokenizer: TextTokenizer) -> None:
+    vocab = tokenizer.vocab_size + 64  # logits wider than the tokenizer
+    logits = np.zeros((1, vocab), dtype=np.float32)
+    logits[0, _id(tokenizer, "Hello")] = 50.0
+    logits[0, vocab - 1] = 100.0  # beyond the tokenizer: must never be sampled
+    logits[0, _id(tokenizer, "{")] = 1.0
+    spec = C.json_object_constraint(tokenizer=KEY)
+    sampler = Sampler(SamplingParams(temperature=0.0, constraint=spec))
+    token = sampler(mx.array(logits)).item()
+    assert token == _id(tokenizer, "{")
+    plain = Sampler(SamplingParams(temperature=0.0))
+    assert plain(mx.array(logits)).item() == vocab - 1
+    assert plain.constraint is None  # no grammar work without a constraint
+
+
+def _drive(sampler: Sampler, tokenizer: TextTokenizer, eos: frozenset[int], seed: int) -> str:
+    """Generate from random logits (a model with no idea of the grammar) until EOS.
+
+    Tokens that close strings and values get a boost, or random text inside a JSON string
+    would go on for ever (the grammar allows any length).
+    """
+    rng = np.random.default_rng(seed)
+    closing = np.array(
+        [any(c in tokenizer.decode([i]) for c in '"}],') for i in range(tokenizer.vocab_size)]
+    )
+    ids: list[int] = []
+    for _ in range(400):
+        logits = rng.normal(0.0, 4.0, size=(1, tokenizer.vocab_size)).astype(np.float32)
+        logits[0, closing] += 12.0
+        token = int(sampler(mx.array(logits)).item())
+        if token in eos:
+            return tokenizer.decode(ids, skip_special_tokens=False)
+        ids.append(token)
+    raise AssertionError("constrained generation did not end")
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_random_logits_still_give_valid_tool_calls(tokenizer: TextTokenizer, seed: int) -> None:
+    spec = C.tool_call_constraint(TOOLS, "hermes", parallel=False, tokenizer=KEY)
+    sampler = Sampler(SamplingParams(temperature=1.0, seed=seed, constraint=spec))
+    text = _drive(sampler, tokenizer, tokenizer.eos_token_ids, seed)
+    calls = parse_tool_calls(text, TOOLS, "hermes").tool_calls
+    assert len(calls) == 1, text
+    # The raw text, before the parser's normalization, must already be valid.
+    raw = json.loads(text.removeprefix("<tool_call>\n").removesuffix("\n</tool_call>"))
+    assert raw["name"] == calls[0].name
+    assert raw["arguments"] == calls[0].arguments
+    schema = next(
+        t["function"]["parameters"] for t in TOOLS if t["function"]["name"] == calls[0].name
+    )
+    jsonschema.validate(calls[0].arguments, schema)
+    assert calls[0].arguments, text  # random text still filled the required keys
+
+
+def test_complete_grammar_allows_only_eos(tokenizer: TextTokenizer) -> None:
+    spec = C.json_schema_constraint({"enum": ["yes"]}, tokenizer=KEY)
+    sampler = Sampler(SamplingParams(temperature=1.0, seed=3, constraint=spec))
+    logits = mx.zeros((1, tokenizer.vocab_size))
+    produced = [int(sampler(logits).item()) for _ in range(8)]
+    eos_at = next(i for i, token in enumerate(produced) if token in tokenizer.eos_token_ids)
+    assert tokenizer.decode(produced[:eos_at]) == '"yes"'
+    assert all(token in tokenizer.eos_token_ids for token in produced[eos_at:])
+
+
+def test_matcher_is_freed_with_the_request(tokenizer: TextTokenizer) -> None:
+    sampler = Sampler(
+        SamplingParams(temperature=0.0, constraint=C.json_object_constraint(tokenizer=KEY))
+    )
+    sampler(mx.zeros((1, tokenizer.vocab_size)))
+    constraint = sampler.constraint
+    assert constraint is not None and constraint.masks_computed == 1
+    ref = weakref.ref(constraint)
+    sampler.close()
+    assert constraint.done
+    del constraint, sampler
+    assert ref() is None
+
+
+def test_unknown_tokenizer_fails_at_first_sample() -> None:
+    sampler = Sampler(
+        SamplingParams(constraint=C.json_object_constraint(tokenizer="missing-model"))
+    )
+    with pytest.raises(C.ConstraintError, match="missing-model"):
+        sampler(mx.zeros((1, 8)))
