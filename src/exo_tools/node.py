@@ -73,7 +73,6 @@ class Node:
             models_dir=config.models_dir,
             engine=self.engine,
             channel_for=self._channel,
-            sign=self._sign,
             chat_template=template,
         )
         self.coordinator = Coordinator(
@@ -94,11 +93,6 @@ class Node:
 
     def _channel(self, node_id: str) -> Any:
         return self.cluster.channel(node_id) if self.cluster is not None else None
-
-    def _sign(self, method: str) -> list[tuple[str, str]]:
-        if self.cluster is None:
-            return []
-        return self.cluster.auth.sign_call(self.node_id, method)
 
     def _layout(self) -> ModelLayout:
         path = sources.fetch(self.card, self.config.models_dir, progress=self.config.progress)

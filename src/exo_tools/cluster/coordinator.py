@@ -28,7 +28,7 @@ from .placement import (
     PlacementView,
     plan_placement,
 )
-from .worker import LOAD_SHARD_METHOD, Worker
+from .worker import Worker
 
 log = logging.getLogger(__name__)
 
@@ -280,9 +280,7 @@ class Coordinator:
             raise RuntimeError(f"node {node_id} is not a healthy member")
         final: node_pb2.LoadShardProgress | None = None
         try:
-            call: Any = node_pb2_grpc.WorkerStub(channel).LoadShard(
-                request, timeout=LOAD_TIMEOUT_S, metadata=self.worker.sign(LOAD_SHARD_METHOD)
-            )
+            call: Any = node_pb2_grpc.WorkerStub(channel).LoadShard(request, timeout=LOAD_TIMEOUT_S)
             async for progress in call:
                 if progress.finished:
                     final = progress

@@ -50,13 +50,8 @@ class _ClientDetails(grpc.aio.ClientCallDetails):
     pass
 
 
-class _SigningInterceptor(
-    grpc.aio.UnaryUnaryClientInterceptor,
-    grpc.aio.UnaryStreamClientInterceptor,
-    grpc.aio.StreamUnaryClientInterceptor,
-    grpc.aio.StreamStreamClientInterceptor,
-):
-    """Adds the per-call auth metadata to every call made on a peer channel."""
+class _Signer:
+    """Adds the per-call auth metadata to a call made on a peer channel."""
 
     def __init__(self, auth: ClusterAuth, node_id: str) -> None:
         self._auth = auth
@@ -70,17 +65,33 @@ class _SigningInterceptor(
             md.add(key, value)
         return _ClientDetails(d.method, d.timeout, md, d.credentials, d.wait_for_ready)
 
+
+# grpc.aio files an interceptor under the first call kind it implements only, so one
+# class per kind: otherwise streaming calls would go out unsigned and be refused.
+class _UnaryUnarySigner(_Signer, grpc.aio.UnaryUnaryClientInterceptor):
     async def intercept_unary_unary(self, continuation, client_call_details, request):  # type: ignore[override]
         return await continuation(self._details(client_call_details), request)
 
+
+class _UnaryStreamSigner(_Signer, grpc.aio.UnaryStreamClientInterceptor):
     async def intercept_unary_stream(self, continuation, client_call_details, request):  # type: ignore[override]
         return await continuation(self._details(client_call_details), request)
 
+
+class _StreamUnarySigner(_Signer, grpc.aio.StreamUnaryClientInterceptor):
     async def intercept_stream_unary(self, continuation, client_call_details, request_iterator):  # type: ignore[override]
         return await continuation(self._details(client_call_details), request_iterator)
 
+
+class _StreamStreamSigner(_Signer, grpc.aio.StreamStreamClientInterceptor):
     async def intercept_stream_stream(self, continuation, client_call_details, request_iterator):  # type: ignore[override]
         return await continuation(self._details(client_call_details), request_iterator)
+
+
+def signing_interceptors(auth: ClusterAuth, node_id: str) -> list[grpc.aio.ClientInterceptor]:
+    """Interceptors that sign every call, of every kind, made on a peer channel."""
+    kinds = (_UnaryUnarySigner, _UnaryStreamSigner, _StreamUnarySigner, _StreamStreamSigner)
+    return [kind(auth, node_id) for kind in kinds]
 
 
 @dataclass
@@ -119,7 +130,7 @@ class Membership:
         self.links: dict[str, PeerLink] = {}
         self.reject_log = RejectLog()
         self._running = False
-        self._interceptor: _SigningInterceptor | None = None
+        self._interceptors: list[grpc.aio.ClientInterceptor] = []
         self._monitor: asyncio.Task[None] | None = None
         self._master: str = ""
         self.master_listeners: list[Callable[[str], None]] = []
@@ -137,7 +148,7 @@ class Membership:
     # ------------------------------------------------------------------ lifecycle
     async def start(self, static_peers: list[str]) -> None:
         self._running = True
-        self._interceptor = _SigningInterceptor(self.auth, self.node_id)
+        self._interceptors = signing_interceptors(self.auth, self.node_id)
         for target in static_peers:
             self._add_link(PeerLink(key=f"static:{target}", origin="static", targets=[target]))
         self._master = self.compute_master()
@@ -207,7 +218,7 @@ class Membership:
             link.channel = grpc.aio.insecure_channel(
                 target,
                 options=CHANNEL_OPTIONS,
-                interceptors=[self._interceptor],  # type: ignore[list-item]
+                interceptors=self._interceptors,
             )
             link.channel_target = target
         return node_pb2_grpc.MembershipStub(link.channel)

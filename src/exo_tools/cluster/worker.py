@@ -29,13 +29,6 @@ log = logging.getLogger(__name__)
 
 ChannelFor = Callable[[str], "grpc.aio.Channel | None"]
 BrokenListener = Callable[[str], None]
-# Auth metadata for one call. Peer channels sign unary calls through an interceptor, but
-# grpc.aio registers a multi-kind interceptor for unary-unary calls only, so streaming
-# calls are signed explicitly.
-SignCall = Callable[[str], list[tuple[str, str]]]
-
-ACTIVATIONS_METHOD = "/exo_tools.v1.Worker/Activations"
-LOAD_SHARD_METHOD = "/exo_tools.v1.Worker/LoadShard"
 
 
 def memory_report() -> dict[str, int]:
@@ -62,10 +55,8 @@ class StreamSender:
         channel_for: ChannelFor,
         target_id: str,
         on_broken: BrokenListener,
-        sign: SignCall,
     ) -> None:
         self._loop = loop
-        self._sign = sign
         self._channel_for = channel_for
         self.target_id = target_id
         self._on_broken = on_broken
@@ -97,9 +88,8 @@ class StreamSender:
         if channel is None:
             self._broke("the node is not a healthy member")
             return
-        call: Any = node_pb2_grpc.WorkerStub(channel).Activations(
-            metadata=self._sign(ACTIVATIONS_METHOD)
-        )
+        # Peer channels sign every call (cluster.membership.signing_interceptors).
+        call: Any = node_pb2_grpc.WorkerStub(channel).Activations()
         reader = asyncio.create_task(self._read(call))
         try:
             while True:
@@ -160,10 +150,8 @@ class Worker(node_pb2_grpc.WorkerServicer):
         models_dir: Path,
         engine: StageEngine,
         channel_for: ChannelFor,
-        sign: SignCall,
         chat_template: str | None = None,
     ) -> None:
-        self.sign = sign
         self.card = card
         self.models_dir = models_dir
         self.engine = engine
@@ -277,7 +265,6 @@ class Worker(node_pb2_grpc.WorkerServicer):
                         self._channel_for,
                         request.next_node_id,
                         self._ring_broken,
-                        self.sign,
                     )
                     send = self._sender.send
                 stage = InstalledStage(
