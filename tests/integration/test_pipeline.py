@@ -62,6 +62,16 @@ class Cluster:
 
     @property
     def master(self) -> NodeProcess:
+        """The node the cluster elected (usually the first started; under CPU contention a
+        later one can win, since the election compares cluster start times)."""
+        for node in self.nodes:
+            try:
+                view = requests.get(f"{node.url}/v1/cluster", timeout=5).json()
+                health = node.health()
+            except requests.RequestException:
+                continue
+            if view.get("master") == health.get("node_id"):
+                return node
         return self.nodes[0]
 
     def view(self, node: NodeProcess | None = None) -> dict[str, Any]:
@@ -100,7 +110,17 @@ def start_cluster(count: int, *extra: str) -> Cluster:
     name = f"test-pipe-{uuid.uuid4().hex[:8]}"
     args = ("--cluster", name, "--min-nodes", str(count), *extra)
     master = start_node(*args, env=env, wait=False)
-    time.sleep(0.3)  # strictly older: it wins the election
+    # The election prefers the earliest cluster start: let the first node's cluster layer
+    # start before launching the others, so it is the master even on a busy machine.
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if requests.get(f"{master.url}/v1/cluster", timeout=2).status_code == 200:
+                break
+        except requests.RequestException:
+            pass
+        time.sleep(0.1)
+    time.sleep(0.3)
     nodes = [master] + [start_node(*args, env=env, wait=False) for _ in range(count - 1)]
     cluster = Cluster(nodes, name)
     try:
