@@ -13,16 +13,6 @@ from typing import Any
 
 from . import __version__
 
-TOOL_FORMATS = (
-    "hermes",
-    "qwen3_coder",
-    "llama3_json",
-    "pythonic",
-    "mistral",
-    "gpt_oss",
-    "deepseek_v3",
-)
-
 
 def _port(text: str) -> int:
     try:
@@ -73,6 +63,7 @@ def _storage(args: argparse.Namespace) -> tuple[Path, Path]:
 
 def build_parser() -> argparse.ArgumentParser:
     from .models.catalog import DEFAULT_MODEL_ID, DTYPES
+    from .tools import FORMATS
 
     parser = argparse.ArgumentParser(
         prog="exo-tools",
@@ -118,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     node.add_argument(
         "--tool-format",
-        choices=TOOL_FORMATS,
+        choices=FORMATS,
         default=None,
         help="tool-call format of the model (default: from the model card, else inferred "
         "from the chat template)",

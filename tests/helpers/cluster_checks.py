@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,14 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tests.helpers.nodes import free_port
+
 ROOT = Path(__file__).resolve().parents[2]
 MEMBER_SCRIPT = ROOT / "tests" / "helpers" / "cluster_member.py"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 ViewSource = str | Callable[[], "dict[str, Any] | None"]
