@@ -354,3 +354,10 @@ def test_unknown_tokenizer_fails_at_first_sample() -> None:
     )
     with pytest.raises(C.ConstraintError, match="missing-model"):
         sampler(mx.zeros((1, 8)))
+
+
+def test_parallel_calls_are_bounded(tokenizer: TextTokenizer) -> None:
+    call = _call("glob", {"pattern": "*"})
+    spec = C.tool_call_constraint(TOOLS, "hermes", parallel=True, max_calls=2, tokenizer=KEY)
+    assert _accepts(spec, tokenizer, call + "\n" + call) == (True, True)
+    assert not _accepts(spec, tokenizer, call + "\n" + call + "\n" + call)[0]

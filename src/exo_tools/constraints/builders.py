@@ -149,14 +149,18 @@ def tool_call_constraint(
     *,
     choice: ToolChoiceArg = "required",
     parallel: bool = True,
+    max_calls: int = 4,
     tokenizer: str | None = None,
 ) -> str:
     """Output = one or more tool calls in `fmt` (`tool_choice` "required" or a named
-    function); exactly one when `parallel` is False or a function is named."""
+    function); exactly one when `parallel` is False or a function is named, at most
+    `max_calls` otherwise."""
     _check_format(fmt)
     entries, named = _chosen(_tool_entries(tools), choice)
     repeat = parallel and not named
-    start = f"start: call ({_lit(chr(10))} call)*" if repeat else "start: call"
+    # Bounded: small models otherwise repeat calls until max_tokens, cutting the last.
+    more = max(max_calls - 1, 0)
+    start = f"start: call ({_lit(chr(10))} call){{0,{more}}}" if repeat and more else "start: call"
     lark = "\n".join(["%llguidance {}", start, *_hermes_call_rules(entries)])
     return _finish("tool_calls", lark, tokenizer)
 
