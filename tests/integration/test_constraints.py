@@ -1,0 +1,309 @@
+"""Constrained decoding with the real default model, in-process.
+
+Every constrained output must be valid: tool calls parse with the Hermes parser and
+their raw arguments validate against the tool's schema; JSON documents validate against
+the response schema. The same prompts are run unconstrained and the results printed for
+comparison (run with -s to see them). The prompts share the tools system prompt, so it
+is prefilled once and its KV cache reused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import mlx.core as mx
+import pytest
+
+from exo_tools import constraints as C
+from exo_tools.engine.sampling import Sampler, SamplingParams
+from exo_tools.engine.shard import ShardModel
+from exo_tools.models.catalog import CATALOG, DEFAULT_MODEL_ID
+from exo_tools.models.loader import LoadedModel, load_model
+from exo_tools.tools import parse_tool_calls, render_tools_system_prompt
+
+pytestmark = pytest.mark.slow
+
+MAX_TOKENS = 256
+# Unconstrained runs are only a comparison (a call would start within these tokens); they
+# are opt-in because on a small CPU they would take the test past its time limit.
+COMPARE_TOKENS = int(os.environ.get("EXO_CONSTRAINTS_COMPARE_TOKENS", "0"))
+SCHEMA_2020 = "https://json-schema.org/draft/2020-12/schema"
+
+
+def _tool(
+    name: str, description: str, properties: dict[str, Any], required: list[str]
+) -> dict[str, Any]:
+    return {
+        "type": "function",
+        "function": {
+            "name": name,
+            "description": description,
+            "parameters": {
+                "$schema": SCHEMA_2020,
+                "type": "object",
+                "properties": properties,
+                "required": required,
+                "additionalProperties": False,
+            },
+        },
+    }
+
+
+def _s(description: str) -> dict[str, str]:
+    return {"type": "string", "description": description}
+
+
+# Shaped like opencode's built-in tools.
+TOOLS = [
+    _tool(
+        "read",
+        "Reads a file from the local filesystem.",
+        {
+            "filePath": _s("The absolute path to the file to read"),
+            "offset": {"type": "number", "description": "The line number to start reading from"},
+            "limit": {"type": "number", "description": "The number of lines to read"},
+        },
+        ["filePath"],
+    ),
+    _tool(
+        "bash",
+        "Executes a bash command in a shell.",
+        {
+            "command": _s("The command to execute"),
+            "description": _s("Clear, concise description of what this command does in 5-10 words"),
+            "timeout": {"type": "number", "description": "Optional timeout in milliseconds"},
+        },
+        ["command", "description"],
+    ),
+    _tool(
+        "edit",
+        "Performs exact string replacements in files.",
+        {
+            "filePath": _s("The absolute path to the file to modify"),
+            "oldString": _s("The text to replace"),
+            "newString": _s("The text to replace it with"),
+            "replaceAll": {"type": "boolean", "description": "Replace all occurrences"},
+        },
+        ["filePath", "oldString", "newString"],
+    ),
+    _tool(
+        "glob",
+        "Fast file pattern matching tool.",
+        {
+            "pattern": _s("The glob pattern to match files against"),
+            "path": _s("The directory to search in"),
+        },
+        ["pattern"],
+    ),
+]
+SCHEMAS = {tool["function"]["name"]: tool["function"]["parameters"] for tool in TOOLS}
+
+TOOL_PROMPTS = [
+    "Read the file src/main.py",
+    "List all python files in the repo",
+    "Run the tests with pytest",
+    "Replace foo with bar in app.js",
+    "What's in README.md?",
+    "Show me the git status",
+    "Find all markdown files under docs",
+    "Change the port from 8080 to 9090 in config.yaml",
+    "Read lines 10 to 20 of server.py",
+    "Count the lines of code in this project",
+]
+
+PERSON = {
+    "$schema": SCHEMA_2020,
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "description": "Full name"},
+        "age": {"type": "integer", "minimum": 0, "maximum": 150},
+        "city": {"type": "string"},
+        "hobbies": {"type": "array", "items": {"type": "string"}, "maxItems": 5},
+        "role": {"enum": ["engineer", "artist", "teacher", "other"]},
+    },
+    "required": ["name", "age", "role"],
+    "additionalProperties": False,
+}
+JSON_SYSTEM = "Reply with a JSON object describing the person: name, age, city, hobbies, role."
+JSON_PROMPTS = [
+    "Alice is a 34 year old engineer from Paris who likes climbing.",
+    "Describe a retired teacher named Bob.",
+    "Make up a character for a fantasy novel.",
+    "Tom, 12, plays football and chess in Leeds.",
+    "My grandmother was a painter in Rome; she is 90.",
+    "A software developer who loves hiking and coffee.",
+    "Give me a random person.",
+    "Maria teaches math in Madrid and is 45.",
+    "An artist from Tokyo, age 28, who enjoys photography.",
+    "Who is Sherlock Holmes?",
+]
+
+
+@dataclass
+class Generated:
+    text: str
+    tokens: int
+    finished: bool  # ended with end-of-sequence (not max_tokens)
+
+
+class Generator:
+    """Greedy generation the way the runner drives the Sampler, with a reusable prefix."""
+
+    def __init__(self, loaded: LoadedModel) -> None:
+        self.loaded = loaded
+        self.tokenizer = loaded.tokenizer
+        self.model = ShardModel(loaded.model, loaded.shard)
+        self._prefix: list[int] = []
+        self._prefix_state: list[Any] = []
+
+    def prompt(self, system: str, user: str) -> list[int]:
+        messages = [{"role": "system", "content": system}, {"role": "user", "content": user}]
+        return self.tokenizer.encode(
+            self.tokenizer.apply_chat_template(messages), add_special_tokens=True
+        )
+
+    def set_prefix(self, prompts: list[list[int]]) -> None:
+        """Prefill the tokens all `prompts` share (less one, so each keeps a suffix)."""
+        shared = min(len(p) for p in prompts) - 1
+        for index in range(shared):
+            if any(p[index] != prompts[0][index] for p in prompts):
+                shared = index
+                break
+        cache = self.model.make_cache()
+        self.model.forward(mx.array(prompts[0][:shared])[None], cache)
+        mx.eval([c.state for c in cache])
+        self._prefix = prompts[0][:shared]
+        self._prefix_state = [c.state for c in cache]
+
+    def generate(self, prompt: list[int], constraint: str | None, max_tokens: int) -> Generated:
+        cache = self.model.make_cache()
+        start = 0
+        if self._prefix and prompt[: len(self._prefix)] == self._prefix:
+            # The cache grows by concatenation, so the shared prefix arrays are never written.
+            for layer_cache, state in zip(cache, self._prefix_state, strict=True):
+                layer_cache.state = state
+            start = len(self._prefix)
+        self.model.forward(mx.array(prompt[start:-1])[None], cache)
+        sampler = Sampler(SamplingParams(temperature=0.0, constraint=constraint))
+        eos = self.tokenizer.eos_token_ids
+        ids: list[int] = []
+        next_input = prompt[-1]
+        finished = False
+        for _ in range(max_tokens):
+            logits = self.model.forward(mx.array([[next_input]]), cache)[:, -1, :]
+            token = int(sampler(logits).item())
+            if token in eos:
+                finished = True
+                break
+            ids.append(token)
+            next_input = token
+        sampler.close()
+        return Generated(self.tokenizer.decode(ids, skip_special_tokens=False), len(ids), finished)
+
+
+@pytest.fixture(scope="module")
+def generator(model_path: Path) -> Iterator[Generator]:
+    loaded = load_model(CATALOG[DEFAULT_MODEL_ID], model_path, dtype="auto", progress=False)
+    C.register_tokenizer(DEFAULT_MODEL_ID, loaded.tokenizer)
+    yield Generator(loaded)
+    C.unregister_tokenizer(DEFAULT_MODEL_ID)
+
+
+def _valid_calls(text: str) -> tuple[int, str]:
+    """(number of calls, problem or ""): parsed by the Hermes parser AND raw-valid."""
+    calls = parse_tool_calls(text, TOOLS, "hermes").tool_calls
+    if not calls:
+        return 0, "no tool call"
+    blocks = [b.split("</tool_call>")[0].strip() for b in text.split("<tool_call>")[1:]]
+    if len(blocks) != len(calls):
+        return len(calls), "parsed calls differ from the <tool_call> blocks"
+    for block, call in zip(blocks, calls, strict=True):
+        try:
+            raw = json.loads(block)  # before the parser's normalization
+            jsonschema.validate(raw["arguments"], SCHEMAS[raw["name"]])
+        except (ValueError, KeyError, jsonschema.ValidationError) as error:
+            return len(calls), f"invalid: {str(error).splitlines()[0]}"
+        if raw["name"] != call.name:
+            return len(calls), "name mismatch"
+    return len(calls), ""
+
+
+def _valid_document(text: str) -> str:
+    try:
+        jsonschema.validate(json.loads(text), PERSON)
+    except (ValueError, jsonschema.ValidationError) as error:
+        return f"invalid: {str(error).splitlines()[0]}"
+    return ""
+
+
+def _report(title: str, rows: list[tuple[str, str, str, str]]) -> None:
+    print(f"\n== {title}")
+    for prompt, label, problem, text in rows:
+        print(
+            f"[{label:>13}] {'OK ' if not problem else 'BAD'} {prompt[:40]!r}: {problem} {text[:110]!r}"
+        )
+
+
+def test_required_tool_calls_are_valid(generator: Generator) -> None:
+    system = render_tools_system_prompt(TOOLS, "hermes")
+    prompts = [generator.prompt(system, p) for p in TOOL_PROMPTS]
+    generator.set_prefix(prompts)
+    single = C.tool_call_constraint(TOOLS, "hermes", choice="required", parallel=False)
+    parallel = C.tool_call_constraint(TOOLS, "hermes", choice="required", parallel=True)
+    rows: list[tuple[str, str, str, str]] = []
+    failures: list[str] = []
+    started = time.perf_counter()
+    for index, (user, prompt) in enumerate(zip(TOOL_PROMPTS, prompts, strict=True)):
+        # Alternate parallel modes: exactly one call without, at least one with.
+        is_parallel = index % 2 == 1
+        out = generator.generate(prompt, parallel if is_parallel else single, MAX_TOKENS)
+        count, problem = _valid_calls(out.text)
+        if not problem and not is_parallel and count != 1:
+            problem = f"{count} calls with parallel=False"
+        if not problem and not out.finished:
+            problem = "did not end"
+        rows.append((user, "parallel" if is_parallel else "single", problem, out.text))
+        if problem:
+            failures.append(f"{user!r}: {problem}: {out.text!r}")
+    constrained_seconds = time.perf_counter() - started
+    for user, prompt in zip(TOOL_PROMPTS, prompts, strict=True) if COMPARE_TOKENS else ():
+        out = generator.generate(prompt, None, COMPARE_TOKENS)
+        rows.append((user, "unconstrained", _valid_calls(out.text)[1], out.text))
+    _report(f"tool_choice=required ({constrained_seconds:.1f}s constrained)", rows)
+    valid = sum(1 for row in rows[: len(TOOL_PROMPTS)] if not row[2])
+    free = sum(1 for row in rows[len(TOOL_PROMPTS) :] if not row[2])
+    print(
+        f"valid: constrained {valid}/{len(TOOL_PROMPTS)}, unconstrained {free}/{len(TOOL_PROMPTS)}"
+    )
+    assert not failures, "\n".join(failures)
+
+
+def test_json_schema_documents_are_valid(generator: Generator) -> None:
+    prompts = [generator.prompt(JSON_SYSTEM, p) for p in JSON_PROMPTS]
+    generator.set_prefix(prompts)
+    spec = C.json_schema_constraint(PERSON)
+    rows: list[tuple[str, str, str, str]] = []
+    failures: list[str] = []
+    for user, prompt in zip(JSON_PROMPTS, prompts, strict=True):
+        out = generator.generate(prompt, spec, MAX_TOKENS)
+        problem = _valid_document(out.text) or ("" if out.finished else "did not end")
+        rows.append((user, "json_schema", problem, out.text))
+        if problem:
+            failures.append(f"{user!r}: {problem}: {out.text!r}")
+    for user, prompt in zip(JSON_PROMPTS, prompts, strict=True) if COMPARE_TOKENS else ():
+        out = generator.generate(prompt, None, COMPARE_TOKENS)
+        rows.append((user, "unconstrained", _valid_document(out.text), out.text))
+    _report("response_format json_schema", rows)
+    valid = sum(1 for row in rows[: len(JSON_PROMPTS)] if not row[2])
+    free = sum(1 for row in rows[len(JSON_PROMPTS) :] if not row[2])
+    print(
+        f"valid: constrained {valid}/{len(JSON_PROMPTS)}, unconstrained {free}/{len(JSON_PROMPTS)}"
+    )
+    assert not failures, "\n".join(failures)
