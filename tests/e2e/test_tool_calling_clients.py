@@ -301,3 +301,29 @@ def test_response_format_json_schema(node: NodeProcess) -> None:
     )
     assert reply.status_code == 400
     assert "if" in reply.json()["error"]["message"]
+
+
+def test_example_required_mode_executes_a_tool_then_answers(node: NodeProcess) -> None:
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "examples" / "tool_calling_example.py"),
+            "--url",
+            node.url,
+            "--required",
+            "--max-turns",
+            "3",
+            "--max-tokens",
+            "96",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    executed = [line for line in lines if line.strip().startswith("-> ")]
+    assert executed, result.stdout
+    assert "error" not in executed[0]
+    # The loop ends with a text answer after the tool results went back.
+    assert lines[-1].startswith("(finish_reason:"), result.stdout

@@ -361,3 +361,24 @@ def test_parallel_calls_are_bounded(tokenizer: TextTokenizer) -> None:
     spec = C.tool_call_constraint(TOOLS, "hermes", parallel=True, max_calls=2, tokenizer=KEY)
     assert _accepts(spec, tokenizer, call + "\n" + call) == (True, True)
     assert not _accepts(spec, tokenizer, call + "\n" + call + "\n" + call)[0]
+
+
+def test_tool_argument_objects_are_closed_unless_the_schema_says_otherwise() -> None:
+    from exo_tools.constraints.builders import _closed
+
+    schema = {
+        "type": "object",
+        "properties": {
+            "where": {"type": "object", "properties": {"city": {"type": "string"}}},
+            "extra": {"type": "object", "properties": {}, "additionalProperties": True},
+            "tags": {"type": "array", "items": {"type": "object", "properties": {"k": {}}}},
+        },
+        "required": ["where"],
+    }
+    closed = _closed(schema)
+    assert closed["additionalProperties"] is False
+    assert closed["properties"]["where"]["additionalProperties"] is False
+    assert closed["properties"]["extra"]["additionalProperties"] is True
+    assert closed["properties"]["tags"]["items"]["additionalProperties"] is False
+    assert closed["required"] == ["where"]
+    assert "additionalProperties" not in schema  # the caller's schema is not changed

@@ -79,6 +79,35 @@ def _finish(kind: ConstraintKind, lark: str, tokenizer: str | None) -> str:
     return ConstraintSpec(kind=kind, grammar=grammar, tokenizer=tokenizer).serialize()
 
 
+# Schema keywords whose values are data, not subschemas.
+_DATA_KEYWORDS = frozenset({"enum", "const", "default", "examples", "required", "description"})
+# Keywords whose values map names to subschemas.
+_NAMED_SUBSCHEMAS = frozenset({"properties", "$defs", "definitions", "patternProperties"})
+
+
+def _closed(node: Any) -> Any:
+    """The schema with every object that lists `properties` closed to other keys.
+
+    JSON Schema leaves objects open by default; under a grammar a small model then invents
+    keys that the tool's own code rejects. An explicit `additionalProperties` is kept.
+    """
+    if isinstance(node, list):
+        return [_closed(item) for item in node]
+    if not isinstance(node, Mapping):
+        return node
+    out: dict[str, Any] = {}
+    for key, value in node.items():
+        if key in _DATA_KEYWORDS:
+            out[key] = value
+        elif key in _NAMED_SUBSCHEMAS and isinstance(value, Mapping):
+            out[key] = {name: _closed(schema) for name, schema in value.items()}
+        else:
+            out[key] = _closed(value)
+    if "properties" in out and "additionalProperties" not in out:
+        out["additionalProperties"] = False
+    return out
+
+
 def _tool_entries(tools: list[dict[str, Any]]) -> list[tuple[str, Mapping[str, Any] | bool]]:
     entries: list[tuple[str, Mapping[str, Any] | bool]] = []
     seen: set[str] = set()
@@ -94,7 +123,7 @@ def _tool_entries(tools: list[dict[str, Any]]) -> list[tuple[str, Mapping[str, A
             raise ConstraintError(f"tool {name!r} is declared twice")
         seen.add(name)
         parameters = spec.get("parameters")
-        schema = _NO_PARAMETERS if parameters is None else parameters
+        schema = _NO_PARAMETERS if parameters is None else _closed(parameters)
         _check_schema(schema, f"tool {name!r} parameters")
         entries.append((name, cast(Mapping[str, Any] | bool, schema)))
     if not entries:
