@@ -92,15 +92,13 @@ def aggregate(url: str, messages: list[dict[str, str]], max_tokens: int, streams
 
 
 def start_pipeline(count: int) -> list[Any]:
-    from tests.helpers.nodes import node_environment, start_node
+    from tests.helpers.nodes import node_environment, start_cluster_nodes
 
     env = node_environment(threads=1)
     env["EXO_TOOLS_SECRET"] = uuid.uuid4().hex
     args = ("--cluster", f"bench-{uuid.uuid4().hex[:8]}", "--min-nodes", str(count))
-    nodes = [start_node(*args, env=env, wait=False)]
-    time.sleep(0.3)  # the oldest node is master
-    nodes += [start_node(*args, env=env, wait=False) for _ in range(count - 1)]
-    deadline = time.monotonic() + 300
+    nodes = start_cluster_nodes(count, *args, env=env)
+    deadline = time.monotonic() + 90
     while time.monotonic() < deadline:
         try:
             health = nodes[0].health()
@@ -109,9 +107,10 @@ def start_pipeline(count: int) -> list[Any]:
         except Exception:
             pass
         time.sleep(0.3)
+    logs = "\n".join(node.log()[-2000:] for node in nodes)
     for node in nodes:
         node.stop()
-    raise TimeoutError(f"{count}-node pipeline did not become ready")
+    raise TimeoutError(f"{count}-node pipeline did not become ready:\n{logs}")
 
 
 def health_stages(node: Any) -> list[dict[str, Any]]:

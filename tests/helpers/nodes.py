@@ -120,3 +120,22 @@ def start_node(*args: str, env: dict[str, str] | None = None, wait: bool = True)
             node.stop(signal.SIGKILL)
             raise
     return node
+
+
+def start_cluster_nodes(count: int, *args: str, env: dict[str, str]) -> list[NodeProcess]:
+    """`count` nodes of one cluster, the first of them the elected master.
+
+    The election prefers the earliest cluster start, so the others are launched only once
+    the first node's cluster layer answers (process start-up times vary on a busy CPU).
+    """
+    first = start_node(*args, env=env, wait=False)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if requests.get(f"{first.url}/v1/cluster", timeout=2).status_code == 200:
+                break
+        except requests.RequestException:
+            pass
+        time.sleep(0.1)
+    time.sleep(0.3)
+    return [first] + [start_node(*args, env=env, wait=False) for _ in range(count - 1)]

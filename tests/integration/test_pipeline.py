@@ -26,7 +26,7 @@ from exo_tools.models.loader import load_model, model_layout
 from exo_tools.models.tokenizer import TextTokenizer
 from exo_tools.proto import node_pb2, node_pb2_grpc
 from tests.helpers.mlx_lm_reference import reference_generate
-from tests.helpers.nodes import NodeProcess, node_environment, start_node
+from tests.helpers.nodes import NodeProcess, node_environment, start_cluster_nodes
 
 pytestmark = pytest.mark.slow
 MODEL = DEFAULT_MODEL_ID
@@ -109,19 +109,7 @@ def start_cluster(count: int, *extra: str) -> Cluster:
     env["EXO_TOOLS_SECRET"] = SECRET
     name = f"test-pipe-{uuid.uuid4().hex[:8]}"
     args = ("--cluster", name, "--min-nodes", str(count), *extra)
-    master = start_node(*args, env=env, wait=False)
-    # The election prefers the earliest cluster start: let the first node's cluster layer
-    # start before launching the others, so it is the master even on a busy machine.
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if requests.get(f"{master.url}/v1/cluster", timeout=2).status_code == 200:
-                break
-        except requests.RequestException:
-            pass
-        time.sleep(0.1)
-    time.sleep(0.3)
-    nodes = [master] + [start_node(*args, env=env, wait=False) for _ in range(count - 1)]
+    nodes = start_cluster_nodes(count, *args, env=env)
     cluster = Cluster(nodes, name)
     try:
         cluster.wait_placed(count)
