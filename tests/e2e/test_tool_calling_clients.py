@@ -153,20 +153,24 @@ def test_opencode_session_completes_without_protocol_error(
     assert any(event.get("type") == "step_finish" for event in events), result.stdout[-2000:]
 
 
-def test_example_script_runs_to_the_end(node: NodeProcess) -> None:
-    result = subprocess.run(
+def run_example(node: NodeProcess, *args: str) -> subprocess.CompletedProcess[str]:
+    """examples/tool_calling_example.py against `node`, as a user runs it."""
+    return subprocess.run(
         [
             sys.executable,
             str(REPO / "examples" / "tool_calling_example.py"),
             "--url",
             node.url,
-            "--max-turns",
-            "3",
+            *args,
         ],
         capture_output=True,
         text=True,
         timeout=600,
     )
+
+
+def test_example_script_runs_to_the_end(node: NodeProcess) -> None:
+    result = run_example(node, "--max-turns", "3")
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.strip()
 
@@ -304,22 +308,7 @@ def test_response_format_json_schema(node: NodeProcess) -> None:
 
 
 def test_example_required_mode_executes_a_tool_then_answers(node: NodeProcess) -> None:
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "examples" / "tool_calling_example.py"),
-            "--url",
-            node.url,
-            "--required",
-            "--max-turns",
-            "3",
-            "--max-tokens",
-            "96",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    result = run_example(node, "--required", "--max-turns", "3", "--max-tokens", "96")
     assert result.returncode == 0, result.stdout + result.stderr
     lines = result.stdout.splitlines()
     executed = [line for line in lines if line.strip().startswith("-> ")]
