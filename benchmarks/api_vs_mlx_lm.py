@@ -4,7 +4,9 @@
 
 Prints prefill and decode tok/s, time to first token and peak memory for both, and the
 API's ratio to mlx-lm. Both use the same BLAS (the optimized one when installed) and the
-same weight precision.
+same weight precision. A third row sends the same request with a `response_format`
+json_schema (a grammar-constrained decode) and gives its ratio to the unconstrained API
+request of the same run (target >= 0.95, i.e. <= 5% cost).
 """
 
 from __future__ import annotations
@@ -27,9 +29,25 @@ from benchmarks.common import (
     print_table,
 )
 
+# Long enough that max_tokens, not the grammar, ends the constrained decode.
+ESSAY_SCHEMA = {
+    "type": "object",
+    "properties": {"title": {"type": "string"}, "essay": {"type": "string", "minLength": 2000}},
+    "required": ["title", "essay"],
+    "additionalProperties": False,
+}
+CONSTRAINED = {
+    "response_format": {"type": "json_schema", "json_schema": {"name": "e", "schema": ESSAY_SCHEMA}}
+}
+
 
 def measure_api(
-    url: str, model: str, messages: list[dict[str, str]], max_tokens: int, repeats: int
+    url: str,
+    model: str,
+    messages: list[dict[str, str]],
+    max_tokens: int,
+    repeats: int,
+    extra: dict[str, object] | None = None,
 ) -> dict[str, float]:
     import requests
 
@@ -42,6 +60,7 @@ def measure_api(
             "temperature": 0,
             "stream": True,
             "stream_options": {"include_usage": True},
+            **(extra or {}),
         }
         started = time.perf_counter()
         first = last = started
@@ -108,11 +127,16 @@ def main() -> None:
         # Warm both up, then alternate runs so background noise hits both alike.
         measure_mlx_lm(loaded, prompt, 4, 1)
         measure_api(node.url, DEFAULT_MODEL_ID, messages, 4, 1)
-        reference_runs, api_runs = [], []
+        measure_api(node.url, DEFAULT_MODEL_ID, messages, 4, 1, CONSTRAINED)
+        reference_runs, api_runs, constrained_runs = [], [], []
         for _ in range(args.repeats):
             reference_runs.append(measure_mlx_lm(loaded, prompt, args.max_tokens, 1))
             api_runs.append(measure_api(node.url, DEFAULT_MODEL_ID, messages, args.max_tokens, 1))
+            constrained_runs.append(
+                measure_api(node.url, DEFAULT_MODEL_ID, messages, args.max_tokens, 1, CONSTRAINED)
+            )
         reference, api = median_run(reference_runs), median_run(api_runs)
+        constrained = median_run(constrained_runs)
         reference_rss = peak_rss_mb()
         health = node.health()
         memory = health["memory"]
@@ -148,6 +172,24 @@ def main() -> None:
             "API / mlx-lm",
             f"{api['prefill_tps'] / reference['prefill_tps']:.2f}x",
             f"{api['decode_tps'] / reference['decode_tps']:.2f}x",
+            "",
+            "",
+            "",
+            "",
+        ],
+        [
+            "node API, response_format json_schema",
+            f"{constrained['prefill_tps']:.1f}",
+            f"{constrained['decode_tps']:.2f}",
+            f"{constrained['ttft_s'] * 1000:.0f}",
+            f"{constrained['tokens']:.0f}",
+            "",
+            "",
+        ],
+        [
+            "json_schema / unconstrained API",
+            f"{constrained['prefill_tps'] / api['prefill_tps']:.2f}x",
+            f"{constrained['decode_tps'] / api['decode_tps']:.3f}x",
             "",
             "",
             "",

@@ -116,9 +116,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     node.add_argument(
         "--lazy-tool-grammar",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
+        default=False,
         help='with tool_choice "auto", constrain a tool call to its schema once the model '
-        "starts one (free text before it); forced calls and response_format are always "
+        "starts one (free text before it; formats hermes and qwen3_coder; default off, see "
+        "docs/CONSTRAINED_DECODING.md); forced calls and response_format are always "
         "constrained",
     )
     from .cluster import add_cluster_arguments

@@ -1,4 +1,5 @@
-"""Constrained decoding with the real default model, in-process.
+"""Constrained decoding with the real default model, in-process and through a 2-node
+pipeline of real node processes.
 
 Every constrained output must be valid: tool calls parse with the Hermes parser and
 their raw arguments validate against the tool's schema; JSON documents validate against
@@ -27,6 +28,8 @@ from exo_tools.engine.shard import ShardModel
 from exo_tools.models.catalog import CATALOG, DEFAULT_MODEL_ID
 from exo_tools.models.loader import LoadedModel, load_model
 from exo_tools.tools import parse_tool_calls, render_tools_system_prompt
+from tests.helpers.agent_tools import SCHEMA_2020, TOOLS
+from tests.helpers.agent_tools import TOOL_SCHEMAS as SCHEMAS
 
 pytestmark = pytest.mark.slow
 
@@ -34,76 +37,6 @@ MAX_TOKENS = 256
 # Unconstrained runs are only a comparison (a call would start within these tokens); they
 # are opt-in because on a small CPU they would take the test past its time limit.
 COMPARE_TOKENS = int(os.environ.get("EXO_CONSTRAINTS_COMPARE_TOKENS", "0"))
-SCHEMA_2020 = "https://json-schema.org/draft/2020-12/schema"
-
-
-def _tool(
-    name: str, description: str, properties: dict[str, Any], required: list[str]
-) -> dict[str, Any]:
-    return {
-        "type": "function",
-        "function": {
-            "name": name,
-            "description": description,
-            "parameters": {
-                "$schema": SCHEMA_2020,
-                "type": "object",
-                "properties": properties,
-                "required": required,
-                "additionalProperties": False,
-            },
-        },
-    }
-
-
-def _s(description: str) -> dict[str, str]:
-    return {"type": "string", "description": description}
-
-
-# Shaped like opencode's built-in tools.
-TOOLS = [
-    _tool(
-        "read",
-        "Reads a file from the local filesystem.",
-        {
-            "filePath": _s("The absolute path to the file to read"),
-            "offset": {"type": "number", "description": "The line number to start reading from"},
-            "limit": {"type": "number", "description": "The number of lines to read"},
-        },
-        ["filePath"],
-    ),
-    _tool(
-        "bash",
-        "Executes a bash command in a shell.",
-        {
-            "command": _s("The command to execute"),
-            "description": _s("Clear, concise description of what this command does in 5-10 words"),
-            "timeout": {"type": "number", "description": "Optional timeout in milliseconds"},
-        },
-        ["command", "description"],
-    ),
-    _tool(
-        "edit",
-        "Performs exact string replacements in files.",
-        {
-            "filePath": _s("The absolute path to the file to modify"),
-            "oldString": _s("The text to replace"),
-            "newString": _s("The text to replace it with"),
-            "replaceAll": {"type": "boolean", "description": "Replace all occurrences"},
-        },
-        ["filePath", "oldString", "newString"],
-    ),
-    _tool(
-        "glob",
-        "Fast file pattern matching tool.",
-        {
-            "pattern": _s("The glob pattern to match files against"),
-            "path": _s("The directory to search in"),
-        },
-        ["pattern"],
-    ),
-]
-SCHEMAS = {tool["function"]["name"]: tool["function"]["parameters"] for tool in TOOLS}
 
 TOOL_PROMPTS = [
     "Read the file src/main.py",
@@ -292,6 +225,30 @@ def test_required_tool_calls_are_valid(generator: Generator) -> None:
     assert not failures, "\n".join(failures)
 
 
+@pytest.mark.parametrize("fmt", ["llama3_json", "qwen3_coder"])
+def test_required_tool_calls_in_other_formats(generator: Generator, fmt: str) -> None:
+    """The model is shown the tools in `fmt`; every constrained output parses with that
+    format's parser into calls whose arguments validate."""
+    system = render_tools_system_prompt(TOOLS, fmt)
+    spec = C.tool_call_constraint(TOOLS, fmt, choice="required", parallel=False)
+    failures: list[str] = []
+    for user in TOOL_PROMPTS[:2]:
+        out = generator.generate(generator.prompt(system, user), spec, MAX_TOKENS)
+        calls = parse_tool_calls(out.text, TOOLS, fmt).tool_calls
+        problem = "" if out.finished else "did not end"
+        if len(calls) != 1:
+            problem = problem or f"{len(calls)} calls"
+        else:
+            try:
+                jsonschema.validate(calls[0].arguments, SCHEMAS[calls[0].name])
+            except jsonschema.ValidationError as error:
+                problem = f"invalid: {error.message}"
+        print(f"[{fmt}] {'OK ' if not problem else 'BAD'} {user!r}: {problem} {out.text!r}")
+        if problem:
+            failures.append(f"{user!r}: {problem}: {out.text!r}")
+    assert not failures, "\n".join(failures)
+
+
 def test_json_schema_documents_are_valid(generator: Generator) -> None:
     prompts = [generator.prompt(JSON_SYSTEM, p) for p in JSON_PROMPTS]
     generator.set_prefix(prompts)
@@ -314,3 +271,77 @@ def test_json_schema_documents_are_valid(generator: Generator) -> None:
         f"valid: constrained {valid}/{len(JSON_PROMPTS)}, unconstrained {free}/{len(JSON_PROMPTS)}"
     )
     assert not failures, "\n".join(failures)
+
+
+def _wait_pipeline(nodes: list[Any], stages: int, timeout: float = 120.0) -> None:
+    import requests
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            placement = requests.get(f"{nodes[0].url}/v1/cluster", timeout=5).json()["placement"]
+            if (
+                placement
+                and placement["state"] == "ready"
+                and len(placement["stages"]) == stages
+                and nodes[0].health()["status"] == "ready"
+            ):
+                return
+        except (requests.RequestException, KeyError, TypeError):
+            pass
+        time.sleep(0.3)
+    raise AssertionError("no ready pipeline:\n" + "\n".join(n.log()[-2000:] for n in nodes))
+
+
+def test_constrained_requests_through_a_two_node_pipeline(model_path: Path) -> None:
+    """The grammar runs where the last stage samples: calls and documents stay valid when
+    the model is split over two node processes."""
+    import uuid
+
+    import requests
+
+    from tests.helpers.nodes import node_environment, start_cluster_nodes
+
+    env = node_environment()
+    env["EXO_TOOLS_SECRET"] = uuid.uuid4().hex
+    args = ("--cluster", f"test-cons-{uuid.uuid4().hex[:8]}", "--min-nodes", "2")
+    nodes = start_cluster_nodes(2, *args, env=env)
+    try:
+        _wait_pipeline(nodes, 2)
+
+        def chat(body: dict[str, Any]) -> dict[str, Any]:
+            body = {"model": DEFAULT_MODEL_ID, "temperature": 0, "max_tokens": 96, **body}
+            reply = requests.post(f"{nodes[0].url}/v1/chat/completions", json=body, timeout=300)
+            assert reply.status_code == 200, reply.text
+            return reply.json()["choices"][0]
+
+        named = {"type": "function", "function": {"name": "bash"}}
+        for prompt, choice in [
+            ("Read the file src/main.py", "required"),
+            ("Find all markdown files under docs", "required"),
+            ("Run the tests with pytest", named),
+        ]:
+            message = {"role": "user", "content": prompt}
+            body = {"messages": [message], "tools": TOOLS, "tool_choice": choice}
+            answer = chat({**body, "parallel_tool_calls": False})
+            assert answer["finish_reason"] == "tool_calls", answer
+            calls = answer["message"]["tool_calls"]
+            assert len(calls) == 1, calls
+            name = calls[0]["function"]["name"]
+            assert choice == "required" or name == "bash", calls
+            jsonschema.validate(json.loads(calls[0]["function"]["arguments"]), SCHEMAS[name])
+        for prompt in JSON_PROMPTS[:2]:
+            messages = [
+                {"role": "system", "content": JSON_SYSTEM},
+                {"role": "user", "content": prompt},
+            ]
+            response_format = {
+                "type": "json_schema",
+                "json_schema": {"name": "p", "schema": PERSON},
+            }
+            answer = chat({"messages": messages, "response_format": response_format})
+            assert answer["finish_reason"] == "stop", answer
+            assert not _valid_document(answer["message"]["content"]), answer
+    finally:
+        for node in nodes:
+            node.stop()

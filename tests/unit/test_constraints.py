@@ -7,7 +7,7 @@ import json
 import weakref
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import jsonschema
 import mlx.core as mx
@@ -157,10 +157,157 @@ def test_other_formats_and_bad_tools_are_errors() -> None:
         C.tool_call_constraint(TOOLS, "mistral")
     with pytest.raises(C.ConstraintError, match="not supported for format 'pythonic'"):
         C.lazy_tool_call_constraint(TOOLS, "pythonic")
+    # Llama 3.1 calls have no opening tag for a lazy trigger.
+    with pytest.raises(C.ConstraintError, match="not supported for format 'llama3_json'"):
+        C.lazy_tool_call_constraint(TOOLS, "llama3_json")
     with pytest.raises(C.ConstraintError, match="at least one tool"):
         C.tool_call_constraint([], "hermes")
     with pytest.raises(C.ConstraintError, match="declared twice"):
         C.tool_call_constraint([TOOLS[0], TOOLS[0]], "hermes")
+
+
+def _llama3(*calls: tuple[str, dict[str, Any]]) -> str:
+    return render_assistant_tool_calls(
+        [{"function": {"name": n, "arguments": a}} for n, a in calls], "llama3_json"
+    )
+
+
+def test_llama3_json_calls_are_constrained(tokenizer: TextTokenizer) -> None:
+    single = C.tool_call_constraint(TOOLS, "llama3_json", parallel=False, tokenizer=KEY)
+    call = _llama3(("read", {"filePath": "/a.py", "limit": 5}))
+    assert call.startswith('{"name": "read", "parameters": {')
+    assert _accepts(single, tokenizer, call) == (True, True)
+    parsed = parse_tool_calls(call, TOOLS, "llama3_json").tool_calls
+    assert [(c.name, c.arguments) for c in parsed] == [("read", {"filePath": "/a.py", "limit": 5})]
+    # The Hermes shape, Llama's "arguments" key, a wrong schema, text first: all refused.
+    assert not _accepts(single, tokenizer, _call("read", {"filePath": "/a.py"}))[0]
+    assert not _accepts(single, tokenizer, '{"name": "read", "arguments": {"filePath": "a"}}')[0]
+    assert not _accepts(single, tokenizer, _llama3(("read", {"path": "/a.py"})))[0]
+    assert not _accepts(single, tokenizer, "Sure: " + call)[0]
+    two = _llama3(("read", {"filePath": "a"}), ("glob", {"pattern": "*.md"}))
+    assert "; " in two
+    assert not _accepts(single, tokenizer, two)[0]
+    parallel = C.tool_call_constraint(TOOLS, "llama3_json", parallel=True, tokenizer=KEY)
+    assert _accepts(parallel, tokenizer, two) == (True, False)
+    assert [c.name for c in parse_tool_calls(two, TOOLS, "llama3_json").tool_calls] == [
+        "read",
+        "glob",
+    ]
+    named = C.tool_call_constraint(TOOLS, "llama3_json", choice={"name": "glob"}, tokenizer=KEY)
+    assert _accepts(named, tokenizer, _llama3(("glob", {"pattern": "*"}))) == (True, True)
+    assert not _accepts(named, tokenizer, call)[0]
+
+
+def _qwen3(*calls: tuple[str, dict[str, Any]]) -> str:
+    return render_assistant_tool_calls(
+        [{"function": {"name": n, "arguments": a}} for n, a in calls], "qwen3_coder"
+    )
+
+
+QWEN_TOOLS = [
+    *TOOLS,
+    _tool(
+        "edit",
+        {
+            "filePath": STR,
+            "mode": {"enum": ["replace", "append"]},
+            "lines": {"type": "array", "items": {"$ref": "#/$defs/line"}},
+            "replaceAll": {"type": "boolean"},
+        },
+        ["filePath", "mode"],
+    ),
+]
+QWEN_TOOLS[-1]["function"]["parameters"]["$defs"] = {"line": {"type": "integer", "minimum": 1}}
+
+
+def test_qwen3_coder_calls_are_constrained(tokenizer: TextTokenizer) -> None:
+    single = C.tool_call_constraint(QWEN_TOOLS, "qwen3_coder", parallel=False, tokenizer=KEY)
+    # Raw string values may hold newlines, quotes and markup other than the format's tags.
+    code = 'ls -la && echo "<b>done</b>"\nwc -l *.py'
+    call = _qwen3(("bash", {"command": code, "description": "list files"}))
+    assert call.startswith("<tool_call>\n<function=bash>\n<parameter=command>\n")
+    assert _accepts(single, tokenizer, call) == (True, True)
+    edit = {"filePath": "/a.py", "mode": "append", "lines": [3, 4], "replaceAll": True}
+    assert _accepts(single, tokenizer, _qwen3(("edit", edit))) == (True, True)
+    parsed = parse_tool_calls(_qwen3(("edit", edit)), QWEN_TOOLS, "qwen3_coder").tool_calls
+    assert [(c.name, c.arguments) for c in parsed] == [("edit", edit)]
+    # Missing required parameter, a value outside the enum, a bad JSON value, an
+    # undeclared parameter, the Hermes JSON shape: all refused.
+    assert not _accepts(single, tokenizer, _qwen3(("bash", {"description": "x"})))[0]
+    assert not _accepts(single, tokenizer, _qwen3(("edit", {**edit, "mode": "delete"})))[0]
+    assert not _accepts(single, tokenizer, _qwen3(("edit", {**edit, "lines": [0]})))[0]
+    assert not _accepts(single, tokenizer, _qwen3(("glob", {"pattern": "*", "deep": "1"})))[0]
+    assert not _accepts(single, tokenizer, _call("glob", {"pattern": "*"}))[0]
+    # A value running into the next tag instead of closing (what SmolLM2 tries) is refused.
+    unclosed = "<tool_call>\n<function=read>\n<parameter=filePath>\na.py\n</function>"
+    assert not _accepts(single, tokenizer, unclosed)[0]
+    two = _qwen3(("read", {"filePath": "a"}), ("glob", {"pattern": "*.md"}))
+    assert not _accepts(single, tokenizer, two)[0]
+    parallel = C.tool_call_constraint(QWEN_TOOLS, "qwen3_coder", parallel=True, tokenizer=KEY)
+    assert _accepts(parallel, tokenizer, two) == (True, False)
+    lazy = C.lazy_tool_call_constraint(QWEN_TOOLS, "qwen3_coder", parallel=False, tokenizer=KEY)
+    assert _accepts(lazy, tokenizer, "Let me look.\n" + two.split("\n<tool_call>")[0]) == (
+        True,
+        True,
+    )
+    assert not _accepts(lazy, tokenizer, "Let me look.\n<tool_call>\n<function=nope>")[0]
+    # An open object may require a key it does not declare: no <parameter=> block for it.
+    bad = _tool("odd", {"a": STR}, ["a", "b"])
+    bad["function"]["parameters"]["additionalProperties"] = True
+    C.tool_call_constraint([bad], "hermes")
+    with pytest.raises(C.ConstraintError, match="requires undeclared parameters"):
+        C.tool_call_constraint([bad], "qwen3_coder")
+
+
+def _chat_service(tokenizer: TextTokenizer, fmt: str, *, lazy: bool) -> Any:
+    from exo_tools.models.catalog import CATALOG, DEFAULT_MODEL_ID
+    from exo_tools.models.tokenizer import TextTokenizer as Tokenizer
+    from exo_tools.serving.chat import ChatService
+
+    # A template that ignores tools: the tools prompt goes into the system message.
+    templated = Tokenizer(
+        tokenizer.backend,
+        bos_token_id=None,
+        eos_token_ids=tokenizer.eos_token_ids,
+        chat_template="{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}",
+    )
+    card = CATALOG[DEFAULT_MODEL_ID].with_tool_format(fmt)
+    return ChatService(card, templated, 8192, cast(Any, None), lazy_tool_grammar=lazy)
+
+
+@pytest.mark.parametrize(
+    ("fmt", "lazy", "choice", "kind"),
+    [
+        ("hermes", True, "auto", "lazy_tool_calls"),
+        ("hermes", False, "auto", None),
+        ("llama3_json", True, "auto", None),  # no lazy trigger: unconstrained, not a 400
+        ("qwen3_coder", True, "auto", "lazy_tool_calls"),
+        ("llama3_json", False, "required", "tool_calls"),
+        ("llama3_json", True, {"type": "function", "function": {"name": "glob"}}, "tool_calls"),
+    ],
+)
+def test_chat_service_picks_the_constraint_for_the_format(
+    tokenizer: TextTokenizer, fmt: str, lazy: bool, choice: Any, kind: str | None
+) -> None:
+    from exo_tools.api.schemas import ChatCompletionRequest
+
+    service = _chat_service(tokenizer, fmt, lazy=lazy)
+    request = ChatCompletionRequest.model_validate(
+        {
+            "model": "m",
+            "messages": [{"role": "user", "content": "list markdown files"}],
+            "tools": TOOLS,
+            "tool_choice": choice,
+        }
+    )
+    constraint = service.prepare(request).sampling.constraint
+    if kind is None:
+        assert constraint is None
+        return
+    spec = C.ConstraintSpec.parse(constraint)
+    assert spec.kind == kind
+    # The grammar holds the call head as an escaped Lark string literal.
+    assert (r"\"parameters\": " in spec.grammar) == (fmt == "llama3_json")
 
 
 def test_tool_without_parameters_takes_empty_arguments(tokenizer: TextTokenizer) -> None:
@@ -382,3 +529,12 @@ def test_tool_argument_objects_are_closed_unless_the_schema_says_otherwise() -> 
     assert closed["properties"]["tags"]["items"]["additionalProperties"] is False
     assert closed["required"] == ["where"]
     assert "additionalProperties" not in schema  # the caller's schema is not changed
+
+
+def test_lazy_tool_grammar_flag_is_off_by_default_and_can_be_set_either_way() -> None:
+    from exo_tools.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["node"]).lazy_tool_grammar is False
+    assert parser.parse_args(["node", "--lazy-tool-grammar"]).lazy_tool_grammar is True
+    assert parser.parse_args(["node", "--no-lazy-tool-grammar"]).lazy_tool_grammar is False

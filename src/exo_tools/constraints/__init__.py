@@ -6,6 +6,8 @@ See docs/CONSTRAINED_DECODING.md.
 """
 
 from .builders import (
+    LAZY_TOOL_CALL_FORMATS,
+    TOOL_CALL_FORMATS,
     json_object_constraint,
     json_schema_constraint,
     lazy_tool_call_constraint,
@@ -22,6 +24,8 @@ from .registry import (
 from .spec import ConstraintKind, ConstraintSpec
 
 __all__ = [
+    "LAZY_TOOL_CALL_FORMATS",
+    "TOOL_CALL_FORMATS",
     "ConstraintError",
     "ConstraintKind",
     "ConstraintSpec",

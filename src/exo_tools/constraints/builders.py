@@ -149,25 +149,110 @@ def _chosen(
     raise ConstraintError(f"unsupported tool choice {choice!r} for a tool-call constraint")
 
 
-def _check_format(fmt: str) -> None:
-    if fmt != "hermes":
+# Formats whose calls are plain text the grammar can spell: the separator between
+# parallel calls as each format renders it (exo_tools.tools.render_assistant_tool_calls).
+_CALL_SEPARATORS = {"hermes": "\n", "llama3_json": "; ", "qwen3_coder": "\n"}
+# Formats whose calls open with a fixed tag, the trigger of the lazy grammar.
+_LAZY_TRIGGERS = {"hermes": HERMES_OPEN, "qwen3_coder": HERMES_OPEN}
+TOOL_CALL_FORMATS = frozenset(_CALL_SEPARATORS)
+LAZY_TOOL_CALL_FORMATS = frozenset(_LAZY_TRIGGERS)
+
+
+def _check_format(fmt: str, supported: frozenset[str] = TOOL_CALL_FORMATS) -> None:
+    if fmt not in supported:
         raise ConstraintError(f"constrained tool calls are not supported for format {fmt!r} yet")
 
 
-def _hermes_call_rules(entries: list[tuple[str, Mapping[str, Any] | bool]]) -> list[str]:
-    """`call` (one whole Hermes block) and `call_body` (the block after its open tag).
+def _call_alternatives(
+    entries: list[tuple[str, Mapping[str, Any] | bool]], arguments_key: str
+) -> tuple[str, list[str]]:
+    """`{"name": N, "<arguments_key>": <schema>}` for each tool, and the schema rules.
 
     One alternative per tool, with the name as fixed text, so the name picks the schema.
     """
     alternatives: list[str] = []
     rules: list[str] = []
     for index, (name, schema) in enumerate(entries):
-        head = _lit('{"name": ' + json.dumps(name, ensure_ascii=False) + ', "arguments": ')
+        head = '{"name": ' + json.dumps(name, ensure_ascii=False) + f', "{arguments_key}": '
         rules.append(f"args_{index}: {_schema_grammar(schema)}")
-        alternatives.append(f"{head} args_{index} " + _lit("}"))
+        alternatives.append(f"{_lit(head)} args_{index} " + _lit("}"))
+    return " | ".join(alternatives), rules
+
+
+def _is_raw_string(schema: Mapping[str, Any]) -> bool:
+    """A value Qwen3-Coder writes as raw text: declared `"type": "string"` only."""
+    return schema.get("type") == "string"
+
+
+def _qwen3_value(name: str, key: str, schema: Any, defs: dict[str, Any], rule: str) -> list[str]:
+    """Rules for one `<parameter=key>` block named `rule` (the value and its tags).
+
+    Strings are raw text without the format's own tags, then newline + `</parameter>` (one
+    lazy lexeme: it ends at the first closing tag; without the tag exclusion a small model
+    writes `</function>` inside the value and never closes it), string enums their literal
+    values; anything else is JSON under its
+    schema, which the parser types back through the tool's schema. String keywords other
+    than `enum` (pattern, format, lengths) cannot be enforced on raw text.
+    """
+    head = _lit(f"<parameter={key}>\n")
+    close = _lit("\n</parameter>")
+    if not isinstance(schema, Mapping):
+        raise ConstraintError(f"tool {name!r} parameter {key!r} has no schema object")
+    values = schema.get("enum", [schema["const"]] if "const" in schema else None)
+    if isinstance(values, list) and values and all(isinstance(v, str) for v in values):
+        choices = " | ".join(_lit(v) for v in values)
+        return [f"{rule}: {head} ({choices}) {close} {_lit(chr(10))}"]
+    if _is_raw_string(schema):
+        return [f"{rule}_raw[lazy]: {head} RAW {close}", f"{rule}: {rule}_raw {_lit(chr(10))}"]
+    # `$ref`s point into the tool's root schema: carry its definitions along.
+    return [
+        f"{rule}: {head} {rule}_json {close} {_lit(chr(10))}",
+        f"{rule}_json: {_schema_grammar({**schema, **defs})}",
+    ]
+
+
+def _qwen3_call_rules(entries: list[tuple[str, Mapping[str, Any] | bool]]) -> list[str]:
+    """`<function=NAME>` then one `<parameter=KEY>` block per property, in declared order
+    (required ones mandatory), then `</function>`: Qwen3-Coder's XML-style calls."""
+    alternatives: list[str] = []
+    rules = ["RAW: /(.|\\n)*/ & ~/(.|\\n)*<\\/?(function|parameter|tool_call)(.|\\n)*/"]
+    for index, (name, schema) in enumerate(entries):
+        if not isinstance(schema, Mapping) or schema.get("type", "object") != "object":
+            raise ConstraintError(f"tool {name!r} parameters must be an object schema")
+        properties = schema.get("properties") or {}
+        required = schema.get("required") or []
+        missing = [key for key in required if key not in properties]
+        if missing:
+            raise ConstraintError(f"tool {name!r} requires undeclared parameters {missing}")
+        defs = {k: schema[k] for k in ("$defs", "definitions") if k in schema}
+        parts: list[str] = []
+        for position, (key, sub) in enumerate(properties.items()):
+            rule = f"p_{index}_{position}"
+            rules += _qwen3_value(name, key, sub, defs, rule)
+            parts.append(rule if key in required else f"{rule}?")
+        body = " ".join([_lit(f"<function={name}>\n"), *parts])
+        alternatives.append(f"({body})")
+    close = _lit(f"</function>\n{HERMES_CLOSE}")
     return [
         f"call: {_lit(HERMES_OPEN)} call_body",
-        f"call_body: {_lit(chr(10))} ({' | '.join(alternatives)}) {_lit(chr(10) + HERMES_CLOSE)}",
+        f"call_body: {_lit(chr(10))} ({' | '.join(alternatives)}) {close}",
+        *rules,
+    ]
+
+
+def _call_rules(entries: list[tuple[str, Mapping[str, Any] | bool]], fmt: str) -> list[str]:
+    """`call` (one whole call in `fmt`) and, for tagged formats, `call_body` (the call
+    after its open tag, which the lazy grammar reaches through its trigger)."""
+    if fmt == "llama3_json":
+        # Llama 3.1's JSON tool calling: bare `{"name": ..., "parameters": ...}`.
+        alternatives, rules = _call_alternatives(entries, "parameters")
+        return [f"call: {alternatives}", *rules]
+    if fmt == "qwen3_coder":
+        return _qwen3_call_rules(entries)
+    alternatives, rules = _call_alternatives(entries, "arguments")
+    return [
+        f"call: {_lit(HERMES_OPEN)} call_body",
+        f"call_body: {_lit(chr(10))} ({alternatives}) {_lit(chr(10) + HERMES_CLOSE)}",
         *rules,
     ]
 
@@ -189,8 +274,9 @@ def tool_call_constraint(
     repeat = parallel and not named
     # Bounded: small models otherwise repeat calls until max_tokens, cutting the last.
     more = max(max_calls - 1, 0)
-    start = f"start: call ({_lit(chr(10))} call){{0,{more}}}" if repeat and more else "start: call"
-    lark = "\n".join(["%llguidance {}", start, *_hermes_call_rules(entries)])
+    separator = _lit(_CALL_SEPARATORS[fmt])
+    start = f"start: call ({separator} call){{0,{more}}}" if repeat and more else "start: call"
+    lark = "\n".join(["%llguidance {}", start, *_call_rules(entries, fmt)])
     return _finish("tool_calls", lark, tokenizer)
 
 
@@ -207,16 +293,17 @@ def lazy_tool_call_constraint(
     With `parallel` the model may go on with text and further calls; without, the
     first call ends the output.
     """
-    _check_format(fmt)
+    _check_format(fmt, LAZY_TOOL_CALL_FORMATS)
     entries = _tool_entries(tools)
-    rules = _hermes_call_rules(entries)
+    rules = _call_rules(entries, fmt)
+    tag = _LAZY_TRIGGERS[fmt]
     lark_lines = [
         "%llguidance {}",
-        # Text that never contains the trigger, so a `<tool_call>` always enters `call`.
-        f"TEXT: /(.|\\n)*/ & ~/(.|\\n)*{re.escape(HERMES_OPEN)}(.|\\n)*/",
+        # Text that never contains the trigger, so the tag always enters `call`.
+        f"TEXT: /(.|\\n)*/ & ~/(.|\\n)*{re.escape(tag)}(.|\\n)*/",
         "ANY: /(.|\\n)*/",
         # A lazy lexeme ends at its first match: the text up to and including the tag.
-        f"trigger[lazy]: ANY {_lit(HERMES_OPEN)}",
+        f"trigger[lazy]: ANY {_lit(tag)}",
         "lazy_call: trigger call_body",
     ]
     if parallel:
