@@ -1,11 +1,14 @@
-"""Pipeline parallelism: single-process mlx-lm against 1-, 2- and 3-node pipelines.
+"""Model parallelism: single-process mlx-lm against 1-, 2- and 3-node pipelines, 2- and
+3-member tensor parallelism, and MLX's own distributed tensor parallelism.
 
-One run prints one table: TTFT, single-stream decode tok/s, per-hop overhead, per-node peak
-memory, and aggregate tok/s with 1 and 4 concurrent streams. Every node process (and the
-mlx-lm baseline) gets OPENBLAS_NUM_THREADS=1, so on a 2-core machine the stages do not
-oversubscribe the cores. Ratios are against the baseline measured in the same run.
+One run prints one table: TTFT, single-stream decode tok/s, per-hop overhead, all-reduce
+latency, per-node peak memory, and aggregate tok/s with 1 and 4 concurrent streams. Every
+process (the mlx-lm baseline and peer too) gets OPENBLAS_NUM_THREADS=1, so on a 2-core
+machine the nodes do not oversubscribe the cores. Ratios are against the baseline measured
+in the same run.
 
     python benchmarks/pipeline.py [--prompt-tokens 128] [--max-tokens 64] [--repeats 2]
+        [--nodes 1,2,3] [--tensor 2,3] [--peer 3]
 """
 
 from __future__ import annotations
@@ -91,12 +94,13 @@ def aggregate(url: str, messages: list[dict[str, str]], max_tokens: int, streams
     return sum(r["tokens"] for r in results) / (time.perf_counter() - started)
 
 
-def start_pipeline(count: int) -> list[Any]:
+def start_pipeline(count: int, parallelism: str = "pipeline") -> list[Any]:
     from tests.helpers.nodes import node_environment, start_cluster_nodes
 
     env = node_environment(threads=1)
     env["EXO_TOOLS_SECRET"] = uuid.uuid4().hex
     args = ("--cluster", f"bench-{uuid.uuid4().hex[:8]}", "--min-nodes", str(count))
+    args += ("--parallelism", parallelism)
     nodes = start_cluster_nodes(count, *args, env=env)
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:
@@ -110,7 +114,7 @@ def start_pipeline(count: int) -> list[Any]:
     logs = "\n".join(node.log()[-2000:] for node in nodes)
     for node in nodes:
         node.stop()
-    raise TimeoutError(f"{count}-node pipeline did not become ready:\n{logs}")
+    raise TimeoutError(f"{count}-node {parallelism} did not become ready:\n{logs}")
 
 
 def health_stages(node: Any) -> list[dict[str, Any]]:
@@ -121,9 +125,13 @@ def health_stages(node: Any) -> list[dict[str, Any]]:
 
 
 def measure_pipeline(
-    count: int, messages: list[dict[str, str]], max_tokens: int, repeats: int
+    count: int,
+    messages: list[dict[str, str]],
+    max_tokens: int,
+    repeats: int,
+    parallelism: str = "pipeline",
 ) -> dict[str, Any]:
-    nodes = start_pipeline(count)
+    nodes = start_pipeline(count, parallelism)
     url = nodes[0].url
     try:
         stream_once(url, messages, 8)  # warm-up: streams opened, caches allocated
@@ -131,6 +139,8 @@ def measure_pipeline(
         # Read right after the single-stream runs: the window holds their hops only.
         healths = [node.health() for node in nodes]
         hops = [h["pipeline"]["hop_us_median"] for h in healths if count > 1]
+        reduces = [h["pipeline"].get("allreduce_us_median") for h in healths]
+        waits = [h["pipeline"].get("allreduce_wait_us_median") for h in healths]
         one = aggregate(url, messages, max_tokens, 1)
         four = aggregate(url, messages, max_tokens, 4)
         healths = [node.health() for node in nodes]
@@ -139,12 +149,19 @@ def measure_pipeline(
             node.stop()
     return {
         **single,
-        "hop_us": statistics.median(h for h in hops if h is not None) if hops else None,
+        "hop_us": _median_of(hops),
+        "allreduce_us": _median_of(reduces),
+        "allreduce_wait_us": _median_of(waits),
         "peaks_mb": [h["memory"]["mlx_peak"] / 1e6 for h in healths],
         "rss_mb": [h["memory"]["rss"] / 1e6 for h in healths],
         "agg1": one,
         "agg4": four,
     }
+
+
+def _median_of(values: list[Any]) -> float | None:
+    known = [value for value in values if value is not None]
+    return statistics.median(known) if known else None
 
 
 def main() -> None:
@@ -153,6 +170,16 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--nodes", default="1,2,3", help="pipeline sizes to measure")
+    parser.add_argument(
+        "--tensor", default="2,3", help="tensor-parallel sizes to measure ('' for none)"
+    )
+    parser.add_argument(
+        "--peer",
+        type=int,
+        default=3,
+        help="processes for MLX's own tensor parallelism (mx.distributed ring + mlx-lm "
+        "shard); must divide the KV heads (3 for SmolLM2); 0 skips it",
+    )
     args = parser.parse_args()
 
     # One BLAS thread for the baseline too (set before the re-exec loads OpenBLAS).
@@ -174,8 +201,17 @@ def main() -> None:
 
     results = {
         n: measure_pipeline(n, messages, args.max_tokens, args.repeats)
-        for n in [int(x) for x in args.nodes.split(",")]
+        for n in [int(x) for x in args.nodes.split(",") if x]
     }
+    tensor = {
+        n: measure_pipeline(n, messages, args.max_tokens, args.repeats, "tensor")
+        for n in [int(x) for x in args.tensor.split(",") if x]
+    }
+    peer = None
+    if args.peer:
+        from benchmarks.mlx_tensor_peer import measure_mlx_tensor
+
+        peer = measure_mlx_tensor(args.peer, args.prompt_tokens, args.max_tokens)
 
     base_tps = baseline["decode_tps"]
     one_node_tpot = 1 / results[1]["decode_tps"] if 1 in results else None
@@ -187,24 +223,31 @@ def main() -> None:
             "1.00x",
             "-",
             "-",
+            "-",
             f"{baseline['mlx_peak_mb']:.0f}",
             "n/a",
             "n/a",
             "",
         ]
     ]
-    for count, r in results.items():
+    labelled = [(f"{n}-node pipeline", n, r) for n, r in results.items()]
+    labelled += [(f"tensor, {n} members", n, r) for n, r in tensor.items()]
+    for label, count, r in labelled:
         from_tpot = ""
-        if one_node_tpot is not None and count > 1 and r["decode_tps"]:
+        if one_node_tpot is not None and count > 1 and r["decode_tps"] and "pipeline" in label:
             from_tpot = f"{(1 / r['decode_tps'] - one_node_tpot) / count * 1e6:.0f}"
+        reduce = "-"
+        if r["allreduce_us"] is not None:
+            reduce = f"{r['allreduce_us']:.0f} / {r['allreduce_wait_us']:.0f}"
         rows.append(
             [
-                f"{count}-node pipeline",
+                label,
                 f"{r['ttft_s'] * 1000:.0f}",
                 f"{r['decode_tps']:.2f}",
                 f"{r['decode_tps'] / base_tps:.2f}x",
                 f"{r['hop_us']:.0f}" if r["hop_us"] is not None else "-",
                 from_tpot or "-",
+                reduce,
                 " / ".join(f"{p:.0f}" for p in r["peaks_mb"]),
                 f"{r['agg1']:.2f}",
                 f"{r['agg4']:.2f}",
@@ -222,16 +265,33 @@ def main() -> None:
             "",
             "",
             "",
+            "",
             "n/a: mlx-lm 0.32.2's llama has no pipeline()",
         ]
     )
+    if peer is not None:
+        rows.append(
+            [
+                f"MLX distributed (ring) tensor, {args.peer} processes",
+                f"{peer['ttft_s'] * 1000:.0f}",
+                f"{peer['decode_tps']:.2f}",
+                f"{peer['decode_tps'] / base_tps:.2f}x",
+                "",
+                "",
+                "",
+                f"{peer['mlx_peak_mb']:.0f} (rank 0)",
+                "",
+                "",
+                "",
+            ]
+        )
     print(
         f"\nmodel {DEFAULT_MODEL_ID}, float32 + OpenBLAS, OPENBLAS_NUM_THREADS=1 per process, "
         f"prompt {len(prompt)} tokens, {args.max_tokens} generated, median of {args.repeats}, "
         f"{os.cpu_count()} CPU cores"
     )
     print_table(
-        "Pipeline parallelism over gRPC (loopback)",
+        "Pipeline and tensor parallelism over gRPC (loopback)",
         [
             "",
             "TTFT ms",
@@ -239,6 +299,7 @@ def main() -> None:
             "vs mlx-lm",
             "hop µs (median, measured)",
             "overhead/hop µs (from TPOT vs 1-node)",
+            "all-reduce µs (median call / wait)",
             "per-node MLX peak MB",
             "agg tok/s 1 stream",
             "agg tok/s 4 streams",

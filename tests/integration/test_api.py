@@ -14,6 +14,7 @@ import requests
 
 from exo_tools.models.catalog import CATALOG, DEFAULT_MODEL_ID
 from exo_tools.models.loader import load_model
+from tests.helpers.cluster_runs import LOGPROB_TOLERANCE
 from tests.helpers.mlx_lm_reference import reference_generate
 from tests.helpers.nodes import NodeProcess, start_node
 
@@ -233,6 +234,38 @@ def test_errors(node: NodeProcess) -> None:
     _error(requests.get(f"{node.url}/v1/nothing", timeout=10), 404)
     # After all that, the node still answers.
     assert chat(node, messages=user("Hi"), max_tokens=2).status_code == 200
+
+
+def test_logprobs_streamed_and_not(node: NodeProcess, reference_runs: dict[str, Any]) -> None:
+    prompt = next(iter(reference_runs))
+    body = {"messages": user(prompt), "max_tokens": 4, "temperature": 0, "logprobs": True}
+    whole = chat(node, top_logprobs=3, **body).json()
+    entries = whole["choices"][0]["logprobs"]["content"]
+    assert len(entries) == whole["usage"]["completion_tokens"] == 4
+    assert "".join(e["token"] for e in entries) == whole["choices"][0]["message"]["content"]
+    for entry, (logprob, _) in zip(entries, reference_runs[prompt]["logprobs"], strict=False):
+        assert abs(entry["logprob"] - logprob) <= LOGPROB_TOLERANCE
+        # Greedy: the chosen token is the most likely one, and bytes spell the token.
+        assert entry["top_logprobs"][0]["logprob"] == entry["logprob"]
+        assert len(entry["top_logprobs"]) == 3
+        assert bytes(entry["bytes"]).decode() == entry["token"]
+    chunks = stream_chunks(node, **body)
+    streamed = [
+        e
+        for chunk in chunks
+        if isinstance(chunk, dict)
+        for choice in chunk["choices"]
+        for e in (choice.get("logprobs") or {}).get("content", [])
+    ]
+    assert [e["token"] for e in streamed] == [e["token"] for e in entries]
+    assert all(e["top_logprobs"] == [] for e in streamed)
+    # Without logprobs the field stays null.
+    plain = chat(node, messages=user(prompt), max_tokens=2).json()
+    assert plain["choices"][0]["logprobs"] is None
+    error = _error(chat(node, messages=user("hi"), top_logprobs=2), 400)
+    assert error["param"] == "top_logprobs"
+    error = _error(chat(node, messages=user("hi"), logprobs=True, top_logprobs=21), 400)
+    assert error["param"] == "top_logprobs"
 
 
 def test_openai_sdk(node: NodeProcess) -> None:

@@ -19,6 +19,7 @@ from ..serving.chat import (
     ChatFinished,
     ChatService,
     ContentDelta,
+    LogprobsDelta,
     PreparedChat,
     ReasoningDelta,
     ToolCallEvent,
@@ -226,9 +227,12 @@ class _Routes:
         parts: list[str] = []
         reasoning: list[str] = []
         calls: list[dict[str, Any]] = []
+        logprobs: list[dict[str, Any]] = []
         finished: ChatFinished | None = None
         async for event in service.run(prepared):
-            if isinstance(event, ContentDelta):
+            if isinstance(event, LogprobsDelta):
+                logprobs.append(event.entry)
+            elif isinstance(event, ContentDelta):
                 parts.append(event.text)
             elif isinstance(event, ReasoningDelta):
                 reasoning.append(event.text)
@@ -262,7 +266,7 @@ class _Routes:
                     "index": 0,
                     "message": message,
                     "finish_reason": finished.finish_reason,
-                    "logprobs": None,
+                    "logprobs": {"content": logprobs} if prepared.sampling.logprobs else None,
                 }
             ],
             "usage": usage.model_dump(),
@@ -285,7 +289,14 @@ class _Routes:
         )
         await response.prepare(request)
 
+        # A token's log-probabilities ride on the next chunk written after it.
+        pending: list[dict[str, Any]] = []
+
         def chunk(delta: dict[str, Any], finish_reason: str | None = None) -> dict[str, Any]:
+            logprobs = None
+            if pending:
+                logprobs = {"content": list(pending)}
+                pending.clear()
             return {
                 "id": prepared.request_id,
                 "object": "chat.completion.chunk",
@@ -296,7 +307,7 @@ class _Routes:
                         "index": 0,
                         "delta": delta,
                         "finish_reason": finish_reason,
-                        "logprobs": None,
+                        "logprobs": logprobs,
                     }
                 ],
             }
@@ -305,6 +316,9 @@ class _Routes:
         await response.write(_sse(chunk({"role": "assistant", "content": ""})))
         try:
             async for event in service.run(prepared):
+                if isinstance(event, LogprobsDelta):
+                    pending.append(event.entry)
+                    continue
                 if not isinstance(event, ChatFinished):
                     await response.write(_sse(chunk(_delta(event))))
                     continue

@@ -6,6 +6,7 @@ import logging
 import platform
 import subprocess
 import sys
+import time
 from functools import lru_cache
 from pathlib import Path
 
@@ -53,6 +54,33 @@ def mlx_device() -> str:
         return ""
 
 
+@lru_cache(maxsize=1)
+def matmul_gflops() -> float:
+    """MLX's speed at a decode-shaped product (one row times a 4096x4096 float32 matrix),
+    best of a few runs; 0.0 when MLX is unavailable.
+
+    Decoding is a chain of such products, bound by memory bandwidth, so this ranks machines
+    the way their decode speed does."""
+    try:
+        import mlx.core as mx
+
+        size = 4096
+        matrix = mx.random.normal((size, size))
+        row = mx.random.normal((1, size))
+        mx.eval(matrix, row)
+        best = float("inf")
+        for _ in range(5):
+            started = time.perf_counter()
+            mx.eval(row @ matrix)
+            best = min(best, time.perf_counter() - started)
+        del matrix
+        mx.clear_cache()
+        return round(2 * size * size / best / 1e9, 2)
+    except Exception as e:  # no MLX here: placement falls back to memory
+        logger.debug("matmul probe failed: %s", e)
+        return 0.0
+
+
 def probe() -> Capabilities:
     mem = psutil.virtual_memory()
     return Capabilities(
@@ -60,6 +88,7 @@ def probe() -> Capabilities:
         memory_available=int(mem.available),
         chip=chip_name(),
         mlx_device=mlx_device(),
+        matmul_gflops=matmul_gflops(),
     )
 
 

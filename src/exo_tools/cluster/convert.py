@@ -21,6 +21,7 @@ def info_to_proto(info: NodeInfo, cluster_name: str) -> node_pb2.NodeInfo:
             memory_available=caps.memory_available,
             chip=caps.chip,
             mlx_device=caps.mlx_device,
+            matmul_gflops=caps.matmul_gflops,
         ),
     )
 
@@ -39,6 +40,7 @@ def info_from_proto(msg: node_pb2.NodeInfo) -> NodeInfo:
             memory_available=caps.memory_available,
             chip=caps.chip,
             mlx_device=caps.mlx_device,
+            matmul_gflops=caps.matmul_gflops,
         ),
     )
 

@@ -19,6 +19,7 @@ import grpc
 import grpc.aio
 
 from ..proto import node_pb2, node_pb2_grpc
+from . import capabilities
 from .node import ClusterNode
 from .placement import (
     ModelLayout,
@@ -26,6 +27,7 @@ from .placement import (
     Placement,
     PlacementError,
     PlacementView,
+    Stage,
     plan_placement,
 )
 from .worker import Worker
@@ -37,6 +39,16 @@ STABLE_S = 1.0  # membership unchanged this long before placing
 BREAK_SETTLE_S = 3.0  # after a stream broke: longer than liveness needs to drop a dead node
 RETRY_S = 3.0
 LOAD_TIMEOUT_S = 600.0
+
+
+def _describe_stage(stage: Stage) -> str:
+    if stage.tensor is None:
+        return f"{stage.node_id}[{stage.start_layer},{stage.end_layer})"
+    part = stage.tensor
+    return (
+        f"{stage.node_id} rank {part.rank}: KV heads [{part.kv_head_start},{part.kv_head_end}) "
+        f"MLP [{part.mlp_start},{part.mlp_end})"
+    )
 
 
 class Coordinator:
@@ -99,11 +111,18 @@ class Coordinator:
     # ---------------------------------------------------------------- membership
 
     def _resources(self) -> dict[str, NodeResources]:
-        nodes = {self.node_id: NodeResources(self.node_id, self._memory_available())}
+        nodes = {
+            self.node_id: NodeResources(
+                self.node_id, self._memory_available(), capabilities.matmul_gflops()
+            )
+        }
         if self.cluster is not None:
             for node in self.cluster.snapshot().nodes:
                 if node.healthy and node.id != self.node_id:
-                    nodes[node.id] = NodeResources(node.id, node.capabilities.memory_available)
+                    caps = node.capabilities
+                    nodes[node.id] = NodeResources(
+                        node.id, caps.memory_available, caps.matmul_gflops
+                    )
         return nodes
 
     def _on_broken(self, reason: str) -> None:
@@ -202,10 +221,11 @@ class Coordinator:
         self.view = PlacementView.of(placement, "loading")
         self.state = "loading"
         log.info(
-            "placing %s, epoch %d: %s",
+            "placing %s (%s), epoch %d: %s",
             placement.model_id,
+            placement.parallelism,
             epoch,
-            ", ".join(f"{s.node_id}[{s.start_layer},{s.end_layer})" for s in placement.stages),
+            ", ".join(_describe_stage(stage) for stage in placement.stages),
         )
         results = await asyncio.gather(
             *(self._load_stage(placement, index) for index in range(len(placement.stages))),
@@ -231,21 +251,30 @@ class Coordinator:
         assert self.view is not None
         view = self.view.stages[index]
         view.state = "loading"
+        spec = node_pb2.ShardSpec(
+            model_id=placement.model_id,
+            start_layer=stage.start_layer,
+            end_layer=stage.end_layer,
+            n_layers=placement.n_layers,
+            tp_size=1,
+        )
+        pipeline_stages = len(placement.stages)
+        if stage.tensor is not None:
+            part = stage.tensor
+            spec.tp_rank, spec.tp_size = part.rank, part.size
+            spec.kv_head_start, spec.kv_head_end = part.kv_head_start, part.kv_head_end
+            spec.mlp_start, spec.mlp_end = part.mlp_start, part.mlp_end
+            spec.tp_members.extend(placement.node_ids)
+            pipeline_stages = 1  # every member computes the whole depth
         request = node_pb2.LoadShardRequest(
             epoch=placement.epoch,
-            shard=node_pb2.ShardSpec(
-                model_id=placement.model_id,
-                start_layer=stage.start_layer,
-                end_layer=stage.end_layer,
-                n_layers=placement.n_layers,
-                tp_size=1,
-            ),
+            shard=spec,
             placement_id=f"{placement.model_id}@{placement.epoch}",
-            next_node_id=placement.next_node(index) if len(placement.stages) > 1 else "",
+            next_node_id=placement.next_node(index) if pipeline_stages > 1 else "",
             master_id=self.node_id,
             dtype=self.dtype,
             stage_index=index,
-            n_stages=len(placement.stages),
+            n_stages=pipeline_stages,
             placement_json=self.view.model_dump_json(),
         )
 

@@ -37,7 +37,15 @@ REFUSED_RETRY_S = 3.0  # after a peer failed to prove the secret: no need to ham
 LEARNED_GIVE_UP_S = 60.0  # learned addresses that never answer are dropped (re-learned if alive)
 
 # Fast reconnects: gRPC's default backoff (1 s growing to 120 s) would delay re-admission.
+# A prefill chunk's hidden states (2048 tokens x hidden size x 4 bytes) outgrow gRPC's 4 MB
+# default for any model; one limit serves client channels and the server.
+MAX_MESSAGE_BYTES = 1 << 30
+MESSAGE_SIZE_OPTIONS: list[tuple[str, int]] = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+]
 CHANNEL_OPTIONS: list[tuple[str, int]] = [
+    *MESSAGE_SIZE_OPTIONS,
     ("grpc.initial_reconnect_backoff_ms", 200),
     ("grpc.min_reconnect_backoff_ms", 200),
     ("grpc.max_reconnect_backoff_ms", 1000),

@@ -14,7 +14,7 @@ from exo_tools.cluster import capabilities
 from exo_tools.cluster.auth import ClusterAuth
 from exo_tools.cluster.config import ClusterConfig
 from exo_tools.cluster.discovery import DiscoveredPeer, Discovery, advertised_addresses
-from exo_tools.cluster.membership import Membership
+from exo_tools.cluster.membership import MESSAGE_SIZE_OPTIONS, Membership
 from exo_tools.cluster.service import AuthInterceptor, MembershipService
 from exo_tools.cluster.view import Capabilities, ClusterView, NodeInfo
 from exo_tools.proto import node_pb2_grpc
@@ -117,8 +117,10 @@ class ClusterNode:
         # mlx import and sysctl are slow-ish; keep them off the event loop.
         await asyncio.to_thread(capabilities.mlx_device)
         await asyncio.to_thread(capabilities.chip_name)
+        await asyncio.to_thread(capabilities.matmul_gflops)
         server = grpc.aio.server(
-            interceptors=[AuthInterceptor(self.auth, self.membership.reject_log)]
+            interceptors=[AuthInterceptor(self.auth, self.membership.reject_log)],
+            options=MESSAGE_SIZE_OPTIONS,
         )
         node_pb2_grpc.add_MembershipServicer_to_server(
             MembershipService(self.membership, self.auth), server

@@ -1,9 +1,13 @@
-"""Which nodes run which layers: memory-weighted pipeline placement (pure, no I/O).
+"""Which nodes compute which part of the model (pure, no I/O).
 
-The master calls `plan_placement` with the model's layout and the healthy nodes. Layers are
-split in proportion to each node's available memory (largest remainder, at least one layer
-per node), and each node's weights plus a KV-cache budget must fit its memory. The master is
-always stage 0: prompt ids never leave it and the ring of stages closes at it.
+The master calls `plan_placement` with the model's layout and the healthy nodes.
+
+Pipeline: layers are split in proportion to each node's available memory (largest
+remainder, at least one layer per node). Tensor: every member holds every layer but only a
+share of its KV-head groups and MLP columns, sized by the member's measured speed (memory
+when speed is unknown); rank 0 also runs the output head, so its share of the blocks is
+smaller by that much. Either way each node's weights plus a KV-cache budget must fit its
+memory, and the master is the first stage (rank 0): prompt ids never leave it.
 """
 
 from __future__ import annotations
@@ -38,6 +42,12 @@ class ModelLayout:
     tied_embeddings: bool
     kv_bytes_per_token: int  # per layer: keys + values of one token
     kv_budget_tokens: int  # tokens of KV cache each stage must have room for
+    # For tensor slicing (0 when unknown): per-layer bytes of the attention projections and
+    # of the MLP, and the dimensions they are cut along.
+    n_kv_heads: int = 0
+    intermediate_size: int = 0
+    attention_bytes: int = 0
+    mlp_bytes: int = 0
 
     def stage_bytes(self, start: int, end: int) -> int:
         """Weights plus the KV budget of a stage holding layers [start, end)."""
@@ -50,11 +60,50 @@ class ModelLayout:
                 total += self.embed_bytes
         return total
 
+    def tensor_weight_bytes(self, part: TensorSlice) -> int:
+        """The weights of a tensor member holding `part`."""
+        heads = part.kv_head_end - part.kv_head_start
+        columns = part.mlp_end - part.mlp_start
+        rest = self.layer_bytes - self.attention_bytes - self.mlp_bytes  # norms, replicated
+        per_layer = (
+            rest
+            + self.attention_bytes * heads // self.n_kv_heads
+            + self.mlp_bytes * columns // self.intermediate_size
+        )
+        total = self.n_layers * per_layer
+        if part.is_root:
+            total += self.embed_bytes + self.head_bytes
+        return total
+
+    def tensor_bytes(self, part: TensorSlice) -> int:
+        """Weights plus the KV budget of a tensor member holding `part`."""
+        heads = part.kv_head_end - part.kv_head_start
+        kv = self.n_layers * self.kv_bytes_per_token * self.kv_budget_tokens * heads
+        return self.tensor_weight_bytes(part) + kv // self.n_kv_heads
+
+
+@dataclass(frozen=True)
+class TensorSlice:
+    """A tensor member's share: KV heads [kv_head_start, kv_head_end) with their query
+    heads, and MLP columns [mlp_start, mlp_end)."""
+
+    rank: int
+    size: int
+    kv_head_start: int
+    kv_head_end: int
+    mlp_start: int
+    mlp_end: int
+
+    @property
+    def is_root(self) -> bool:
+        return self.rank == 0
+
 
 @dataclass(frozen=True)
 class NodeResources:
     node_id: str
     memory_available: int
+    gflops: float = 0.0  # measured matmul speed; 0 when unknown
 
 
 @dataclass(frozen=True)
@@ -62,6 +111,7 @@ class Stage:
     node_id: str
     start_layer: int
     end_layer: int
+    tensor: TensorSlice | None = None
 
     @property
     def n_layers(self) -> int:
@@ -85,16 +135,17 @@ class Placement:
         return self.stages[(index + 1) % len(self.stages)].node_id
 
 
-def split_layers(n_layers: int, weights: list[int]) -> list[int]:
-    """Layer counts proportional to `weights` (largest remainder), each at least one."""
+def split_layers(n_layers: int, weights: list[float], unit: str = "layer") -> list[int]:
+    """Counts of `n_layers` units proportional to `weights` (largest remainder), each at
+    least one."""
     count = len(weights)
     if count == 0:
         raise PlacementError("no nodes to place on")
     if count > n_layers:
-        raise PlacementError(f"{count} nodes but only {n_layers} layers: a stage needs a layer")
+        raise PlacementError(f"{count} nodes but only {n_layers} {unit}s: each needs one")
     total = sum(max(w, 0) for w in weights)
     if total <= 0:
-        weights, total = [1] * count, count
+        weights, total = [1.0] * count, float(count)
     spare = n_layers - count  # each node gets one layer up front, the rest by weight
     quotas = [spare * max(w, 0) / total for w in weights]
     counts = [int(q) for q in quotas]
@@ -138,6 +189,80 @@ def _try(layout: ModelLayout, chosen: list[NodeResources]) -> tuple[list[Stage],
     return stages, problem
 
 
+# MLP columns are cut in multiples of this (or the largest power of two dividing the width),
+# so quantized down projections are cut along whole quantization groups.
+MLP_COLUMN_UNIT = 64
+
+
+def _mlp_unit(width: int) -> int:
+    unit = MLP_COLUMN_UNIT
+    while width % unit:
+        unit //= 2
+    return unit
+
+
+def _capability_weights(nodes: list[NodeResources]) -> list[float]:
+    if all(node.gflops > 0 for node in nodes):
+        return [node.gflops for node in nodes]
+    return [float(node.memory_available) for node in nodes]
+
+
+def split_tensor(layout: ModelLayout, weights: list[float]) -> list[TensorSlice]:
+    """Members' shares of KV-head groups and MLP columns, each member's total work (its
+    share of the blocks, plus the output head on rank 0) in proportion to its weight."""
+    size = len(weights)
+    if layout.n_kv_heads <= 0 or layout.intermediate_size <= 0:
+        raise PlacementError(f"{layout.model_id} has no attention/MLP layout to slice")
+    if size > layout.n_kv_heads:
+        raise PlacementError(
+            f"tensor parallelism over {size} nodes needs at least {size} KV heads; "
+            f"{layout.model_id} has {layout.n_kv_heads} (use fewer nodes or --parallelism "
+            "pipeline)"
+        )
+    unit = _mlp_unit(layout.intermediate_size)
+    units = layout.intermediate_size // unit
+    # Bytes read per token stand in for work: decoding is bound by memory bandwidth.
+    group_cost = layout.n_layers * layout.attention_bytes / layout.n_kv_heads
+    unit_cost = layout.n_layers * layout.mlp_bytes * unit / layout.intermediate_size
+    head_cost = layout.embed_bytes if layout.tied_embeddings else layout.head_bytes
+    total = group_cost * layout.n_kv_heads + unit_cost * units + head_cost
+    weight_sum = sum(max(w, 0.0) for w in weights) or float(size)
+    budgets = [
+        max(total * max(w, 0.0) / weight_sum - (head_cost if rank == 0 else 0.0), 0.0)
+        for rank, w in enumerate(weights)
+    ]
+    groups = split_layers(layout.n_kv_heads, budgets, unit="KV head")
+    left = [max(b - g * group_cost, 0.0) for b, g in zip(budgets, groups, strict=True)]
+    columns = split_layers(units, left, unit=f"{unit}-column MLP block")
+    slices: list[TensorSlice] = []
+    kv_start = mlp_start = 0
+    for rank, (g, c) in enumerate(zip(groups, columns, strict=True)):
+        slices.append(
+            TensorSlice(rank, size, kv_start, kv_start + g, mlp_start, mlp_start + c * unit)
+        )
+        kv_start += g
+        mlp_start += c * unit
+    return slices
+
+
+def _try_tensor(layout: ModelLayout, chosen: list[NodeResources]) -> tuple[list[Stage], str | None]:
+    slices = split_tensor(layout, _capability_weights(chosen))
+    stages: list[Stage] = []
+    problem: str | None = None
+    for node, part in zip(chosen, slices, strict=True):
+        need = layout.tensor_bytes(part)
+        have = int(node.memory_available * MEMORY_HEADROOM)
+        if need > have and problem is None:
+            problem = (
+                f"node {node.node_id} would hold KV heads [{part.kv_head_start}, "
+                f"{part.kv_head_end}) and MLP columns [{part.mlp_start}, {part.mlp_end}) "
+                f"needing {need / 2**20:.0f} MiB (weights + KV budget) but has "
+                f"{have / 2**20:.0f} MiB usable"
+            )
+        stages.append(Stage(node.node_id, 0, layout.n_layers, tensor=part))
+    return stages, problem
+
+
 def plan_placement(
     layout: ModelLayout,
     nodes: list[NodeResources],
@@ -147,27 +272,34 @@ def plan_placement(
     parallelism: str = "auto",
     min_nodes: int = 1,
 ) -> Placement:
-    """The fewest nodes (at least `min_nodes`, the master first) whose shares all fit."""
-    if parallelism == "tensor":
-        raise PlacementError(
-            "tensor parallelism is not implemented yet; use --parallelism pipeline or auto"
-        )
-    if parallelism not in ("auto", "pipeline"):
+    """The fewest nodes (at least `min_nodes`, the master first) whose shares all fit.
+
+    `auto` places pipeline stages: on the machines measured so far tensor parallelism pays a
+    network round trip per layer that costs more than it saves (docs/TENSOR.md)."""
+    if parallelism not in PARALLELISM_CHOICES:
         raise PlacementError(f"unknown parallelism {parallelism!r}")
     if min_nodes < 1:
         raise PlacementError("--min-nodes must be at least 1")
     ordered = _ordered(nodes, master_id)
     if min_nodes > len(ordered):
         raise PlacementError(f"--min-nodes {min_nodes} but only {len(ordered)} node(s) are healthy")
+    tensor = parallelism == "tensor"
+    if tensor and min_nodes > layout.n_kv_heads:
+        split_tensor(layout, [1.0] * min_nodes)  # raises the error that explains why
+    most = min(len(ordered), layout.n_kv_heads if tensor else layout.n_layers)
     problem = ""
-    for count in range(min_nodes, min(len(ordered), layout.n_layers) + 1):
-        stages, problem_here = _try(layout, ordered[:count])
+    for count in range(min_nodes, most + 1):
+        chosen = ordered[:count]
+        # One node is the same computation either way; a 1-stage pipeline needs no peers.
+        as_tensor = tensor and count > 1
+        stages, problem_here = _try_tensor(layout, chosen) if as_tensor else _try(layout, chosen)
         if problem_here is None:
             return Placement(
                 epoch=epoch,
                 model_id=layout.model_id,
                 n_layers=layout.n_layers,
                 stages=tuple(stages),
+                parallelism="tensor" if as_tensor else "pipeline",
             )
         problem = problem_here
     raise PlacementError(f"{layout.model_id} does not fit on {len(ordered)} node(s): {problem}")
@@ -181,6 +313,9 @@ class StageView(BaseModel):
     node_id: str
     start_layer: int
     end_layer: int
+    # Tensor members only: [start, end) of the KV heads and MLP columns this node holds.
+    kv_heads: list[int] | None = None
+    mlp_columns: list[int] | None = None
     state: str = "pending"  # pending, loading, ready, failed
     layers_loaded: int = 0
     error: str | None = None
@@ -208,7 +343,12 @@ class PlacementView(BaseModel):
             state=state,
             stages=[
                 StageView(
-                    index=i, node_id=s.node_id, start_layer=s.start_layer, end_layer=s.end_layer
+                    index=i,
+                    node_id=s.node_id,
+                    start_layer=s.start_layer,
+                    end_layer=s.end_layer,
+                    kv_heads=[s.tensor.kv_head_start, s.tensor.kv_head_end] if s.tensor else None,
+                    mlp_columns=[s.tensor.mlp_start, s.tensor.mlp_end] if s.tensor else None,
                 )
                 for i, s in enumerate(placement.stages)
             ],
@@ -235,8 +375,10 @@ def add_placement_arguments(parser: argparse.ArgumentParser) -> None:
         choices=PARALLELISM_CHOICES,
         default="auto",
         help="how the master splits the model: pipeline (contiguous layer ranges per node), "
-        "tensor (not implemented yet), auto (pipeline on the fewest nodes that fit; "
-        "default)",
+        "tensor (every node holds all layers but a share of their attention heads and MLP "
+        "columns, sized by measured speed; at most one node per KV head), auto (pipeline "
+        "on the fewest nodes that fit; default). Both use the fewest nodes that fit, at "
+        "least --min-nodes",
     )
     group.add_argument(
         "--min-nodes",

@@ -10,6 +10,7 @@ class Capabilities(BaseModel):
     memory_available: int = 0
     chip: str = ""
     mlx_device: str = ""
+    matmul_gflops: float = 0.0  # MLX matrix-vector speed; tensor placement sizes shares by it
 
 
 class NodeInfo(BaseModel):

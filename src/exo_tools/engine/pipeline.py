@@ -37,8 +37,9 @@ from .runner import (
     RunnerEvent,
     TokenEvent,
 )
-from .sampling import Sampler, SamplingParams
+from .sampling import Sampler, SamplingParams, TokenLogprobs, token_logprobs
 from .shard import ShardModel
+from .tensor_parallel import CollectiveError, TensorCollective, TensorShardModel
 from .tensors import from_proto, to_proto
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,8 @@ def sampling_to_proto(params: SamplingParams) -> node_pb2.SamplingParams:
         has_seed=params.seed is not None,
         constraint=params.constraint or "",
         has_constraint=params.constraint is not None,
+        logprobs=params.logprobs,
+        top_logprobs=params.top_logprobs,
     )
 
 
@@ -67,6 +70,8 @@ def sampling_from_proto(msg: node_pb2.SamplingParams) -> SamplingParams:
         top_p=msg.top_p,
         seed=int(msg.seed) if msg.has_seed else None,
         constraint=msg.constraint if msg.has_constraint else None,
+        logprobs=msg.logprobs,
+        top_logprobs=msg.top_logprobs,
     )
 
 
@@ -84,10 +89,22 @@ class InstalledStage:
     n_stages: int
     # Thread-safe: hands a message to the stream towards the next stage (None: one stage).
     send: Send | None = None
+    # Tensor parallelism: this member's rank (None: pipeline), and on rank 0 the function
+    # that hands each forward pass's command to every other member.
+    tensor_rank: int | None = None
+    broadcast: Send | None = None
+
+    @property
+    def is_tensor_follower(self) -> bool:
+        return self.tensor_rank is not None and self.tensor_rank > 0
+
+    @property
+    def collective(self) -> TensorCollective | None:
+        return self.model.collective if isinstance(self.model, TensorShardModel) else None
 
     @property
     def is_first(self) -> bool:
-        return self.model.shard.is_first
+        return self.model.shard.is_first and not self.is_tensor_follower
 
     @property
     def is_last(self) -> bool:
@@ -123,6 +140,7 @@ class _Origin:
     next_input: int | None = None
     sent_first: bool = False
     waiting: bool = False  # a sampling step is out on the other stages
+    passes: int = 0  # forward passes sent to tensor-parallel members
     started: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
 
@@ -165,7 +183,14 @@ class StageEngine:
 
     def stats(self) -> dict[str, Any]:
         hops = list(self._hops)
+        stage = self._stage
+        collective = stage.collective if stage is not None else None
+        reduces = list(collective.latencies_us) if collective is not None else []
+        waits = list(collective.waits_us) if collective is not None else []
         return {
+            "allreduce_us_median": round(statistics.median(reduces), 1) if reduces else None,
+            "allreduce_wait_us_median": round(statistics.median(waits), 1) if waits else None,
+            "allreduces_measured": len(reduces),
             "epoch": self._epoch,
             "cached_requests": len(self._caches),
             "hop_us_median": round(statistics.median(hops), 1) if hops else None,
@@ -177,6 +202,7 @@ class StageEngine:
         """Switch to `stage` (None: hold nothing) between messages; blocks until done.
 
         Requests of the old placement fail with `reason`; their caches are dropped."""
+        self._abort_collective(reason)  # the MLX thread may be waiting on an all-reduce
         done = threading.Event()
         self._inbox.put(("install", (stage, reason, done)))
         deadline = time.monotonic() + timeout
@@ -229,7 +255,14 @@ class StageEngine:
 
     def fail_all(self, message: str) -> None:
         """The ring broke: every request of this stage fails with `message`."""
+        self._abort_collective(message)
         self._inbox.put(("fail", message))
+
+    def _abort_collective(self, reason: str) -> None:
+        stage = self._stage
+        collective = stage.collective if stage is not None else None
+        if collective is not None:
+            collective.abort(reason)
 
     # ---------------------------------------------------------------- the MLX thread
 
@@ -362,11 +395,11 @@ class StageEngine:
             last = origin.next_input if origin.next_input is not None else origin.prompt[-1]
             ids = [last]
             sample = True
-        out = stage.model.forward(mx.array(ids)[None], entry.cache)
+        out = self._forward_first(stage, origin, mx.array(ids)[None], entry.cache)
         if stage.n_stages == 1:
             if sample:
-                token = int(entry.sampler(out[:, -1, :]).item())  # type: ignore[misc]
-                self._on_token(origin, token)
+                token, logprobs = self._sample(entry, out[:, -1, :])
+                self._on_token(origin, token, logprobs)
             else:
                 mx.eval([layer_cache.state for layer_cache in entry.cache])
                 self._inbox.put(("step", origin.request_id))
@@ -388,7 +421,38 @@ class StageEngine:
             # Prefill chunks stream on: stage 1 works on this chunk while we run the next.
             self._inbox.put(("step", origin.request_id))
 
-    def _on_token(self, origin: _Origin, token: int) -> None:
+    def _forward_first(
+        self, stage: InstalledStage, origin: _Origin, ids: mx.array, cache: list[Any]
+    ) -> mx.array:
+        collective = stage.collective
+        if collective is None or stage.broadcast is None:
+            return stage.model.forward(ids, cache)
+        # Tensor rank 0: every member runs this pass on the same embedded input.
+        origin.passes += 1
+        hidden = stage.model.embed(ids)
+        message = node_pb2.ActivationMessage(
+            request_id=origin.request_id,
+            epoch=stage.epoch,
+            step=origin.passes,
+            hidden=to_proto(hidden),
+            sent_ns=time.time_ns(),
+        )
+        stage.broadcast(message)
+        collective.begin(origin.request_id, origin.passes)
+        return stage.model.forward(hidden, cache)
+
+    @staticmethod
+    def _sample(entry: _Cache, logits: mx.array) -> tuple[int, TokenLogprobs | None]:
+        sampler = entry.sampler
+        if sampler is None:
+            raise RuntimeError("no sampling parameters arrived for this request")
+        token = int(sampler(logits).item())  # type: ignore[misc]
+        params = sampler.params
+        if not params.logprobs:
+            return token, None
+        return token, token_logprobs(logits, token, params.top_logprobs)
+
+    def _on_token(self, origin: _Origin, token: int, logprobs: TokenLogprobs | None = None) -> None:
         origin.waiting = False
         if origin.first_token_at is None:
             origin.first_token_at = time.perf_counter()
@@ -402,7 +466,7 @@ class StageEngine:
             return
         origin.generated += 1
         origin.next_input = token
-        origin.emit(TokenEvent(token))
+        origin.emit(TokenEvent(token, logprobs))
         if origin.generated >= origin.max_tokens:
             self._finish(origin, "length")
             return
@@ -431,6 +495,12 @@ class StageEngine:
         self._origins.pop(origin.request_id, None)
         self._drop(origin.request_id)
         stage = self._stage
+        if stage is not None and stage.broadcast is not None and origin.passes:
+            stage.broadcast(
+                node_pb2.ActivationMessage(
+                    request_id=origin.request_id, epoch=stage.epoch, release=True
+                )
+            )
         if stage is not None and stage.n_stages > 1 and origin.sent_first:
             # Follows the request's last work down the same streams, so it frees every
             # stage's cache after that stage is done with it.
@@ -462,6 +532,9 @@ class StageEngine:
                 self._epoch,
             )
             return
+        if stage.is_tensor_follower:
+            self._follow(stage, message)
+            return
         if stage.is_first:
             self._on_return(stage, message)
             return
@@ -485,6 +558,27 @@ class StageEngine:
                 ),
             )
 
+    def _follow(self, stage: InstalledStage, message: node_pb2.ActivationMessage) -> None:
+        """Tensor member of rank > 0: run rank 0's pass on this member's slice."""
+        if message.release or message.error:
+            self._drop(message.request_id)
+            return
+        collective = stage.collective
+        assert collective is not None
+        entry = self._cache_for(message.request_id, stage, None)
+        try:
+            collective.begin(message.request_id, message.step)
+            out = stage.model.forward(from_proto(message.hidden), entry.cache)
+            mx.eval(out, [layer_cache.state for layer_cache in entry.cache])
+        except CollectiveError as error:
+            # The placement is broken; rank 0 fails the requests and the master re-places.
+            log.warning("request %s stopped: %s", message.request_id, error)
+            self._drop_all()
+        except Exception as error:
+            log.exception("request %s failed on this member", message.request_id)
+            collective.fail_peers(f"tensor member {stage.tensor_rank} failed: {error}")
+            self._drop_all()
+
     def _on_return(self, stage: InstalledStage, message: node_pb2.ActivationMessage) -> None:
         """Stage 0: a sampled token (or an error) came back around the ring."""
         origin = self._origins.get(message.request_id)
@@ -496,7 +590,11 @@ class StageEngine:
         if not message.token_ids:
             self._fail(origin, "the last stage returned no token")
             return
-        self._on_token(origin, int(message.token_ids[0]))
+        logprobs = None
+        if origin.sampling.logprobs:
+            top = zip(message.top_token_ids, message.top_logprobs, strict=True)
+            logprobs = TokenLogprobs(message.logprob, tuple((int(i), v) for i, v in top))
+        self._on_token(origin, int(message.token_ids[0]), logprobs)
 
     def _forward(self, stage: InstalledStage, message: node_pb2.ActivationMessage) -> None:
         sampling = sampling_from_proto(message.sampling) if message.HasField("sampling") else None
@@ -517,18 +615,18 @@ class StageEngine:
         if not message.sample:
             mx.eval([layer_cache.state for layer_cache in entry.cache])
             return
-        if entry.sampler is None:
-            raise RuntimeError("no sampling parameters arrived for this request")
-        token = int(entry.sampler(out[:, -1, :]).item())  # type: ignore[misc]
-        self._send(
-            stage,
-            node_pb2.ActivationMessage(
-                request_id=message.request_id,
-                epoch=stage.epoch,
-                step=message.step,
-                token_ids=[token],
-            ),
+        token, logprobs = self._sample(entry, out[:, -1, :])
+        reply = node_pb2.ActivationMessage(
+            request_id=message.request_id,
+            epoch=stage.epoch,
+            step=message.step,
+            token_ids=[token],
         )
+        if logprobs is not None:
+            reply.logprob = logprobs.logprob
+            reply.top_token_ids.extend(i for i, _ in logprobs.top)
+            reply.top_logprobs.extend(v for _, v in logprobs.top)
+        self._send(stage, reply)
 
     def _send(self, stage: InstalledStage, message: node_pb2.ActivationMessage) -> None:
         if stage.send is None:

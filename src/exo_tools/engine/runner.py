@@ -11,6 +11,8 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from .sampling import TokenLogprobs
+
 # mlx-lm's generate prefills in 2048-token chunks and runs the last prompt token on its
 # own; doing the same keeps greedy output token-identical to it.
 PREFILL_CHUNK = 2048
@@ -19,6 +21,7 @@ PREFILL_CHUNK = 2048
 @dataclass(frozen=True)
 class TokenEvent:
     token_id: int
+    logprobs: TokenLogprobs | None = None  # when the request asked for them
 
 
 @dataclass(frozen=True)

@@ -29,10 +29,36 @@ class SamplingParams:
     # A grammar constraint for this request (see exo_tools.constraints), as its serialized
     # spec so it can travel to whichever node samples; None = unconstrained.
     constraint: str | None = None
+    # Report the sampled token's log-probability and this many top alternatives
+    # (OpenAI `logprobs` / `top_logprobs`), from the model's own distribution.
+    logprobs: bool = False
+    top_logprobs: int = 0
 
     @property
     def greedy(self) -> bool:
         return self.temperature <= 0.0
+
+
+@dataclass(frozen=True)
+class TokenLogprobs:
+    """The sampled token's log-probability and the most likely tokens with theirs."""
+
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+def token_logprobs(logits: mx.array, token: int, top: int) -> TokenLogprobs:
+    """Log-probabilities under `logits` (one row), before any temperature or constraint."""
+    row = logits.reshape(-1).astype(mx.float32)
+    logprobs = row - mx.logsumexp(row)
+    best: list[tuple[int, float]] = []
+    if top > 0:
+        count = min(top, row.shape[0])
+        ids = mx.argpartition(-logprobs, count - 1)[:count]
+        id_list = cast(list[int], ids.tolist())
+        value_list = cast(list[float], logprobs[ids].tolist())
+        best = sorted(zip(id_list, value_list, strict=True), key=lambda pair: -pair[1])
+    return TokenLogprobs(cast(float, logprobs[token].item()), tuple(best))
 
 
 class Sampler:

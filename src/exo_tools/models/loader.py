@@ -19,8 +19,9 @@ from mlx.utils import tree_flatten
 from mlx_lm.utils import _get_classes
 from tqdm import tqdm
 
-from ..cluster.placement import ModelLayout
+from ..cluster.placement import ModelLayout, TensorSlice
 from ..engine.shard import Shard
+from ..engine.tensor_parallel import TensorPlanError, slice_weights, tensor_config
 from .catalog import DTYPES, GGUFFileSource, ModelCard, PyPIGGUFSource
 from .gguf import layer_index, load_gguf
 from .tokenizer import TextTokenizer
@@ -99,6 +100,10 @@ def _keep_for_shard(name: str, shard: Shard, tied: bool) -> str | None:
     return name
 
 
+def _outside_blocks(name: str) -> bool:
+    return name.startswith(("model.embed_tokens.", "model.norm.", "lm_head."))
+
+
 def parameter_arrays(module: nn.Module) -> list[tuple[str, mx.array]]:
     """Every parameter of a module, by dotted name."""
     flat = cast(list[tuple[str, Any]], tree_flatten(module.parameters()))
@@ -166,16 +171,19 @@ def load_model(
     progress: bool = True,
     chat_template: str | None = None,
     on_progress: Callable[[int, int], None] | None = None,
+    tensor: TensorSlice | None = None,
 ) -> LoadedModel:
     """Load a model (or only `shard`'s part of it) from local files.
 
     `on_progress(done, total)` is called as blocks are materialized. Arrays of other shards
     are released before anything is evaluated, so the process ends up holding only its own.
+    With `tensor`, the blocks hold only that slice of heads and MLP columns, and only rank 0
+    keeps the embedding, final norm and output head.
     """
     if dtype not in DTYPES:
         raise ModelLoadError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     started = time.perf_counter()
-    loaded = _load(card, path, shard, dtype, progress, chat_template, on_progress, started)
+    loaded = _load(card, path, shard, dtype, progress, chat_template, on_progress, started, tensor)
     # GGUF reading materializes the whole file; the buffers of other shards' tensors are
     # free now but MLX keeps them cached unless told otherwise.
     mx.clear_cache()
@@ -191,6 +199,7 @@ def _load(
     chat_template: str | None,
     on_progress: Callable[[int, int], None] | None,
     started: float,
+    tensor: TensorSlice | None = None,
 ) -> LoadedModel:
     if isinstance(card.source, PyPIGGUFSource | GGUFFileSource):
         gguf = load_gguf(path)
@@ -223,22 +232,42 @@ def _load(
         model_class, args_class = _get_classes(config)
     except ValueError as error:
         raise ModelLoadError(str(error)) from error
-    model: Any = model_class(args_class.from_dict(_shard_config(config, shard)))
+    model_config = _shard_config(config, shard)
+    if tensor is not None:
+        if shard.n_local_layers != n_layers:
+            raise ModelLoadError("a tensor-parallel member holds every layer")
+        try:
+            model_config = tensor_config(model_config, tensor)
+        except TensorPlanError as error:
+            raise ModelLoadError(str(error)) from error
+    model: Any = model_class(args_class.from_dict(model_config))
     tied = bool(getattr(model.args, "tie_word_embeddings", False))
     if hasattr(model, "sanitize"):
         weights = model.sanitize(weights)
+    # Tensor members other than rank 0 neither embed nor sample.
+    bare = tensor is not None and not tensor.is_root
 
     local: dict[str, mx.array] = {}
     for name, value in weights.items():
         target = _keep_for_shard(name, shard, tied)
-        if target is not None:
+        if target is not None and not (bare and _outside_blocks(target)):
             local[target] = value
     del weights
     local_quant: dict[str, dict[str, int]] = {}
     for module, params in quantization.items():
         kept = _keep_for_shard(f"{module}.weight", shard, tied)
-        if kept is not None:
+        if kept is not None and not (bare and _outside_blocks(kept)):
             local_quant[kept.removesuffix(".weight")] = params
+    if tensor is not None:
+
+        def dense(
+            module: str,
+            weights: dict[str, mx.array] = local,
+            quantized: dict[str, dict[str, int]] = local_quant,
+        ) -> None:
+            _dequantize(weights, {module: quantized.pop(module)}, mx.float32)
+
+        slice_weights(local, local_quant, config, tensor, dense)
 
     chosen = resolve_dtype(dtype)
     on_cpu = mx.default_device() == mx.cpu
@@ -261,9 +290,9 @@ def _load(
         )
     # Modules the shard does not need are dropped so they never take memory.
     inner = model.model
-    if not (shard.is_first or (tied and shard.is_last)):
+    if bare or not (shard.is_first or (tied and shard.is_last)):
         inner.pop("embed_tokens", None)
-    if not shard.is_last:
+    if bare or not shard.is_last:
         inner.pop("norm", None)
         model.pop("lm_head", None)
     try:
@@ -362,6 +391,9 @@ def model_layout(
     n_kv = int(config.get("num_key_value_heads") or config["num_attention_heads"])
     head_dim = int(config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"])
     context = int(config.get("max_position_embeddings") or 4096)
+    block = inner.layers[0]
+    attention = getattr(block, "self_attn", None)
+    mlp = getattr(block, "mlp", None)
     return ModelLayout(
         model_id=card.id,
         n_layers=int(config["num_hidden_layers"]),
@@ -371,4 +403,8 @@ def model_layout(
         tied_embeddings=tied,
         kv_bytes_per_token=2 * n_kv * head_dim * itemsize,
         kv_budget_tokens=kv_budget_tokens or context,
+        n_kv_heads=n_kv,
+        intermediate_size=int(config.get("intermediate_size") or 0),
+        attention_bytes=int(_module_bytes(attention) * scale) if attention is not None else 0,
+        mlp_bytes=int(_module_bytes(mlp) * scale) if mlp is not None else 0,
     )

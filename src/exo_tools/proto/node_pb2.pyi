@@ -10,16 +10,18 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Capabilities(_message.Message):
-    __slots__ = ("memory_total", "memory_available", "chip", "mlx_device")
+    __slots__ = ("memory_total", "memory_available", "chip", "mlx_device", "matmul_gflops")
     MEMORY_TOTAL_FIELD_NUMBER: _ClassVar[int]
     MEMORY_AVAILABLE_FIELD_NUMBER: _ClassVar[int]
     CHIP_FIELD_NUMBER: _ClassVar[int]
     MLX_DEVICE_FIELD_NUMBER: _ClassVar[int]
+    MATMUL_GFLOPS_FIELD_NUMBER: _ClassVar[int]
     memory_total: int
     memory_available: int
     chip: str
     mlx_device: str
-    def __init__(self, memory_total: _Optional[int] = ..., memory_available: _Optional[int] = ..., chip: _Optional[str] = ..., mlx_device: _Optional[str] = ...) -> None: ...
+    matmul_gflops: float
+    def __init__(self, memory_total: _Optional[int] = ..., memory_available: _Optional[int] = ..., chip: _Optional[str] = ..., mlx_device: _Optional[str] = ..., matmul_gflops: _Optional[float] = ...) -> None: ...
 
 class NodeInfo(_message.Message):
     __slots__ = ("node_id", "addresses", "grpc_port", "api_port", "version", "cluster_name", "start_time", "capabilities")
@@ -160,20 +162,30 @@ class Tensor(_message.Message):
     def __init__(self, data: _Optional[bytes] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ShardSpec(_message.Message):
-    __slots__ = ("model_id", "start_layer", "end_layer", "n_layers", "tp_rank", "tp_size")
+    __slots__ = ("model_id", "start_layer", "end_layer", "n_layers", "tp_rank", "tp_size", "kv_head_start", "kv_head_end", "mlp_start", "mlp_end", "tp_members")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     START_LAYER_FIELD_NUMBER: _ClassVar[int]
     END_LAYER_FIELD_NUMBER: _ClassVar[int]
     N_LAYERS_FIELD_NUMBER: _ClassVar[int]
     TP_RANK_FIELD_NUMBER: _ClassVar[int]
     TP_SIZE_FIELD_NUMBER: _ClassVar[int]
+    KV_HEAD_START_FIELD_NUMBER: _ClassVar[int]
+    KV_HEAD_END_FIELD_NUMBER: _ClassVar[int]
+    MLP_START_FIELD_NUMBER: _ClassVar[int]
+    MLP_END_FIELD_NUMBER: _ClassVar[int]
+    TP_MEMBERS_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     start_layer: int
     end_layer: int
     n_layers: int
     tp_rank: int
     tp_size: int
-    def __init__(self, model_id: _Optional[str] = ..., start_layer: _Optional[int] = ..., end_layer: _Optional[int] = ..., n_layers: _Optional[int] = ..., tp_rank: _Optional[int] = ..., tp_size: _Optional[int] = ...) -> None: ...
+    kv_head_start: int
+    kv_head_end: int
+    mlp_start: int
+    mlp_end: int
+    tp_members: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, model_id: _Optional[str] = ..., start_layer: _Optional[int] = ..., end_layer: _Optional[int] = ..., n_layers: _Optional[int] = ..., tp_rank: _Optional[int] = ..., tp_size: _Optional[int] = ..., kv_head_start: _Optional[int] = ..., kv_head_end: _Optional[int] = ..., mlp_start: _Optional[int] = ..., mlp_end: _Optional[int] = ..., tp_members: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class LoadShardRequest(_message.Message):
     __slots__ = ("epoch", "shard", "placement_id", "next_node_id", "master_id", "dtype", "stage_index", "n_stages", "placement_json")
@@ -222,7 +234,7 @@ class LoadShardProgress(_message.Message):
     def __init__(self, epoch: _Optional[int] = ..., stage: _Optional[str] = ..., done: _Optional[int] = ..., total: _Optional[int] = ..., finished: _Optional[bool] = ..., error: _Optional[str] = ..., weight_bytes: _Optional[int] = ..., rss: _Optional[int] = ..., mlx_active: _Optional[int] = ..., current_epoch: _Optional[int] = ...) -> None: ...
 
 class SamplingParams(_message.Message):
-    __slots__ = ("temperature", "top_p", "top_k", "seed", "has_seed", "constraint", "has_constraint")
+    __slots__ = ("temperature", "top_p", "top_k", "seed", "has_seed", "constraint", "has_constraint", "logprobs", "top_logprobs")
     TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
     TOP_P_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
@@ -230,6 +242,8 @@ class SamplingParams(_message.Message):
     HAS_SEED_FIELD_NUMBER: _ClassVar[int]
     CONSTRAINT_FIELD_NUMBER: _ClassVar[int]
     HAS_CONSTRAINT_FIELD_NUMBER: _ClassVar[int]
+    LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    TOP_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     temperature: float
     top_p: float
     top_k: int
@@ -237,10 +251,12 @@ class SamplingParams(_message.Message):
     has_seed: bool
     constraint: str
     has_constraint: bool
-    def __init__(self, temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ..., has_seed: _Optional[bool] = ..., constraint: _Optional[str] = ..., has_constraint: _Optional[bool] = ...) -> None: ...
+    logprobs: bool
+    top_logprobs: int
+    def __init__(self, temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ..., has_seed: _Optional[bool] = ..., constraint: _Optional[str] = ..., has_constraint: _Optional[bool] = ..., logprobs: _Optional[bool] = ..., top_logprobs: _Optional[int] = ...) -> None: ...
 
 class ActivationMessage(_message.Message):
-    __slots__ = ("request_id", "epoch", "step", "hidden", "token_ids", "sampling", "error", "sample", "release", "sent_ns")
+    __slots__ = ("request_id", "epoch", "step", "hidden", "token_ids", "sampling", "error", "sample", "release", "sent_ns", "logprob", "top_token_ids", "top_logprobs")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
@@ -251,6 +267,9 @@ class ActivationMessage(_message.Message):
     SAMPLE_FIELD_NUMBER: _ClassVar[int]
     RELEASE_FIELD_NUMBER: _ClassVar[int]
     SENT_NS_FIELD_NUMBER: _ClassVar[int]
+    LOGPROB_FIELD_NUMBER: _ClassVar[int]
+    TOP_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    TOP_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     epoch: int
     step: int
@@ -261,7 +280,10 @@ class ActivationMessage(_message.Message):
     sample: bool
     release: bool
     sent_ns: int
-    def __init__(self, request_id: _Optional[str] = ..., epoch: _Optional[int] = ..., step: _Optional[int] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., error: _Optional[str] = ..., sample: _Optional[bool] = ..., release: _Optional[bool] = ..., sent_ns: _Optional[int] = ...) -> None: ...
+    logprob: float
+    top_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    top_logprobs: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, request_id: _Optional[str] = ..., epoch: _Optional[int] = ..., step: _Optional[int] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., error: _Optional[str] = ..., sample: _Optional[bool] = ..., release: _Optional[bool] = ..., sent_ns: _Optional[int] = ..., logprob: _Optional[float] = ..., top_token_ids: _Optional[_Iterable[int]] = ..., top_logprobs: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class AllReduceMessage(_message.Message):
     __slots__ = ("request_id", "epoch", "step", "layer", "phase", "rank", "tensor", "error")

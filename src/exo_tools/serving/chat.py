@@ -17,6 +17,7 @@ from typing import Any
 from ..api.errors import APIError
 from ..api.schemas import ChatCompletionRequest
 from ..constraints import (
+    LAZY_TOOL_CALL_FORMATS,
     ConstraintError,
     json_object_constraint,
     json_schema_constraint,
@@ -39,7 +40,7 @@ from ..tools import (
     rewrite_history,
     tools_for_choice,
 )
-from .generation import Finished, GenerationError, TokenGenerator, generate_text
+from .generation import Finished, GenerationError, SampledLogprobs, TokenGenerator, generate_text
 
 # Formats whose markers are special tokens: the text must keep them for the parser.
 _SPECIAL_TOKEN_FORMATS = frozenset({"llama3_json", "mistral", "gpt_oss", "deepseek_v3"})
@@ -70,7 +71,14 @@ class ChatFinished:
     decode_seconds: float
 
 
-ChatEvent = ContentDelta | ReasoningDelta | ToolCallEvent | ChatFinished
+@dataclass(frozen=True)
+class LogprobsDelta:
+    """One generated token in OpenAI's `logprobs.content` form."""
+
+    entry: dict[str, Any]
+
+
+ChatEvent = ContentDelta | ReasoningDelta | ToolCallEvent | LogprobsDelta | ChatFinished
 
 
 @dataclass
@@ -175,7 +183,10 @@ class ChatService:
                         param="response_format.json_schema.schema",
                     )
                 return json_schema_constraint(schema)
-            if tools and choice == "auto" and self.lazy_tool_grammar:
+            # "auto" stays unconstrained in formats without a lazy trigger: a request the
+            # model could serve must not fail because of a node option.
+            lazy = self.lazy_tool_grammar and self.tool_format in LAZY_TOOL_CALL_FORMATS
+            if tools and choice == "auto" and lazy:
                 return lazy_tool_call_constraint(tools, self.tool_format, parallel=parallel)
         except ConstraintError as error:
             param = "response_format" if request.response_format else "tools"
@@ -184,8 +195,8 @@ class ChatService:
 
     def prepare(self, request: ChatCompletionRequest) -> PreparedChat:
         """Validate against the model and render the prompt; raises APIError (400)."""
-        if request.logprobs:
-            raise APIError(400, "logprobs are not supported", param="logprobs")
+        if request.top_logprobs is not None and not request.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
         for penalty in ("frequency_penalty", "presence_penalty"):
             if getattr(request, penalty):
                 raise APIError(400, f"{penalty} is not supported; omit it or use 0", param=penalty)
@@ -225,6 +236,8 @@ class ChatService:
             top_p=1.0 if request.top_p is None else request.top_p,
             seed=request.seed,
             constraint=self._constraint(request, shown, choice),
+            logprobs=bool(request.logprobs),
+            top_logprobs=request.top_logprobs or 0,
         )
         return PreparedChat(
             request_id=f"chatcmpl-{uuid.uuid4().hex}",
@@ -237,6 +250,14 @@ class ChatService:
             tools=shown,
             tool_choice=choice,
         )
+
+    def _logprobs_entry(self, item: SampledLogprobs) -> dict[str, Any]:
+        entry = _token_entry(self.tokenizer, item.token_id, item.logprobs.logprob)
+        entry["top_logprobs"] = [
+            _token_entry(self.tokenizer, token_id, logprob)
+            for token_id, logprob in item.logprobs.top
+        ]
+        return entry
 
     async def run(self, prepared: PreparedChat) -> AsyncIterator[ChatEvent]:
         parser = (
@@ -254,6 +275,9 @@ class ChatService:
                 stop=prepared.stop,
                 skip_special_tokens=not keep_special,
             ):
+                if isinstance(item, SampledLogprobs):
+                    yield LogprobsDelta(self._logprobs_entry(item))
+                    continue
                 if not isinstance(item, Finished):
                     if parser is None:
                         yield ContentDelta(item)
@@ -276,6 +300,11 @@ class ChatService:
                 )
         except GenerationError as error:
             raise APIError(500, str(error), error_type="server_error") from error
+
+
+def _token_entry(tokenizer: TextTokenizer, token_id: int, logprob: float) -> dict[str, Any]:
+    text = tokenizer.decode([token_id], skip_special_tokens=False)
+    return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
 
 
 def _event(delta: Any) -> ChatEvent:

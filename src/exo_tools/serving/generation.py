@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from ..engine.runner import ErrorEvent, FinishEvent, GenerationHandle, TokenEvent
-from ..engine.sampling import SamplingParams
+from ..engine.sampling import SamplingParams, TokenLogprobs
 from ..models.tokenizer import IncrementalDetokenizer, TextTokenizer
 
 
@@ -37,6 +37,14 @@ class Finished:
     completion_tokens: int
     prefill_seconds: float
     decode_seconds: float
+
+
+@dataclass(frozen=True)
+class SampledLogprobs:
+    """One generated token's log-probabilities (only for requests that ask for them)."""
+
+    token_id: int
+    logprobs: TokenLogprobs
 
 
 class StopStringMatcher:
@@ -85,8 +93,9 @@ async def generate_text(
     max_tokens: int,
     stop: Sequence[str] = (),
     skip_special_tokens: bool = True,
-) -> AsyncIterator[str | Finished]:
-    """Text deltas, then one `Finished`. Cancels the generation if the consumer stops early."""
+) -> AsyncIterator[str | SampledLogprobs | Finished]:
+    """Text deltas (each token's `SampledLogprobs` after its text, when asked for), then one
+    `Finished`. Cancels the generation if the consumer stops early."""
     loop = asyncio.get_running_loop()
     handle = generator.submit(
         request_id, prompt, sampling=sampling, max_tokens=max_tokens, loop=loop
@@ -103,6 +112,8 @@ async def generate_text(
                 text, stopped = matcher.feed(detokenizer.add(event.token_id))
                 if text:
                     yield text
+                if event.logprobs is not None and not stopped:
+                    yield SampledLogprobs(event.token_id, event.logprobs)
                 if stopped:
                     handle.cancel()
                     finished = True

@@ -1,0 +1,35 @@
+"""Fixtures shared by the parallelism tests (pipeline and tensor)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from exo_tools.models.catalog import CATALOG
+from exo_tools.models.loader import load_model
+from exo_tools.models.tokenizer import TextTokenizer
+from tests.helpers.cluster_runs import MAX_TOKENS, MODEL, PROMPTS, TOP_LOGPROBS, user
+from tests.helpers.mlx_lm_reference import reference_run
+
+
+@pytest.fixture(scope="session")
+def reference_runs(model_path: Path) -> dict[str, dict[str, Any]]:
+    """mlx-lm's own greedy tokens for each prompt, with the log-probabilities of the first
+    positions (float32, like the nodes on this CPU)."""
+    cases = [
+        {"messages": user(p), "max_tokens": MAX_TOKENS, "top_logprobs": TOP_LOGPROBS}
+        for p in PROMPTS
+    ]
+    return dict(zip(PROMPTS, reference_run(model_path, "float32", cases), strict=True))
+
+
+@pytest.fixture(scope="session")
+def reference(reference_runs: dict[str, dict[str, Any]]) -> dict[str, list[int]]:
+    return {prompt: run["tokens"] for prompt, run in reference_runs.items()}
+
+
+@pytest.fixture(scope="session")
+def tokenizer(model_path: Path) -> TextTokenizer:
+    return load_model(CATALOG[MODEL], model_path, dtype="native", progress=False).tokenizer

@@ -1,0 +1,170 @@
+"""Tensor parallelism across real node processes on loopback, with the real model.
+
+Every member holds all 30 layers of SmolLM2-135M but only some of its 3 KV heads (with
+their query heads) and MLP columns; the members sum their partial outputs over gRPC
+all-reduce streams twice per layer. The shares are uneven by design: 3 KV heads over 2
+members, and rank 0 (which also runs the output head) takes less of the blocks.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from exo_tools.cluster.placement import TensorSlice
+from exo_tools.models.catalog import CATALOG
+from exo_tools.models.loader import model_layout
+from exo_tools.models.tokenizer import TextTokenizer
+from tests.helpers.cluster_runs import (
+    MODEL,
+    Cluster,
+    assert_disconnect_frees_every_node,
+    assert_identical,
+    assert_killed_node_fails_fast_then_re_places,
+    assert_logprobs_match,
+    chat,
+    start_cluster,
+    wait_idle,
+)
+
+pytestmark = pytest.mark.slow
+
+
+def start_tensor_cluster(count: int) -> Cluster:
+    return start_cluster(count, "--parallelism", "tensor")
+
+
+@pytest.fixture(scope="class")
+def two() -> Iterator[Cluster]:
+    cluster = start_tensor_cluster(2)
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(scope="class")
+def three() -> Iterator[Cluster]:
+    cluster = start_tensor_cluster(3)
+    yield cluster
+    cluster.stop()
+
+
+def slices(placement: dict[str, Any]) -> list[TensorSlice]:
+    size = len(placement["stages"])
+    return [
+        TensorSlice(s["index"], size, *s["kv_heads"], *s["mlp_columns"])
+        for s in placement["stages"]
+    ]
+
+
+def assert_covers_model(placement: dict[str, Any]) -> None:
+    """The members' shares tile the 3 KV heads and 1536 MLP columns, each taking some."""
+    assert placement["parallelism"] == "tensor"
+    parts = slices(placement)
+    assert parts[0].kv_head_start == 0 and parts[-1].kv_head_end == 3
+    assert parts[0].mlp_start == 0 and parts[-1].mlp_end == 1536
+    for before, after in itertools.pairwise(parts):
+        assert before.kv_head_end == after.kv_head_start
+        assert before.mlp_end == after.mlp_start
+    for part in parts:
+        assert part.kv_head_end > part.kv_head_start and part.mlp_end > part.mlp_start
+    for stage in placement["stages"]:
+        assert (stage["start_layer"], stage["end_layer"], stage["state"]) == (0, 30, "ready")
+
+
+def assert_weights_are_shares(cluster: Cluster, model_path: Path) -> None:
+    layout = model_layout(CATALOG[MODEL], model_path, dtype="float32")
+    full_model = layout.n_layers * layout.layer_bytes + layout.embed_bytes + layout.head_bytes
+    placement = cluster.view()["placement"]
+    by_id = {str(h["node_id"]): h for h in (node.health() for node in cluster.nodes)}
+    for stage, part in zip(placement["stages"], slices(placement), strict=True):
+        health = by_id[stage["node_id"]]
+        weight = int(health["stage"]["weight_bytes"])
+        assert weight == layout.tensor_weight_bytes(part), (stage, part)
+        memory = health["memory"]
+        # MLX holds the slice and nothing else (the rest of the file was released).
+        assert weight <= memory["mlx_active"] <= weight + 16 * 2**20, memory
+        assert memory["rss"] - weight < 400 * 2**20, memory
+        assert weight < full_model * 0.8
+    print(
+        "tensor weight MB:",
+        [round(by_id[s["node_id"]]["stage"]["weight_bytes"] / 1e6, 1) for s in placement["stages"]],
+    )
+
+
+class TestTwoMembers:
+    @pytest.fixture
+    def cluster(self, two: Cluster) -> Cluster:
+        return two
+
+    def test_placement_splits_unevenly(self, cluster: Cluster) -> None:
+        placement = cluster.view()["placement"]
+        assert_covers_model(placement)
+        parts = slices(placement)
+        # 3 KV heads do not halve: one member holds two.
+        assert sorted(p.kv_head_end - p.kv_head_start for p in parts) == [1, 2]
+        master = str(cluster.master.health()["node_id"])
+        assert placement["stages"][0]["node_id"] == master
+        member = cluster.nodes[1].health()["stage"]
+        assert (
+            member["tensor_rank"] == 1 and member["kv_heads"] == placement["stages"][1]["kv_heads"]
+        )
+
+    def test_greedy_output_matches_mlx_lm(
+        self,
+        cluster: Cluster,
+        reference: dict[str, list[int]],
+        tokenizer: TextTokenizer,
+    ) -> None:
+        assert_identical(cluster, cluster.master, reference, tokenizer)
+        # Through the member too: it forwards to the master.
+        prompt = next(iter(reference))
+        reply = chat(cluster.nodes[1], prompt, max_tokens=len(reference[prompt])).json()
+        assert reply["choices"][0]["message"]["content"] == tokenizer.decode(reference[prompt])
+        stats = [node.health()["pipeline"] for node in cluster.nodes]
+        assert all(s["allreduces_measured"] > 0 for s in stats), stats
+        wait_idle(cluster)
+
+    def test_logprobs_match_mlx_lm(self, cluster: Cluster, reference_runs: dict[str, Any]) -> None:
+        assert_logprobs_match(cluster.master, reference_runs)
+
+    def test_each_member_holds_only_its_share(self, cluster: Cluster, model_path: Path) -> None:
+        assert_weights_are_shares(cluster, model_path)
+
+    def test_client_disconnect_frees_every_member(self, cluster: Cluster) -> None:
+        assert_disconnect_frees_every_node(cluster)
+
+
+class TestThreeMembers:
+    @pytest.fixture
+    def cluster(self, three: Cluster) -> Cluster:
+        return three
+
+    def test_greedy_tokens_and_logprobs_match_mlx_lm(
+        self,
+        cluster: Cluster,
+        reference: dict[str, list[int]],
+        reference_runs: dict[str, Any],
+        tokenizer: TextTokenizer,
+    ) -> None:
+        placement = cluster.view()["placement"]
+        assert_covers_model(placement)
+        assert [p.kv_head_end - p.kv_head_start for p in slices(placement)] == [1, 1, 1]
+        assert_identical(cluster, cluster.master, reference, tokenizer)
+        assert_logprobs_match(cluster.master, reference_runs)
+        wait_idle(cluster)
+
+    def test_each_member_holds_only_its_share(self, cluster: Cluster, model_path: Path) -> None:
+        assert_weights_are_shares(cluster, model_path)
+
+
+class TestMemberFailure:
+    @pytest.fixture
+    def cluster(self, two: Cluster) -> Cluster:
+        return two
+
+    def test_killed_member_fails_fast_then_cluster_re_places(self, cluster: Cluster) -> None:
+        assert_killed_node_fails_fast_then_re_places(cluster)
