@@ -1,5 +1,6 @@
-"""Tools shaped like opencode's built-in ones (read, bash, edit, glob), for the constrained
-decoding tests and benchmarks: JSON Schema draft 2020-12, closed objects."""
+"""Tools shaped like opencode's built-in ones (read, bash, edit, glob), as
+benchmarks/constrained_accuracy.py measures with them: JSON Schema draft 2020-12, closed
+objects."""
 
 from __future__ import annotations
 
@@ -9,7 +10,6 @@ SCHEMA_2020 = "https://json-schema.org/draft/2020-12/schema"
 
 
 def tool(name: str, description: str, properties: dict[str, Any], required: list[str]) -> Any:
-    # Shaped like opencode's built-in tools (draft 2020-12, closed objects).
     return {
         "type": "function",
         "function": {
