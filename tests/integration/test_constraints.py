@@ -28,6 +28,7 @@ from exo_tools.engine.shard import ShardModel
 from exo_tools.models.catalog import CATALOG, DEFAULT_MODEL_ID
 from exo_tools.models.loader import LoadedModel, load_model
 from exo_tools.tools import parse_tool_calls, render_tools_system_prompt
+from tests.helpers.agent_tools import SCHEMA_2020, string, tool
 
 pytestmark = pytest.mark.slow
 
@@ -35,74 +36,50 @@ MAX_TOKENS = 256
 # Unconstrained runs are only a comparison (a call would start within these tokens); they
 # are opt-in because on a small CPU they would take the test past its time limit.
 COMPARE_TOKENS = int(os.environ.get("EXO_CONSTRAINTS_COMPARE_TOKENS", "0"))
-# The tools these tests were written against (benchmarks/constrained_accuracy.py measures
-# with tests/helpers/agent_tools.py, worded slightly differently): greedy output of a
-# 135M model depends on every word of the prompt, so they are kept as they are.
-SCHEMA_2020 = "https://json-schema.org/draft/2020-12/schema"
 
-
-def _tool(
-    name: str, description: str, properties: dict[str, Any], required: list[str]
-) -> dict[str, Any]:
-    return {
-        "type": "function",
-        "function": {
-            "name": name,
-            "description": description,
-            "parameters": {
-                "$schema": SCHEMA_2020,
-                "type": "object",
-                "properties": properties,
-                "required": required,
-                "additionalProperties": False,
-            },
-        },
-    }
-
-
-def _s(description: str) -> dict[str, str]:
-    return {"type": "string", "description": description}
-
-
-# Shaped like opencode's built-in tools.
+# Shaped like opencode's built-in tools; the wording these tests were written against
+# (benchmarks/constrained_accuracy.py measures with tests/helpers/agent_tools.TOOLS, worded
+# slightly differently): a 135M model's greedy output depends on every word of the prompt.
 TOOLS = [
-    _tool(
+    tool(
         "read",
         "Reads a file from the local filesystem.",
         {
-            "filePath": _s("The absolute path to the file to read"),
+            "filePath": string("The absolute path to the file to read"),
             "offset": {"type": "number", "description": "The line number to start reading from"},
             "limit": {"type": "number", "description": "The number of lines to read"},
         },
         ["filePath"],
     ),
-    _tool(
+    tool(
         "bash",
         "Executes a bash command in a shell.",
         {
-            "command": _s("The command to execute"),
-            "description": _s("Clear, concise description of what this command does in 5-10 words"),
+            "command": string("The command to execute"),
+            "description": string(
+                "Clear, concise description of what this command does in 5-10 words"
+            ),
             "timeout": {"type": "number", "description": "Optional timeout in milliseconds"},
         },
         ["command", "description"],
     ),
-    _tool(
+    tool(
         "edit",
         "Performs exact string replacements in files.",
         {
-            "filePath": _s("The absolute path to the file to modify"),
-            "oldString": _s("The text to replace"),
-            "newString": _s("The text to replace it with"),
+            "filePath": string("The absolute path to the file to modify"),
+            "oldString": string("The text to replace"),
+            "newString": string("The text to replace it with"),
             "replaceAll": {"type": "boolean", "description": "Replace all occurrences"},
         },
         ["filePath", "oldString", "newString"],
     ),
-    _tool(
+    tool(
         "glob",
         "Fast file pattern matching tool.",
         {
-            "pattern": _s("The glob pattern to match files against"),
-            "path": _s("The directory to search in"),
+            "pattern": string("The glob pattern to match files against"),
+            "path": string("The directory to search in"),
         },
         ["pattern"],
     ),
