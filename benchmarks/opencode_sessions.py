@@ -21,7 +21,6 @@ import argparse
 import contextlib
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -34,7 +33,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import REPO, print_table
+from benchmarks.common import print_table
+from tests.helpers.opencode import opencode_binary, opencode_environment
 
 MODEL = "smollm2-135m"
 # Node flags per mode; the unconstrained mode turns the grammar off explicitly so the
@@ -86,9 +86,8 @@ class Session:
         return bool(self.tools)
 
 
-def opencode_binary() -> str:
-    local = REPO / ".tools" / "node_modules" / ".bin" / "opencode"
-    found = str(local) if local.exists() else shutil.which("opencode")
+def require_opencode() -> str:
+    found = opencode_binary()
     if found is None:
         raise SystemExit("opencode not installed: scripts/install.sh --test")
     return found
@@ -99,30 +98,7 @@ def make_project(root: Path, url: str, output_limit: int) -> dict[str, str]:
         path = root / name
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
-    config = {
-        "$schema": "https://opencode.ai/config.json",
-        "provider": {
-            "exo": {
-                "npm": "@ai-sdk/openai-compatible",
-                "name": "exo-tools",
-                "options": {"baseURL": f"{url}/v1", "apiKey": "unused"},
-                "models": {
-                    MODEL: {"tool_call": True, "limit": {"context": 8192, "output": output_limit}}
-                },
-            }
-        },
-        "model": f"exo/{MODEL}",
-        "small_model": f"exo/{MODEL}",
-        "autoupdate": False,
-        "share": "disabled",
-    }
-    (root / "opencode.json").write_text(json.dumps(config))
-    return dict(
-        os.environ,
-        HOME=str(root),
-        XDG_CONFIG_HOME=str(root / ".config"),
-        OPENCODE_CONFIG=str(root / "opencode.json"),
-    )
+    return opencode_environment(root, url, MODEL, output_limit)
 
 
 def tool_runs(event: dict[str, Any]) -> list[str]:
@@ -197,7 +173,7 @@ def main() -> None:
 
     from tests.helpers.nodes import node_environment, start_node
 
-    binary = opencode_binary()
+    binary = require_opencode()
     prompts = PROMPTS[: args.sessions]
     results: dict[str, list[Session]] = {}
     for mode in args.modes.split(","):

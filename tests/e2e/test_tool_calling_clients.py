@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +13,7 @@ import pytest
 import requests
 
 from tests.helpers.nodes import REPO, NodeProcess, start_node
+from tests.helpers.opencode import opencode_binary, opencode_environment
 
 pytestmark = pytest.mark.slow
 MODEL = "smollm2-135m"
@@ -88,11 +88,6 @@ def test_tool_choice_errors(node: NodeProcess) -> None:
     assert reply.status_code == 400
 
 
-def opencode_binary() -> str | None:
-    local = REPO / ".tools" / "node_modules" / ".bin" / "opencode"
-    return str(local) if local.exists() else shutil.which("opencode")
-
-
 def test_opencode_session_completes_without_protocol_error(
     node: NodeProcess, tmp_path: Path
 ) -> None:
@@ -102,31 +97,8 @@ def test_opencode_session_completes_without_protocol_error(
         if os.environ.get("CI"):
             pytest.fail(message)
         pytest.skip(message)
-    config = {
-        "$schema": "https://opencode.ai/config.json",
-        "provider": {
-            "exo": {
-                "npm": "@ai-sdk/openai-compatible",
-                "name": "exo-tools",
-                "options": {"baseURL": f"{node.url}/v1", "apiKey": "unused"},
-                # A small output limit keeps the session short on a 2-core CPU.
-                "models": {MODEL: {"tool_call": True, "limit": {"context": 8192, "output": 96}}},
-            }
-        },
-        "model": f"exo/{MODEL}",
-        # Titles are written by the "small model"; it must be the node too (offline).
-        "small_model": f"exo/{MODEL}",
-        "autoupdate": False,
-        "share": "disabled",
-    }
-    (tmp_path / "opencode.json").write_text(json.dumps(config))
     (tmp_path / "notes.txt").write_text("hello\n")
-    env = dict(
-        os.environ,
-        HOME=str(tmp_path),
-        XDG_CONFIG_HOME=str(tmp_path / ".config"),
-        OPENCODE_CONFIG=str(tmp_path / "opencode.json"),
-    )
+    env = opencode_environment(tmp_path, node.url, MODEL, output_limit=96)
     result = subprocess.run(
         [
             binary,

@@ -231,12 +231,17 @@ def _valid_document(text: str) -> str:
     return ""
 
 
-def _report(title: str, rows: list[tuple[str, str, str, str]]) -> None:
+def _report(title: str, rows: list[tuple[str, str, str, str]], constrained: int) -> None:
+    """Print each output, then how many were valid: the first `constrained` rows ran under
+    the grammar, the rest (if any) without."""
     print(f"\n== {title}")
     for prompt, label, problem, text in rows:
         print(
             f"[{label:>13}] {'OK ' if not problem else 'BAD'} {prompt[:40]!r}: {problem} {text[:110]!r}"
         )
+    valid = sum(1 for row in rows[:constrained] if not row[2])
+    free = sum(1 for row in rows[constrained:] if not row[2])
+    print(f"valid: constrained {valid}/{constrained}, unconstrained {free}/{constrained}")
 
 
 def test_required_tool_calls_are_valid(generator: Generator) -> None:
@@ -264,12 +269,8 @@ def test_required_tool_calls_are_valid(generator: Generator) -> None:
     for user, prompt in zip(TOOL_PROMPTS, prompts, strict=True) if COMPARE_TOKENS else ():
         out = generator.generate(prompt, None, COMPARE_TOKENS)
         rows.append((user, "unconstrained", _valid_calls(out.text)[1], out.text))
-    _report(f"tool_choice=required ({constrained_seconds:.1f}s constrained)", rows)
-    valid = sum(1 for row in rows[: len(TOOL_PROMPTS)] if not row[2])
-    free = sum(1 for row in rows[len(TOOL_PROMPTS) :] if not row[2])
-    print(
-        f"valid: constrained {valid}/{len(TOOL_PROMPTS)}, unconstrained {free}/{len(TOOL_PROMPTS)}"
-    )
+    title = f"tool_choice=required ({constrained_seconds:.1f}s constrained)"
+    _report(title, rows, len(TOOL_PROMPTS))
     assert not failures, "\n".join(failures)
 
 
@@ -312,12 +313,7 @@ def test_json_schema_documents_are_valid(generator: Generator) -> None:
     for user, prompt in zip(JSON_PROMPTS, prompts, strict=True) if COMPARE_TOKENS else ():
         out = generator.generate(prompt, None, COMPARE_TOKENS)
         rows.append((user, "unconstrained", _valid_document(out.text), out.text))
-    _report("response_format json_schema", rows)
-    valid = sum(1 for row in rows[: len(JSON_PROMPTS)] if not row[2])
-    free = sum(1 for row in rows[len(JSON_PROMPTS) :] if not row[2])
-    print(
-        f"valid: constrained {valid}/{len(JSON_PROMPTS)}, unconstrained {free}/{len(JSON_PROMPTS)}"
-    )
+    _report("response_format json_schema", rows, len(JSON_PROMPTS))
     assert not failures, "\n".join(failures)
 
 

@@ -27,7 +27,6 @@ from .placement import (
     Placement,
     PlacementError,
     PlacementView,
-    Stage,
     plan_placement,
 )
 from .worker import Worker
@@ -39,16 +38,6 @@ STABLE_S = 1.0  # membership unchanged this long before placing
 BREAK_SETTLE_S = 3.0  # after a stream broke: longer than liveness needs to drop a dead node
 RETRY_S = 3.0
 LOAD_TIMEOUT_S = 600.0
-
-
-def _describe_stage(stage: Stage) -> str:
-    if stage.tensor is None:
-        return f"{stage.node_id}[{stage.start_layer},{stage.end_layer})"
-    part = stage.tensor
-    return (
-        f"{stage.node_id} rank {part.rank}: KV heads [{part.kv_head_start},{part.kv_head_end}) "
-        f"MLP [{part.mlp_start},{part.mlp_end})"
-    )
 
 
 class Coordinator:
@@ -225,7 +214,7 @@ class Coordinator:
             placement.model_id,
             placement.parallelism,
             epoch,
-            ", ".join(_describe_stage(stage) for stage in placement.stages),
+            "; ".join(f"{stage.node_id} {stage.share()}" for stage in placement.stages),
         )
         results = await asyncio.gather(
             *(self._load_stage(placement, index) for index in range(len(placement.stages))),

@@ -117,6 +117,16 @@ class Stage:
     def n_layers(self) -> int:
         return self.end_layer - self.start_layer
 
+    def share(self) -> str:
+        """What of the model this stage holds, in words."""
+        part = self.tensor
+        if part is None:
+            return f"layers [{self.start_layer}, {self.end_layer})"
+        return (
+            f"KV heads [{part.kv_head_start}, {part.kv_head_end}) and MLP columns "
+            f"[{part.mlp_start}, {part.mlp_end})"
+        )
+
 
 @dataclass(frozen=True)
 class Placement:
@@ -169,24 +179,30 @@ def _ordered(nodes: list[NodeResources], master_id: str) -> list[NodeResources]:
     return master + others
 
 
+def _misfit(layout: ModelLayout, chosen: list[NodeResources], stages: list[Stage]) -> str | None:
+    """Why the first stage whose weights plus KV budget outgrow its node does not fit."""
+    for node, stage in zip(chosen, stages, strict=True):
+        if stage.tensor is not None:
+            need = layout.tensor_bytes(stage.tensor)
+        else:
+            need = layout.stage_bytes(stage.start_layer, stage.end_layer)
+        have = int(node.memory_available * MEMORY_HEADROOM)
+        if need > have:
+            return (
+                f"node {node.node_id} would hold {stage.share()} needing {need / 2**20:.0f} MiB "
+                f"(weights + KV budget) but has {have / 2**20:.0f} MiB usable"
+            )
+    return None
+
+
 def _try(layout: ModelLayout, chosen: list[NodeResources]) -> tuple[list[Stage], str | None]:
     counts = split_layers(layout.n_layers, [n.memory_available for n in chosen])
     stages: list[Stage] = []
     start = 0
-    problem: str | None = None
     for node, count in zip(chosen, counts, strict=True):
-        stage = Stage(node.node_id, start, start + count)
-        need = layout.stage_bytes(stage.start_layer, stage.end_layer)
-        have = int(node.memory_available * MEMORY_HEADROOM)
-        if need > have and problem is None:
-            problem = (
-                f"node {node.node_id} would hold layers [{stage.start_layer}, {stage.end_layer}) "
-                f"needing {need / 2**20:.0f} MiB (weights + KV budget) but has "
-                f"{have / 2**20:.0f} MiB usable"
-            )
-        stages.append(stage)
+        stages.append(Stage(node.node_id, start, start + count))
         start += count
-    return stages, problem
+    return stages, _misfit(layout, chosen, stages)
 
 
 # MLP columns are cut in multiples of this (or the largest power of two dividing the width),
@@ -247,20 +263,11 @@ def split_tensor(layout: ModelLayout, weights: list[float]) -> list[TensorSlice]
 
 def _try_tensor(layout: ModelLayout, chosen: list[NodeResources]) -> tuple[list[Stage], str | None]:
     slices = split_tensor(layout, _capability_weights(chosen))
-    stages: list[Stage] = []
-    problem: str | None = None
-    for node, part in zip(chosen, slices, strict=True):
-        need = layout.tensor_bytes(part)
-        have = int(node.memory_available * MEMORY_HEADROOM)
-        if need > have and problem is None:
-            problem = (
-                f"node {node.node_id} would hold KV heads [{part.kv_head_start}, "
-                f"{part.kv_head_end}) and MLP columns [{part.mlp_start}, {part.mlp_end}) "
-                f"needing {need / 2**20:.0f} MiB (weights + KV budget) but has "
-                f"{have / 2**20:.0f} MiB usable"
-            )
-        stages.append(Stage(node.node_id, 0, layout.n_layers, tensor=part))
-    return stages, problem
+    stages = [
+        Stage(node.node_id, 0, layout.n_layers, tensor=part)
+        for node, part in zip(chosen, slices, strict=True)
+    ]
+    return stages, _misfit(layout, chosen, stages)
 
 
 def plan_placement(

@@ -402,7 +402,6 @@ class Worker(node_pb2_grpc.WorkerServicer):
             model=TensorShardModel(loaded.model, loaded.shard, tensor, collective),
             eos_token_ids=loaded.tokenizer.eos_token_ids,
             n_stages=1,
-            tensor_rank=tensor.rank,
             broadcast=broadcast if tensor.is_root else None,
         )
 

@@ -89,14 +89,18 @@ class InstalledStage:
     n_stages: int
     # Thread-safe: hands a message to the stream towards the next stage (None: one stage).
     send: Send | None = None
-    # Tensor parallelism: this member's rank (None: pipeline), and on rank 0 the function
-    # that hands each forward pass's command to every other member.
-    tensor_rank: int | None = None
+    # Tensor rank 0: hands each forward pass's command to every other member.
     broadcast: Send | None = None
 
     @property
+    def tensor_rank(self) -> int | None:
+        """This member's tensor-parallel rank; None in a pipeline."""
+        return self.model.part.rank if isinstance(self.model, TensorShardModel) else None
+
+    @property
     def is_tensor_follower(self) -> bool:
-        return self.tensor_rank is not None and self.tensor_rank > 0
+        rank = self.tensor_rank
+        return rank is not None and rank > 0
 
     @property
     def collective(self) -> TensorCollective | None:
@@ -435,9 +439,8 @@ class StageEngine:
             epoch=stage.epoch,
             step=origin.passes,
             hidden=to_proto(hidden),
-            sent_ns=time.time_ns(),
         )
-        stage.broadcast(message)
+        self._broadcast(stage, message)
         collective.begin(origin.request_id, origin.passes)
         return stage.model.forward(hidden, cache)
 
@@ -496,10 +499,11 @@ class StageEngine:
         self._drop(origin.request_id)
         stage = self._stage
         if stage is not None and stage.broadcast is not None and origin.passes:
-            stage.broadcast(
+            self._broadcast(
+                stage,
                 node_pb2.ActivationMessage(
                     request_id=origin.request_id, epoch=stage.epoch, release=True
-                )
+                ),
             )
         if stage is not None and stage.n_stages > 1 and origin.sent_first:
             # Follows the request's last work down the same streams, so it frees every
@@ -629,7 +633,14 @@ class StageEngine:
         self._send(stage, reply)
 
     def _send(self, stage: InstalledStage, message: node_pb2.ActivationMessage) -> None:
-        if stage.send is None:
-            raise RuntimeError("this stage has no next stage to send to")
-        message.sent_ns = time.time_ns()
-        stage.send(message)
+        self._stamped(stage.send, message, "this stage has no next stage to send to")
+
+    def _broadcast(self, stage: InstalledStage, message: node_pb2.ActivationMessage) -> None:
+        self._stamped(stage.broadcast, message, "this member does not drive tensor passes")
+
+    @staticmethod
+    def _stamped(send: Send | None, message: node_pb2.ActivationMessage, missing: str) -> None:
+        if send is None:
+            raise RuntimeError(missing)
+        message.sent_ns = time.time_ns()  # for the receiver's per-hop statistics
+        send(message)

@@ -87,26 +87,29 @@ def tensor_config(config: dict[str, Any], part: TensorSlice) -> dict[str, Any]:
     return local
 
 
-# Which projections are cut along their output rows or input columns, and by what.
-_ROWS_BY_QUERY_HEADS = ("self_attn.q_proj",)
-_ROWS_BY_KV_HEADS = ("self_attn.k_proj", "self_attn.v_proj")
-_COLUMNS_BY_QUERY_HEADS = ("self_attn.o_proj",)
-_ROWS_BY_MLP = ("mlp.gate_proj", "mlp.up_proj")
-_COLUMNS_BY_MLP = ("mlp.down_proj",)
-_SLICED = (
-    _ROWS_BY_QUERY_HEADS + _ROWS_BY_KV_HEADS + _COLUMNS_BY_QUERY_HEADS + _ROWS_BY_MLP
-) + _COLUMNS_BY_MLP
+# How each block projection is cut: along its output rows or its input columns, by the
+# member's range of query heads, KV heads or MLP columns.
+_CUTS = {
+    "self_attn.q_proj": ("rows", "query"),
+    "self_attn.k_proj": ("rows", "kv"),
+    "self_attn.v_proj": ("rows", "kv"),
+    "self_attn.o_proj": ("columns", "query"),
+    "mlp.gate_proj": ("rows", "mlp"),
+    "mlp.up_proj": ("rows", "mlp"),
+    "mlp.down_proj": ("columns", "mlp"),
+}
 
 
-def _module_of(name: str) -> tuple[str, str, str] | None:
-    """("model.layers.N", "self_attn.q_proj", "weight") for a block projection's parameter."""
+def _projection_of(name: str) -> tuple[str, str] | None:
+    """("model.layers.N.self_attn.q_proj", "self_attn.q_proj") for a block projection's
+    parameter, None for anything else."""
     parts = name.split(".")
     if len(parts) < 6 or parts[0] != "model" or parts[1] != "layers":
         return None
     projection = ".".join(parts[3:-1])
-    if projection not in _SLICED:
+    if projection not in _CUTS:
         return None
-    return ".".join(parts[:3]), projection, parts[-1]
+    return ".".join(parts[:-1]), projection
 
 
 def _copy(array: mx.array) -> mx.array:
@@ -128,29 +131,21 @@ def slice_weights(
     replace its triple by a dense weight and drop it from `quantization`.
     """
     shape = AttentionShape.of(config)
-    q_rows = (
-        part.kv_head_start * shape.group * shape.head_dim,
-        part.kv_head_end * shape.group * shape.head_dim,
-    )
-    kv_rows = (part.kv_head_start * shape.head_dim, part.kv_head_end * shape.head_dim)
-    mlp = (part.mlp_start, part.mlp_end)
+    ranges = {
+        "query": (
+            part.kv_head_start * shape.group * shape.head_dim,
+            part.kv_head_end * shape.group * shape.head_dim,
+        ),
+        "kv": (part.kv_head_start * shape.head_dim, part.kv_head_end * shape.head_dim),
+        "mlp": (part.mlp_start, part.mlp_end),
+    }
     cuts: dict[str, tuple[str, tuple[int, int]]] = {}
     for name in weights:
-        found = _module_of(name)
-        if found is None:
-            continue
-        prefix, projection, _ = found
-        module = f"{prefix}.{projection}"
-        if projection in _ROWS_BY_QUERY_HEADS:
-            cuts[module] = ("rows", q_rows)
-        elif projection in _ROWS_BY_KV_HEADS:
-            cuts[module] = ("rows", kv_rows)
-        elif projection in _COLUMNS_BY_QUERY_HEADS:
-            cuts[module] = ("columns", q_rows)
-        elif projection in _ROWS_BY_MLP:
-            cuts[module] = ("rows", mlp)
-        else:
-            cuts[module] = ("columns", mlp)
+        found = _projection_of(name)
+        if found is not None:
+            module, projection = found
+            axis, by = _CUTS[projection]
+            cuts[module] = (axis, ranges[by])
     for module, (axis, (start, end)) in cuts.items():
         params = quantization.get(module)
         if axis == "columns" and params is not None:

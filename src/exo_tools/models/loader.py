@@ -85,23 +85,35 @@ def _shard_config(config: dict[str, Any], shard: Shard) -> dict[str, Any]:
     return local
 
 
-def _keep_for_shard(name: str, shard: Shard, tied: bool) -> str | None:
-    """The parameter's name inside the shard model, or None when the shard doesn't need it."""
-    index = layer_index(name)
-    if index is not None:
-        if not shard.contains(index):
-            return None
-        suffix = name.split(".", 3)[3]
-        return f"model.layers.{index - shard.start_layer}.{suffix}"
-    if name.startswith("model.embed_tokens."):
-        return name if shard.is_first or (tied and shard.is_last) else None
-    if name.startswith(("model.norm.", "lm_head.")):
-        return name if shard.is_last else None
-    return name
+@dataclass(frozen=True)
+class _Keep:
+    """Which parts of the model a node holds: its shard's blocks, and maybe the embedding
+    and the final norm + output head."""
 
+    shard: Shard
+    embedding: bool
+    head: bool
 
-def _outside_blocks(name: str) -> bool:
-    return name.startswith(("model.embed_tokens.", "model.norm.", "lm_head."))
+    @classmethod
+    def of(cls, shard: Shard, tied: bool, tensor: TensorSlice | None) -> _Keep:
+        # Tensor members other than rank 0 neither embed nor sample.
+        bare = tensor is not None and not tensor.is_root
+        embedding = not bare and (shard.is_first or (tied and shard.is_last))
+        return cls(shard, embedding, not bare and shard.is_last)
+
+    def name(self, name: str) -> str | None:
+        """The parameter's name inside the node's model, or None when it doesn't need it."""
+        index = layer_index(name)
+        if index is not None:
+            if not self.shard.contains(index):
+                return None
+            suffix = name.split(".", 3)[3]
+            return f"model.layers.{index - self.shard.start_layer}.{suffix}"
+        if name.startswith("model.embed_tokens."):
+            return name if self.embedding else None
+        if name.startswith(("model.norm.", "lm_head.")):
+            return name if self.head else None
+        return name
 
 
 def parameter_arrays(module: nn.Module) -> list[tuple[str, mx.array]]:
@@ -244,19 +256,18 @@ def _load(
     tied = bool(getattr(model.args, "tie_word_embeddings", False))
     if hasattr(model, "sanitize"):
         weights = model.sanitize(weights)
-    # Tensor members other than rank 0 neither embed nor sample.
-    bare = tensor is not None and not tensor.is_root
+    keep = _Keep.of(shard, tied, tensor)
 
     local: dict[str, mx.array] = {}
     for name, value in weights.items():
-        target = _keep_for_shard(name, shard, tied)
-        if target is not None and not (bare and _outside_blocks(target)):
+        target = keep.name(name)
+        if target is not None:
             local[target] = value
     del weights
     local_quant: dict[str, dict[str, int]] = {}
     for module, params in quantization.items():
-        kept = _keep_for_shard(f"{module}.weight", shard, tied)
-        if kept is not None and not (bare and _outside_blocks(kept)):
+        kept = keep.name(f"{module}.weight")
+        if kept is not None:
             local_quant[kept.removesuffix(".weight")] = params
     if tensor is not None:
 
@@ -290,9 +301,9 @@ def _load(
         )
     # Modules the shard does not need are dropped so they never take memory.
     inner = model.model
-    if bare or not (shard.is_first or (tied and shard.is_last)):
+    if not keep.embedding:
         inner.pop("embed_tokens", None)
-    if bare or not shard.is_last:
+    if not keep.head:
         inner.pop("norm", None)
         model.pop("lm_head", None)
     try:
