@@ -334,7 +334,7 @@ def test_constrained_requests_through_two_nodes(model_path: Path, parallelism: s
             url = f"{cluster.master.url}/v1/chat/completions"
             reply = requests.post(url, json=body, timeout=300)
             assert reply.status_code == 200, reply.text
-            return reply.json()["choices"][0]
+            return reply.json()
 
         named = {"type": "function", "function": {"name": "bash"}}
         for prompt, choice in [
@@ -344,7 +344,7 @@ def test_constrained_requests_through_two_nodes(model_path: Path, parallelism: s
         ]:
             message = {"role": "user", "content": prompt}
             body = {"messages": [message], "tools": TOOLS, "tool_choice": choice}
-            answer = chat({**body, "parallel_tool_calls": False})
+            answer = chat({**body, "parallel_tool_calls": False})["choices"][0]
             assert answer["finish_reason"] == "tool_calls", answer
             calls = answer["message"]["tool_calls"]
             assert len(calls) == 1, calls
@@ -360,8 +360,18 @@ def test_constrained_requests_through_two_nodes(model_path: Path, parallelism: s
                 "type": "json_schema",
                 "json_schema": {"name": "p", "schema": PERSON},
             }
-            answer = chat({"messages": messages, "response_format": response_format})
+            reply = chat({"messages": messages, "response_format": response_format})
+            answer = reply["choices"][0]
             assert answer["finish_reason"] == "stop", answer
             assert not _valid_document(answer["message"]["content"]), answer
+            # A budget shorter than the model's own document: the sampler closes it in time
+            # (without the budget the reply would be cut mid-document).
+            budget = 18
+            assert reply["usage"]["completion_tokens"] > budget, reply
+            short = chat(
+                {"messages": messages, "response_format": response_format, "max_tokens": budget}
+            )
+            assert short["usage"]["completion_tokens"] <= budget, short
+            assert not _valid_document(short["choices"][0]["message"]["content"]), short
     finally:
         cluster.stop()

@@ -102,6 +102,11 @@ def test_spec_round_trip_names_kind_and_tokenizer() -> None:
     assert spec.tokenizer == KEY
     assert "<tool_call>" in spec.grammar
     assert C.ConstraintSpec.parse(spec.serialize()) == spec
+    budgeted = C.ConstraintSpec.parse(
+        C.tool_call_constraint(TOOLS, "qwen3_coder", tokenizer=KEY, budget=64)
+    )
+    assert (budgeted.budget, budgeted.closers) == (64, ("\n</parameter>", "</function>"))
+    assert C.ConstraintSpec.parse(budgeted.serialize()) == budgeted
 
 
 @pytest.mark.parametrize(
@@ -112,6 +117,8 @@ def test_spec_round_trip_names_kind_and_tokenizer() -> None:
         ('{"v": 9, "kind": "json_object", "grammar": "x"}', "version"),
         ('{"v": 1, "kind": "regexp", "grammar": "x"}', "unknown constraint kind"),
         ('{"v": 1, "kind": "json_object", "grammar": ""}', "no grammar"),
+        ('{"v": 1, "kind": "json_object", "grammar": "x", "budget": 0}', "budget"),
+        ('{"v": 1, "kind": "json_object", "grammar": "x", "closers": [""]}', "closers"),
     ],
 )
 def test_malformed_specs_are_rejected(text: str, message: str) -> None:
@@ -538,3 +545,101 @@ def test_lazy_tool_grammar_flag_is_off_by_default_and_can_be_set_either_way() ->
     assert parser.parse_args(["node"]).lazy_tool_grammar is False
     assert parser.parse_args(["node", "--lazy-tool-grammar"]).lazy_tool_grammar is True
     assert parser.parse_args(["node", "--no-lazy-tool-grammar"]).lazy_tool_grammar is False
+
+
+# the token budget: outputs close before max_tokens
+
+
+NESTED_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string"},
+        "tags": {"type": "array", "items": {"type": "string"}},
+        "age": {"type": "integer"},
+        "address": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}, "zip": {"type": "string"}},
+            "required": ["city", "zip"],
+        },
+    },
+    "required": ["name", "tags", "age", "address"],
+}
+
+
+def _looping(sampler: Sampler, tokenizer: TextTokenizer, favourite: str, budget: int) -> str:
+    """Generate `budget` tokens at most from a model that always prefers `favourite`'s
+    tokens (in order): the small model that repeats itself inside a string."""
+    preferred = tokenizer.encode(favourite)
+    eos = frozenset(tokenizer.eos_token_ids)
+    ids: list[int] = []
+    for _ in range(budget):
+        logits = np.zeros((1, tokenizer.vocab_size), dtype=np.float32)
+        for rank, token in enumerate(preferred):
+            logits[0, token] = 10.0 - rank
+        token = int(sampler(mx.array(logits)).item())
+        if token in eos:
+            break
+        ids.append(token)
+    return tokenizer.decode(ids)
+
+
+@pytest.mark.parametrize("budget", [32, 48, 80, 200])
+def test_budget_closes_a_looping_document_in_time(tokenizer: TextTokenizer, budget: int) -> None:
+    spec = C.json_schema_constraint(NESTED_SCHEMA, tokenizer=KEY, budget=budget)
+    sampler = Sampler(SamplingParams(temperature=0.0, constraint=spec))
+    text = _looping(sampler, tokenizer, "a", budget)
+    jsonschema.validate(json.loads(text), NESTED_SCHEMA)
+    assert sampler.constraint is not None and sampler.constraint.steered
+    # The model's own text is kept up to the point the budget needed the rest.
+    assert text.startswith('{"name": "aaa')
+
+
+def test_without_budget_the_loop_runs_to_the_cut(tokenizer: TextTokenizer) -> None:
+    spec = C.json_schema_constraint(NESTED_SCHEMA, tokenizer=KEY)
+    sampler = Sampler(SamplingParams(temperature=0.0, constraint=spec))
+    text = _looping(sampler, tokenizer, "a", 48)
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(text)
+    assert sampler.constraint is not None and not sampler.constraint.steered
+
+
+def test_budget_leaves_a_document_that_fits_alone(tokenizer: TextTokenizer) -> None:
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}
+    spec = C.json_schema_constraint(schema, tokenizer=KEY, budget=64)
+    sampler = Sampler(SamplingParams(temperature=0.0, constraint=spec))
+    assert _looping(sampler, tokenizer, '{"ok": true}', 64) == '{"ok": true}'
+    assert sampler.constraint is not None and not sampler.constraint.steered
+
+
+def test_budget_ends_an_ever_growing_array(tokenizer: TextTokenizer) -> None:
+    schema = {"type": "array", "items": {"type": "integer"}}
+    spec = C.json_schema_constraint(schema, tokenizer=KEY, budget=24)
+    sampler = Sampler(SamplingParams(temperature=0.0, constraint=spec))
+    values = json.loads(_looping(sampler, tokenizer, "[7, ", 24))
+    assert isinstance(values, list) and values and all(isinstance(v, int) for v in values)
+    assert sampler.constraint is not None and sampler.constraint.steered
+
+
+@pytest.mark.parametrize("fmt", ["hermes", "llama3_json", "qwen3_coder"])
+def test_budget_closes_tool_calls_in_every_format(tokenizer: TextTokenizer, fmt: str) -> None:
+    budget = 64
+    spec = C.tool_call_constraint(TOOLS, fmt, tokenizer=KEY, budget=budget, parallel=False)
+    sampler = Sampler(SamplingParams(temperature=0.0, constraint=spec))
+    text = _looping(sampler, tokenizer, "a", budget)
+    assert sampler.constraint is not None and sampler.constraint.steered
+    calls = parse_tool_calls(text, TOOLS, fmt).tool_calls
+    assert len(calls) == 1, text
+    schema = next(
+        t["function"]["parameters"] for t in TOOLS if t["function"]["name"] == calls[0].name
+    )
+    jsonschema.validate(calls[0].arguments, schema)
+
+
+def test_budget_too_small_for_any_document_is_left_to_the_model(
+    tokenizer: TextTokenizer,
+) -> None:
+    # The shortest valid document takes more tokens than the budget: no steering, no error.
+    spec = C.json_schema_constraint(NESTED_SCHEMA, tokenizer=KEY, budget=6)
+    sampler = Sampler(SamplingParams(temperature=0.0, constraint=spec))
+    _looping(sampler, tokenizer, "a", 6)
+    assert sampler.constraint is not None and not sampler.constraint.steered

@@ -30,7 +30,7 @@ from exo_tools.proto import node_pb2
 CONFIG: dict[str, Any] = {
     "model_type": "llama",
     "hidden_size": 128,
-    "num_hidden_layers": 2,
+    "num_hidden_layers": 5,
     "intermediate_size": 256,
     "num_attention_heads": 6,
     "num_key_value_heads": 3,
@@ -142,8 +142,9 @@ def test_members_sum_to_the_full_model(parts: list[TensorSlice], quantized: bool
     got, collectives = run_members(full, parts, tokens, quantized)
     assert got.shape == expected.shape
     assert mx.allclose(got, expected, atol=1e-4, rtol=1e-4).item()
-    # 2 layers x 2 phases, each member once.
-    assert all(len(c.latencies_us) == 4 for c in collectives)
+    # Every layer's two phases, each member once.
+    calls = 2 * CONFIG["num_hidden_layers"]
+    assert all(len(c.latencies_us) == calls for c in collectives)
 
 
 def test_member_holds_only_its_slice() -> None:

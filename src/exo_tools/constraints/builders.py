@@ -70,13 +70,22 @@ def _check_schema(schema: Any, where: str) -> None:
         raise ConstraintError(f"unsupported JSON schema in {where}: {detail}")
 
 
-def _finish(kind: ConstraintKind, lark: str, tokenizer: str | None) -> str:
+def _finish(
+    kind: ConstraintKind,
+    lark: str,
+    tokenizer: str | None,
+    budget: int | None,
+    closers: tuple[str, ...] = (),
+) -> str:
     grammar = LLMatcher.grammar_from_lark(lark)
     error = LLMatcher.validate_grammar(grammar)
     if error and not error.startswith("WARNING"):
         # Schemas were checked one by one, so this is a bug in the builder, not the input.
         raise ConstraintError(f"internal grammar error: {error.strip().splitlines()[0]}")
-    return ConstraintSpec(kind=kind, grammar=grammar, tokenizer=tokenizer).serialize()
+    spec = ConstraintSpec(
+        kind=kind, grammar=grammar, tokenizer=tokenizer, budget=budget, closers=closers
+    )
+    return spec.serialize()
 
 
 # Schema keywords whose values are data, not subschemas.
@@ -154,6 +163,9 @@ def _chosen(
 _CALL_SEPARATORS = {"hermes": "\n", "llama3_json": "; ", "qwen3_coder": "\n"}
 # Formats whose calls open with a fixed tag, the trigger of the lazy grammar.
 _LAZY_TRIGGERS = {"hermes": HERMES_OPEN, "qwen3_coder": HERMES_OPEN}
+# Endings that close a value no JSON character can: Qwen3-Coder's raw string values
+# accept every character up to the closing tag.
+_CLOSERS: dict[str, tuple[str, ...]] = {"qwen3_coder": ("\n</parameter>", "</function>")}
 TOOL_CALL_FORMATS = frozenset(_CALL_SEPARATORS)
 LAZY_TOOL_CALL_FORMATS = frozenset(_LAZY_TRIGGERS)
 
@@ -265,6 +277,7 @@ def tool_call_constraint(
     parallel: bool = True,
     max_calls: int = 4,
     tokenizer: str | None = None,
+    budget: int | None = None,
 ) -> str:
     """Output = one or more tool calls in `fmt` (`tool_choice` "required" or a named
     function); exactly one when `parallel` is False or a function is named, at most
@@ -277,7 +290,7 @@ def tool_call_constraint(
     separator = _lit(_CALL_SEPARATORS[fmt])
     start = f"start: call ({separator} call){{0,{more}}}" if repeat and more else "start: call"
     lark = "\n".join(["%llguidance {}", start, *_call_rules(entries, fmt)])
-    return _finish("tool_calls", lark, tokenizer)
+    return _finish("tool_calls", lark, tokenizer, budget, _CLOSERS.get(fmt, ()))
 
 
 def lazy_tool_call_constraint(
@@ -286,6 +299,7 @@ def lazy_tool_call_constraint(
     *,
     parallel: bool = True,
     tokenizer: str | None = None,
+    budget: int | None = None,
 ) -> str:
     """`tool_choice` "auto": free text until the format's start tag, then the rest of the
     call constrained (a lazy lexeme in llguidance: it ends at the first `<tool_call>`).
@@ -311,15 +325,18 @@ def lazy_tool_call_constraint(
     else:
         lark_lines.insert(1, "start: TEXT | lazy_call")
     lark = "\n".join([*lark_lines, *rules[1:]])
-    return _finish("lazy_tool_calls", lark, tokenizer)
+    return _finish("lazy_tool_calls", lark, tokenizer, budget, _CLOSERS.get(fmt, ()))
 
 
-def json_object_constraint(*, tokenizer: str | None = None) -> str:
+def json_object_constraint(*, tokenizer: str | None = None, budget: int | None = None) -> str:
     """`response_format: {"type": "json_object"}`: any JSON object."""
-    return _finish("json_object", f"start: {_schema_grammar({'type': 'object'})}", tokenizer)
+    grammar = f"start: {_schema_grammar({'type': 'object'})}"
+    return _finish("json_object", grammar, tokenizer, budget)
 
 
-def json_schema_constraint(schema: Mapping[str, Any], *, tokenizer: str | None = None) -> str:
+def json_schema_constraint(
+    schema: Mapping[str, Any], *, tokenizer: str | None = None, budget: int | None = None
+) -> str:
     """`response_format: {"type": "json_schema", ...}`: a document valid against `schema`."""
     _check_schema(schema, "response_format schema")
-    return _finish("json_schema", f"start: {_schema_grammar(schema)}", tokenizer)
+    return _finish("json_schema", f"start: {_schema_grammar(schema)}", tokenizer, budget)

@@ -3,12 +3,20 @@
 llguidance computes the allowed-token bitmask on the CPU (one bit per tokenizer id) and
 we apply it to the MLX logits ourselves: llguidance.mlx needs Metal, and unpacking
 6 KiB of bits with numpy costs microseconds anywhere.
+
+With a token budget (the request's max_tokens) the output is steered to a complete
+document before the budget runs out: when the sampled token would leave too few tokens
+to close what is open, the sampler follows the shortest closing path it finds instead
+(closers, empty values, forced keys). A small model looping inside a string then still
+returns a valid, shorter document rather than one cut in the middle.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections import deque
+from collections.abc import Callable
 from typing import Any, cast
 
 import llguidance
@@ -22,6 +30,25 @@ from .registry import RegisteredTokenizer, get_tokenizer
 from .spec import ConstraintSpec
 
 log = logging.getLogger(__name__)
+
+# Characters a closing path is built from, in the order tried. Inside a string the quote
+# ends it; elsewhere container closers come first. Then the shortest values (0, "", true,
+# false, null) and separators; letters last, for keys and enum values the grammar does
+# not force outright.
+_STRING_ORDER = '"}]'
+_STRUCTURE_ORDER = '}]"'
+_OTHER_CHARACTERS = (
+    "0,: 123456789tfn-.e{[\n" + "abcdghijklmopqrsuvwxyz" + "ABCDEFGHIJKLMNOPQRSTUVWXYZ" + "_/\\"
+)
+# A character that JSON allows only inside a string: whether it may come next tells
+# the two orders apart.
+_STRING_PROBE = "x"
+# The longest closing path searched for; a grammar that needs more is left alone.
+_MAX_CLOSING_TOKENS = 256
+# Far from the budget's end the closing cost is re-measured only every few tokens: it
+# grows by a few tokens at most per token sampled, and a search costs 0.3-1 ms here.
+_CHECK_EVERY = 8
+_CHECK_SLACK = 16
 
 
 class TokenConstraint:
@@ -42,6 +69,10 @@ class TokenConstraint:
         self._allowed: npt.NDArray[np.bool_] | None = None
         self._eos_only: mx.array | None = None
         self.tokens_consumed = 0
+        # Tokens of a closing path still to emit (the budget's end is near).
+        self._closing: deque[int] = deque()
+        self._closing_cost = 0
+        self.steered = False
         # CPU time spent computing masks (for the benchmark and logs), and how many.
         self.mask_seconds = 0.0
         self.masks_computed = 0
@@ -94,6 +125,107 @@ class TokenConstraint:
         if not allowed.any():  # cannot happen with a sound grammar; never emit garbage
             return self._only_eos(logits)
         return mx.where(_to_mlx(allowed), logits, -mx.inf)
+
+    def choose(self, logits: mx.array, sample: Callable[[mx.array], mx.array]) -> int:
+        """The next token: `sample` of the masked logits, unless the budget needs the
+        output closed now (then the next token of the closing path)."""
+        if self._closing:
+            return self._closing.popleft()
+        token = cast(int, sample(self.mask_logits(logits)).item())
+        return self._within_budget(token)
+
+    def _within_budget(self, token: int) -> int:
+        matcher = self._matcher
+        budget = self.spec.budget
+        if budget is None or matcher is None or self.done:
+            return token
+        # Tokens the output may still take after this one.
+        left = budget - self.tokens_consumed - 1
+        near = left <= self._closing_cost + _CHECK_SLACK
+        if not near and self.tokens_consumed % _CHECK_EVERY:
+            return token
+        after = matcher.deep_copy()
+        if after.consume_token(token):
+            path = self._closing_path(after)
+            if path is not None and len(path) <= left:
+                self._closing_cost = len(path)
+                return token
+        plan = self._closing_path(matcher)
+        if plan is None or len(plan) > left + 1:
+            return token  # cannot close in time from here either: leave it to the model
+        self.steered = True
+        if not plan:  # complete already: end here
+            return self._tokenizer.eos_token_ids[0]
+        self._closing.extend(plan[1:])
+        return plan[0]
+
+    def _closing_path(self, start: llguidance.LLMatcher) -> list[int] | None:
+        """A short token path from `start`'s state to one where the output may end (None
+        if none is found within the search limit); `start` itself is left as it was.
+
+        The path is searched character by character, then re-tokenized: the same bytes
+        in the tokenizer's own merges are usually a third fewer tokens."""
+        path = self._search(start.deep_copy(), _MAX_CLOSING_TOKENS, branch=True)
+        if path is None:
+            return None
+        ll = self._tokenizer.ll
+        compact = ll.tokenize_bytes(ll.decode_bytes(path))
+        if len(compact) < len(path):
+            check = start.deep_copy()
+            if check.try_consume_tokens(compact) == len(compact) and check.is_accepting():
+                return compact
+        return path
+
+    def _search(
+        self, matcher: llguidance.LLMatcher, limit: int, *, branch: bool
+    ) -> list[int] | None:
+        """The closing path from `matcher` (consumed), greedy in the character order. With
+        `branch`, where several letters may come outside a string (a key or an enum value:
+        optional keys sort before required ones as often as not) each is followed greedily
+        and the shortest taken."""
+        characters = self._tokenizer.character_tokens
+        closers = [self._tokenizer.ll.tokenize_str(closer) for closer in self.spec.closers]
+        probe = characters.get(_STRING_PROBE)
+        path: list[int] = []
+        while not matcher.is_accepting():
+            if len(path) > limit or matcher.is_error():
+                return None
+            forced = matcher.compute_ff_tokens()
+            taken = matcher.try_consume_tokens(forced) if forced else 0
+            if taken:
+                path += forced[:taken]
+                continue
+            step = next((ids for ids in closers if matcher.validate_tokens(ids) == len(ids)), None)
+            if step is None:
+                in_string = probe is not None and matcher.validate_tokens([probe]) == 1
+                order = (_STRING_ORDER if in_string else _STRUCTURE_ORDER) + _OTHER_CHARACTERS
+                allowed = [
+                    (character, token)
+                    for character in order
+                    if (token := characters.get(character)) is not None
+                    and matcher.validate_tokens([token]) == 1
+                ]
+                if not allowed:
+                    return None
+                letters = [token for character, token in allowed if character.isalpha()]
+                if branch and not in_string and allowed[0][0].isalpha() and len(letters) > 1:
+                    step = [self._shortest_start(matcher, letters, limit - len(path))]
+                else:
+                    step = [allowed[0][1]]
+            matcher.consume_tokens(step)
+            path += step
+        return path
+
+    def _shortest_start(self, matcher: llguidance.LLMatcher, tokens: list[int], limit: int) -> int:
+        """Of `tokens`, the one whose greedy closing path is shortest."""
+        best, best_length = tokens[0], limit + 1
+        for token in tokens:
+            branch = matcher.deep_copy()
+            branch.consume_token(token)
+            rest = self._search(branch, min(limit, best_length), branch=False)
+            if rest is not None and len(rest) < best_length:
+                best, best_length = token, len(rest)
+        return best
 
     def _only_eos(self, logits: mx.array) -> mx.array:
         if self._eos_only is None or self._eos_only.shape[0] != logits.shape[-1]:

@@ -23,6 +23,9 @@ class RegisteredTokenizer:
     ll: llguidance.LLTokenizer
     # Token ids that end generation; the runner stops on the same set.
     eos_token_ids: tuple[int, ...]
+    # The one-token spelling of each ASCII character that has one: what closing a
+    # document within the token budget is built from (see TokenConstraint).
+    character_tokens: dict[str, int]
 
 
 _lock = threading.Lock()
@@ -41,6 +44,18 @@ def build_ll_tokenizer(tokenizer: TextTokenizer) -> llguidance.LLTokenizer:
         raise ConstraintError(f"cannot build llguidance tokenizer: {error}") from error
 
 
+def _character_tokens(ll: llguidance.LLTokenizer) -> dict[str, int]:
+    found: dict[str, int] = {}
+    for code in range(32, 127):
+        ids = ll.tokenize_str(chr(code))
+        if len(ids) == 1:
+            found[chr(code)] = ids[0]
+    newline = ll.tokenize_str("\n")
+    if len(newline) == 1:
+        found["\n"] = newline[0]
+    return found
+
+
 def register_tokenizer(key: str, tokenizer: TextTokenizer) -> RegisteredTokenizer:
     """Make `tokenizer` available to constraints naming `key` (idempotent per object)."""
     with _lock:
@@ -48,11 +63,13 @@ def register_tokenizer(key: str, tokenizer: TextTokenizer) -> RegisteredTokenize
         if existing is not None and existing.text is tokenizer:
             return existing
     # Built outside the lock: it takes ~1 s and other keys must stay readable.
+    ll = build_ll_tokenizer(tokenizer)
     entry = RegisteredTokenizer(
         key=key,
         text=tokenizer,
-        ll=build_ll_tokenizer(tokenizer),
+        ll=ll,
         eos_token_ids=tuple(sorted(tokenizer.eos_token_ids)),
+        character_tokens=_character_tokens(ll),
     )
     with _lock:
         _registry[key] = entry

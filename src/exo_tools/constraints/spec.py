@@ -3,9 +3,13 @@
 A spec is a small JSON object carrying a compiled llguidance grammar (Lark-like text),
 so the sampling node needs no knowledge of tools or schemas, only the tokenizer:
 
-    {"v": 1, "kind": "tool_calls", "grammar": "...", "tokenizer": "smollm2-135m"}
+    {"v": 1, "kind": "tool_calls", "grammar": "...", "tokenizer": "smollm2-135m",
+     "budget": 256, "closers": ["\n</parameter>"]}
 
 `tokenizer` is the registry key (see registry.py); null means the node's only one.
+`budget` is the request's max_tokens: the sampler steers the output to a complete
+document before it runs out (null: no budget). `closers` are the format's own multi-token
+endings, tried first when steering (JSON's are built in).
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ class ConstraintSpec:
     kind: ConstraintKind
     grammar: str
     tokenizer: str | None = None
+    budget: int | None = None
+    closers: tuple[str, ...] = ()
 
     def serialize(self) -> str:
         return json.dumps(
@@ -35,6 +41,8 @@ class ConstraintSpec:
                 "kind": self.kind,
                 "grammar": self.grammar,
                 "tokenizer": self.tokenizer,
+                "budget": self.budget,
+                "closers": list(self.closers),
             },
             ensure_ascii=False,
             separators=(",", ":"),
@@ -58,4 +66,17 @@ class ConstraintSpec:
             raise ConstraintError("constraint spec has no grammar")
         if tokenizer is not None and not isinstance(tokenizer, str):
             raise ConstraintError("constraint spec 'tokenizer' must be a string or null")
-        return cls(kind=cast(ConstraintKind, kind), grammar=grammar, tokenizer=tokenizer)
+        budget, closers = data.get("budget"), data.get("closers", [])
+        if budget is not None and (not isinstance(budget, int) or budget < 1):
+            raise ConstraintError("constraint spec 'budget' must be a positive integer or null")
+        if not isinstance(closers, list) or not all(
+            isinstance(closer, str) and closer for closer in cast(list[Any], closers)
+        ):
+            raise ConstraintError("constraint spec 'closers' must be a list of strings")
+        return cls(
+            kind=cast(ConstraintKind, kind),
+            grammar=grammar,
+            tokenizer=tokenizer,
+            budget=budget,
+            closers=tuple(cast(list[str], closers)),
+        )

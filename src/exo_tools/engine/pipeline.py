@@ -24,7 +24,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import mlx.core as mx
 
@@ -47,6 +47,8 @@ log = logging.getLogger(__name__)
 SWEEP_INTERVAL_S = 1.0
 DEFAULT_IDLE_TIMEOUT_S = 300.0
 HOP_WINDOW = 128
+# Decode messages the last stage takes off its inbox at once to share one output-head pass.
+MAX_SAMPLE_BATCH = 16
 
 Send = Callable[[node_pb2.ActivationMessage], None]
 
@@ -145,8 +147,16 @@ class _Origin:
     sent_first: bool = False
     waiting: bool = False  # a sampling step is out on the other stages
     passes: int = 0  # forward passes sent to tensor-parallel members
+    # One-stage decode runs a step ahead: the next token, still being computed.
+    ahead: mx.array | None = None
     started: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
+
+
+def _can_run_ahead(sampler: Sampler | None) -> bool:
+    """Sampling needs nothing from the host between steps: no grammar mask to compute
+    from the token, no log-probabilities to read."""
+    return sampler is not None and sampler.params.constraint is None and not sampler.params.logprobs
 
 
 class StageEngine:
@@ -161,6 +171,9 @@ class StageEngine:
         self._origins: dict[str, _Origin] = {}
         self._hops: deque[float] = deque(maxlen=HOP_WINDOW)
         self._refused = 0
+        self._samples_batched = 0  # decode positions sampled in batches of more than one
+        # An inbox item taken while gathering a batch that is not part of it: next in line.
+        self._carried: tuple[str, Any] | None = None
         self._thread = threading.Thread(target=self._run, name="exo-tools-mlx", daemon=True)
         self._last_sweep = time.monotonic()
 
@@ -200,6 +213,7 @@ class StageEngine:
             "hop_us_median": round(statistics.median(hops), 1) if hops else None,
             "hops_measured": len(hops),
             "refused_stale": self._refused,
+            "samples_batched": self._samples_batched,
         }
 
     def install(self, stage: InstalledStage | None, reason: str, timeout: float = 30.0) -> None:
@@ -274,14 +288,22 @@ class StageEngine:
         stream = mx.new_stream(mx.default_device())
         with mx.stream(stream):
             while True:
-                try:
-                    kind, payload = self._inbox.get(timeout=SWEEP_INTERVAL_S)
-                except queue.Empty:
-                    kind, payload = "idle", None
+                if self._carried is not None:
+                    (kind, payload), self._carried = self._carried, None
+                else:
+                    try:
+                        kind, payload = self._inbox.get(timeout=SWEEP_INTERVAL_S)
+                    except queue.Empty:
+                        kind, payload = "idle", None
                 if kind == "stop":
                     break
                 try:
-                    self._handle(kind, payload)
+                    if kind == "net" and self._samples_here(payload):
+                        self._sample_batch(
+                            self._gather_samples(cast(node_pb2.ActivationMessage, payload))
+                        )
+                    else:
+                        self._handle(kind, payload)
                 except Exception:  # one bad message must not stop the stage
                     log.exception("stage failed handling %s", kind)
                 now = time.monotonic()
@@ -396,6 +418,11 @@ class StageEngine:
             origin.prompt_done += count
             sample = False
         else:
+            # Tensor rank 0 is one stage too, but its passes sync with the members.
+            alone = stage.n_stages == 1 and stage.collective is None
+            if alone and _can_run_ahead(entry.sampler):
+                self._decode_ahead(stage, origin, entry)
+                return
             last = origin.next_input if origin.next_input is not None else origin.prompt[-1]
             ids = [last]
             sample = True
@@ -424,6 +451,25 @@ class StageEngine:
         else:
             # Prefill chunks stream on: stage 1 works on this chunk while we run the next.
             self._inbox.put(("step", origin.request_id))
+
+    def _decode_ahead(self, stage: InstalledStage, origin: _Origin, entry: _Cache) -> None:
+        """One decode step of a one-stage placement, run a step ahead as mlx-lm's generate
+        does: the next step's graph is built on the still unevaluated token and queued
+        before this token is read, so building it in Python overlaps the model's compute.
+        A request that ends wastes that one step."""
+        sampler = entry.sampler
+        assert sampler is not None
+        token = origin.ahead
+        if token is None:
+            last = origin.next_input if origin.next_input is not None else origin.prompt[-1]
+            token = sampler(stage.model.forward(mx.array([[last]]), entry.cache)[:, -1, :])
+            mx.async_eval(token)
+        origin.ahead = None
+        if origin.generated + 1 < origin.max_tokens:
+            following = stage.model.forward(token[None], entry.cache)
+            origin.ahead = sampler(following[:, -1, :])
+            mx.async_eval(origin.ahead)
+        self._on_token(origin, cast(int, token.item()))
 
     def _forward_first(
         self, stage: InstalledStage, origin: _Origin, ids: mx.array, cache: list[Any]
@@ -522,7 +568,8 @@ class StageEngine:
 
     # -- messages from the previous stage
 
-    def _on_message(self, message: node_pb2.ActivationMessage) -> None:
+    def _admit(self, message: node_pb2.ActivationMessage) -> InstalledStage | None:
+        """The stage to run `message` on; None (dropped) when it is of another epoch."""
         if message.sent_ns:
             self._hops.append((time.time_ns() - message.sent_ns) / 1000.0)
         stage = self._stage
@@ -535,6 +582,12 @@ class StageEngine:
                 message.epoch,
                 self._epoch,
             )
+            return None
+        return stage
+
+    def _on_message(self, message: node_pb2.ActivationMessage) -> None:
+        stage = self._admit(message)
+        if stage is None:
             return
         if stage.is_tensor_follower:
             self._follow(stage, message)
@@ -550,17 +603,92 @@ class StageEngine:
         try:
             self._forward(stage, message)
         except Exception as error:
-            log.exception("request %s failed on this stage", message.request_id)
-            self._drop(message.request_id)
-            self._send(
-                stage,
-                node_pb2.ActivationMessage(
-                    request_id=message.request_id,
-                    epoch=stage.epoch,
-                    error=f"stage [{stage.model.shard.start_layer}, "
-                    f"{stage.model.shard.end_layer}) failed: {error}",
-                ),
-            )
+            self._fail_message(stage, message, error)
+
+    def _fail_message(
+        self, stage: InstalledStage, message: node_pb2.ActivationMessage, error: Exception
+    ) -> None:
+        """This request failed here: drop it and tell stage 0 (down the ring)."""
+        log.exception("request %s failed on this stage", message.request_id)
+        self._drop(message.request_id)
+        self._send(
+            stage,
+            node_pb2.ActivationMessage(
+                request_id=message.request_id,
+                epoch=stage.epoch,
+                error=f"stage [{stage.model.shard.start_layer}, "
+                f"{stage.model.shard.end_layer}) failed: {error}",
+            ),
+        )
+
+    # -- the last stage of a multi-stage pipeline: one output-head pass per batch
+
+    def _samples_here(self, message: Any) -> bool:
+        """`message` is one decode position for this stage to finish and sample."""
+        stage = self._stage
+        return (
+            stage is not None
+            and stage.is_last
+            and not stage.is_first
+            and stage.collective is None
+            and message.sample
+            and not message.release
+            and not message.error
+            and len(message.hidden.shape) == 3
+            and message.hidden.shape[1] == 1
+        )
+
+    def _gather_samples(
+        self, first: node_pb2.ActivationMessage
+    ) -> list[node_pb2.ActivationMessage]:
+        """`first` and the decode messages queued right behind it (other requests')."""
+        batch = [first]
+        while len(batch) < MAX_SAMPLE_BATCH:
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if item[0] != "net" or not self._samples_here(item[1]):
+                self._carried = item
+                break
+            batch.append(item[1])
+        return batch
+
+    def _sample_batch(self, messages: list[node_pb2.ActivationMessage]) -> None:
+        """Each request's blocks on its own cache, then the final norm and output head once
+        for all of them: the head's weights (the whole vocabulary) are read once per batch
+        rather than once per request. With several streams the last stage, which also holds
+        the head, is the pipeline's slowest; one request is a batch of one."""
+        finished: list[tuple[InstalledStage, node_pb2.ActivationMessage, _Cache, mx.array]] = []
+        for message in messages:
+            stage = self._admit(message)
+            if stage is None:
+                continue
+            try:
+                sampling = (
+                    sampling_from_proto(message.sampling) if message.HasField("sampling") else None
+                )
+                entry = self._cache_for(message.request_id, stage, sampling)
+                hidden = stage.model.blocks(from_proto(message.hidden), entry.cache)
+                finished.append((stage, message, entry, hidden[:, -1, :]))
+            except Exception as error:
+                self._fail_message(stage, message, error)
+        if not finished:
+            return
+        if len(finished) > 1:
+            self._samples_batched += len(finished)
+        stage = finished[0][0]
+        try:
+            logits = stage.model.head(mx.concatenate([row for *_, row in finished], axis=0))
+        except Exception as error:
+            for _, message, _, _ in finished:
+                self._fail_message(stage, message, error)
+            return
+        for index, (_, message, entry, _) in enumerate(finished):
+            try:
+                self._reply_token(stage, message, entry, logits[index : index + 1])
+            except Exception as error:
+                self._fail_message(stage, message, error)
 
     def _follow(self, stage: InstalledStage, message: node_pb2.ActivationMessage) -> None:
         """Tensor member of rank > 0: run rank 0's pass on this member's slice."""
@@ -619,7 +747,17 @@ class StageEngine:
         if not message.sample:
             mx.eval([layer_cache.state for layer_cache in entry.cache])
             return
-        token, logprobs = self._sample(entry, out[:, -1, :])
+        self._reply_token(stage, message, entry, out[:, -1, :])
+
+    def _reply_token(
+        self,
+        stage: InstalledStage,
+        message: node_pb2.ActivationMessage,
+        entry: _Cache,
+        logits: mx.array,
+    ) -> None:
+        """Sample the request's next token from `logits` and send it to stage 0."""
+        token, logprobs = self._sample(entry, logits)
         reply = node_pb2.ActivationMessage(
             request_id=message.request_id,
             epoch=stage.epoch,

@@ -78,9 +78,9 @@ class Sampler:
             constraint = self._constraint = _build_constraint(self.params.constraint)
         if logits.shape[0] != 1:
             raise ValueError("constrained sampling takes one row of logits at a time")
-        token = self._sample(constraint.mask_logits(logits))
-        constraint.advance(cast(int, token.item()))
-        return token
+        token = constraint.choose(logits, self._sample)
+        constraint.advance(token)
+        return mx.array([token])
 
     @property
     def constraint(self) -> TokenConstraint | None:

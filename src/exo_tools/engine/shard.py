@@ -10,6 +10,11 @@ import mlx.nn as nn
 from mlx_lm.models.base import create_attention_mask
 from mlx_lm.models.cache import KVCache
 
+# Blocks per asynchronous evaluation in a forward pass. Measured on 15 SmolLM2 blocks
+# (2-core x86, float32): every 1-5 blocks all save ~2.5 ms of ~38 ms per decode step;
+# larger groups mean fewer synchronization points on a GPU.
+ASYNC_EVAL_LAYERS = 4
+
 
 @dataclass(frozen=True)
 class Shard:
@@ -72,8 +77,13 @@ class ShardModel:
 
     def blocks(self, hidden: mx.array, cache: list[Any]) -> mx.array:
         mask = create_attention_mask(hidden, cache[0])
-        for layer, layer_cache in zip(self._layers, cache, strict=True):
+        for index, (layer, layer_cache) in enumerate(zip(self._layers, cache, strict=True)):
             hidden = layer(hidden, mask, cache=layer_cache)
+            if index % ASYNC_EVAL_LAYERS == ASYNC_EVAL_LAYERS - 1:
+                # Start computing these blocks while Python builds the next ones' graph
+                # (~160 µs a block here). mlx-lm's generate hides graph building by running
+                # a step ahead; a pipeline stage cannot, its input arrives over the network.
+                mx.async_eval(hidden)
         return hidden
 
     def head(self, hidden: mx.array) -> mx.array:

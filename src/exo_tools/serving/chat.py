@@ -156,23 +156,28 @@ class ChatService:
         return self.tokenizer.apply_chat_template(prepared)
 
     def _constraint(
-        self, request: ChatCompletionRequest, tools: list[dict[str, Any]], choice: ToolChoice
+        self,
+        request: ChatCompletionRequest,
+        tools: list[dict[str, Any]],
+        choice: ToolChoice,
+        budget: int,
     ) -> str | None:
         """The grammar this request samples under, serialized; None = unconstrained.
 
         Forced tool calls and response_format are always constrained: prompting alone
-        does not make a small model emit valid calls or JSON.
+        does not make a small model emit valid calls or JSON. `budget` (max_tokens) lets
+        the sampler close the call or document before the tokens run out.
         """
         parallel = request.parallel_tool_calls is not False
         try:
             if tools and (choice == "required" or forced_function(choice)):
                 forced: Any = choice
                 return tool_call_constraint(
-                    tools, self.tool_format, choice=forced, parallel=parallel
+                    tools, self.tool_format, choice=forced, parallel=parallel, budget=budget
                 )
             response_format = request.response_format
             if response_format is not None and response_format.type == "json_object":
-                return json_object_constraint()
+                return json_object_constraint(budget=budget)
             if response_format is not None and response_format.type == "json_schema":
                 spec = response_format.json_schema or {}
                 schema = spec.get("schema")
@@ -182,12 +187,14 @@ class ChatService:
                         "response_format json_schema needs a 'schema' object",
                         param="response_format.json_schema.schema",
                     )
-                return json_schema_constraint(schema)
+                return json_schema_constraint(schema, budget=budget)
             # "auto" stays unconstrained in formats without a lazy trigger: a request the
             # model could serve must not fail because of a node option.
             lazy = self.lazy_tool_grammar and self.tool_format in LAZY_TOOL_CALL_FORMATS
             if tools and choice == "auto" and lazy:
-                return lazy_tool_call_constraint(tools, self.tool_format, parallel=parallel)
+                return lazy_tool_call_constraint(
+                    tools, self.tool_format, parallel=parallel, budget=budget
+                )
         except ConstraintError as error:
             param = "response_format" if request.response_format else "tools"
             raise APIError(400, str(error), param=param, code="unsupported_schema") from error
@@ -235,7 +242,7 @@ class ChatService:
             temperature=1.0 if request.temperature is None else request.temperature,
             top_p=1.0 if request.top_p is None else request.top_p,
             seed=request.seed,
-            constraint=self._constraint(request, shown, choice),
+            constraint=self._constraint(request, shown, choice, max_tokens),
             logprobs=bool(request.logprobs),
             top_logprobs=request.top_logprobs or 0,
         )

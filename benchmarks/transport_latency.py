@@ -1,0 +1,256 @@
+"""One-way latency of one activation message between two processes, by transport.
+
+    .venv/bin/python benchmarks/transport_latency.py [--messages 300] [--gap-ms 20]
+
+What a pipeline hop costs below the node's own code: a sender thread that computes
+(numpy matmuls that release the GIL, as MLX's evaluation does) and then sends one
+message, and a receiver whose network thread hands each message to a consumer thread
+(the receiving node's MLX thread), which stamps its arrival. Latency is the consumer's
+wall clock minus the sender's stamp (same host). Transports:
+- raw TCP socket (TCP_NODELAY, length-prefixed frames): the floor for any Python design;
+- gRPC sync API: a client stream fed from a queue, a thread-pool server handler;
+- gRPC asyncio: the node's shape (an event-loop sender with a request iterator, an aio
+  server handler), without the node's call-signing interceptors.
+
+Prints one table: median and p90 per transport, and the ratio to the raw socket.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import queue
+import socket
+import statistics
+import struct
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from concurrent import futures
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+# One BLAS thread per process, as the nodes run (set before numpy loads OpenBLAS).
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import grpc
+import numpy as np
+
+from benchmarks.common import print_table
+from exo_tools.proto import node_pb2, node_pb2_grpc
+
+TRANSPORTS = ("socket", "grpc-sync", "grpc-aio")
+# The first messages warm connections and caches; they are not counted.
+WARMUP = 20
+_FRAME = struct.Struct("<QI")  # sent_ns, payload length
+
+
+def _compute(seconds: float, matrix: np.ndarray[Any, Any]) -> None:
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        matrix @ matrix
+
+
+# ---------------------------------------------------------------- receiver side
+
+
+def _record(arrivals: queue.SimpleQueue[int | None], count: int) -> list[float]:
+    """The consumer thread's work: latency in µs of each message as it is picked up."""
+    latencies: list[float] = []
+    while len(latencies) < count:
+        sent_ns = arrivals.get()
+        if sent_ns is None:
+            break
+        latencies.append((time.time_ns() - sent_ns) / 1000.0)
+    return latencies
+
+
+class _SyncReceiver(node_pb2_grpc.WorkerServicer):
+    def __init__(self, arrivals: queue.SimpleQueue[int | None]) -> None:
+        self._arrivals = arrivals
+
+    def Activations(self, request_iterator: Iterator[Any], context: Any) -> Iterator[Any]:
+        for message in request_iterator:
+            self._arrivals.put(message.sent_ns)
+        return iter(())
+
+
+class _AioReceiver(node_pb2_grpc.WorkerServicer):
+    def __init__(self, arrivals: queue.SimpleQueue[int | None]) -> None:
+        self._arrivals = arrivals
+
+    async def Activations(
+        self, request_iterator: AsyncIterator[Any], context: Any
+    ) -> AsyncIterator[Any]:
+        async for message in request_iterator:
+            self._arrivals.put(message.sent_ns)
+        return
+        yield
+
+
+def _serve_socket(listener: socket.socket, arrivals: queue.SimpleQueue[int | None]) -> None:
+    connection, _ = listener.accept()
+    connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    stream = connection.makefile("rb")
+    while header := stream.read(_FRAME.size):
+        sent_ns, length = _FRAME.unpack(header)
+        stream.read(length)
+        arrivals.put(sent_ns)
+    arrivals.put(None)
+
+
+def receive(transport: str, count: int) -> None:
+    """Child process: print the port, then the latencies as JSON once `count` arrived."""
+    arrivals: queue.SimpleQueue[int | None] = queue.SimpleQueue()
+    if transport == "socket":
+        listener = socket.create_server(("127.0.0.1", 0))
+        port = listener.getsockname()[1]
+        threading.Thread(target=_serve_socket, args=(listener, arrivals), daemon=True).start()
+    elif transport == "grpc-sync":
+        server = grpc.server(futures.ThreadPoolExecutor(4))
+        node_pb2_grpc.add_WorkerServicer_to_server(_SyncReceiver(arrivals), server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        server.start()
+    else:
+        started: queue.SimpleQueue[int] = queue.SimpleQueue()
+
+        async def serve() -> None:
+            server = grpc.aio.server()
+            node_pb2_grpc.add_WorkerServicer_to_server(_AioReceiver(arrivals), server)
+            started.put(server.add_insecure_port("127.0.0.1:0"))
+            await server.start()
+            await server.wait_for_termination()
+
+        threading.Thread(target=lambda: asyncio.run(serve()), daemon=True).start()
+        port = started.get()
+    print(port, flush=True)
+    print(json.dumps(_record(arrivals, count)), flush=True)
+    threading.Event().wait()  # keep serving until the sender is done and kills us
+
+
+# ---------------------------------------------------------------- sender side
+
+
+def _message(payload: bytes) -> Any:
+    message = node_pb2.ActivationMessage(request_id="r", hidden=node_pb2.Tensor(data=payload))
+    message.sent_ns = time.time_ns()
+    return message
+
+
+def send(transport: str, port: int, count: int, gap_s: float, payload: bytes) -> None:
+    matrix = np.random.default_rng(0).random((256, 256), dtype=np.float32)
+    target = f"127.0.0.1:{port}"
+    if transport == "socket":
+        connection = socket.create_connection(("127.0.0.1", port))
+        connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for _ in range(count):
+            _compute(gap_s, matrix)
+            connection.sendall(_FRAME.pack(time.time_ns(), len(payload)) + payload)
+        connection.close()
+        return
+    if transport == "grpc-sync":
+        outgoing: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        channel = grpc.insecure_channel(target)
+        call = node_pb2_grpc.WorkerStub(channel).Activations(iter(outgoing.get, None))
+        drained = threading.Thread(target=lambda: list(call), daemon=True)
+        drained.start()
+        for _ in range(count):
+            _compute(gap_s, matrix)
+            outgoing.put(_message(payload))
+        outgoing.put(None)
+        drained.join(timeout=10)
+        channel.close()
+        return
+    # grpc-aio: the node's StreamSender shape (deque + one event-loop wakeup per message).
+    loop = asyncio.new_event_loop()
+    threading.Thread(target=loop.run_forever, daemon=True).start()
+    pending: list[Any] = []
+    lock = threading.Lock()
+    ready = asyncio.Event()
+
+    async def requests() -> AsyncIterator[Any]:
+        while True:
+            with lock:
+                message = pending.pop(0) if pending else None
+            if message is None:
+                await ready.wait()
+                ready.clear()
+            elif message is False:
+                return
+            else:
+                yield message
+
+    async def run() -> None:
+        async with grpc.aio.insecure_channel(target) as channel:
+            async for _ in node_pb2_grpc.WorkerStub(channel).Activations(requests()):
+                pass
+
+    done = asyncio.run_coroutine_threadsafe(run(), loop)
+    for index in range(count + 1):
+        if index < count:
+            _compute(gap_s, matrix)
+        with lock:
+            pending.append(_message(payload) if index < count else False)
+        loop.call_soon_threadsafe(ready.set)
+    done.result(timeout=10)
+    loop.call_soon_threadsafe(loop.stop)
+
+
+def measure(transport: str, count: int, gap_s: float, payload_bytes: int) -> list[float]:
+    receiver = subprocess.Popen(
+        [sys.executable, __file__, "--receive", transport, "--messages", str(count)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert receiver.stdout is not None
+        port = int(receiver.stdout.readline())
+        send(transport, port, count, gap_s, b"\0" * payload_bytes)
+        return json.loads(receiver.stdout.readline())
+    finally:
+        receiver.kill()
+        receiver.wait()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--messages", type=int, default=300, help="messages per transport")
+    parser.add_argument(
+        "--gap-ms", type=float, default=20.0, help="compute between messages (a stage's work)"
+    )
+    parser.add_argument(
+        "--bytes", type=int, default=2304, help="payload (SmolLM2's float32 hidden state)"
+    )
+    parser.add_argument("--receive", choices=TRANSPORTS, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.messages <= WARMUP:
+        parser.error(f"--messages must be more than {WARMUP} (the warm-up)")
+    if args.receive:
+        receive(args.receive, args.messages)
+        return
+    medians: dict[str, tuple[float, float]] = {}
+    for transport in TRANSPORTS:
+        latencies = sorted(
+            measure(transport, args.messages, args.gap_ms / 1000, args.bytes)[WARMUP:]
+        )
+        medians[transport] = (statistics.median(latencies), latencies[int(0.9 * len(latencies))])
+    floor = medians["socket"][0]
+    print_table(
+        f"One-way latency, {args.bytes}-byte message after {args.gap_ms:g} ms of compute, "
+        f"{args.messages - WARMUP} messages per transport, loopback",
+        ["transport", "median µs", "p90 µs", "vs raw socket"],
+        [
+            [name, f"{median:.0f}", f"{p90:.0f}", f"{median / floor:.2f}x"]
+            for name, (median, p90) in medians.items()
+        ],
+    )
+
+
+if __name__ == "__main__":
+    main()

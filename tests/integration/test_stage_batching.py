@@ -1,0 +1,103 @@
+"""The last pipeline stage samples queued requests with one output-head pass.
+
+In process, with the real default model split in two: stage 0's blocks run here to make
+each request's hidden state, and a StageEngine holding the second half (blocks, norm,
+head) receives them as the previous stage's stream would deliver them. Messages queued
+while the engine's thread works on a long prefill chunk are taken as one batch; the
+tokens and log-probabilities must equal those the engine samples one request at a time.
+"""
+
+from __future__ import annotations
+
+import queue
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import pytest
+
+from exo_tools.engine.pipeline import InstalledStage, StageEngine, sampling_to_proto
+from exo_tools.engine.sampling import SamplingParams
+from exo_tools.engine.shard import Shard, ShardModel
+from exo_tools.engine.tensors import to_proto
+from exo_tools.models.catalog import CATALOG, DEFAULT_MODEL_ID
+from exo_tools.models.loader import load_model, model_layout
+from exo_tools.proto import node_pb2
+
+PROMPTS = [[1, 9690, 314, 260], [1, 504, 3458, 314, 260, 2777], [1, 2683, 28, 1834]]
+EPOCH = 7
+
+
+@pytest.fixture(scope="module")
+def halves(model_path: Path) -> tuple[ShardModel, ShardModel]:
+    card = CATALOG[DEFAULT_MODEL_ID]
+    n_layers = model_layout(card, model_path).n_layers
+    middle = n_layers // 2
+    models = []
+    for start, end in [(0, middle), (middle, n_layers)]:
+        shard = Shard(DEFAULT_MODEL_ID, start, end, n_layers)
+        loaded = load_model(card, model_path, shard=shard, dtype="float32", progress=False)
+        models.append(ShardModel(loaded.model, loaded.shard))
+    return models[0], models[1]
+
+
+def _first_position(first: ShardModel, prompt: list[int], request_id: str) -> Any:
+    """Stage 0's message for the request's first sampled position (its whole prompt)."""
+    hidden = first.forward(mx.array(prompt)[None], first.make_cache())
+    message = node_pb2.ActivationMessage(
+        request_id=request_id,
+        epoch=EPOCH,
+        hidden=to_proto(hidden[:, -1:, :]),
+        sample=True,
+    )
+    message.sampling.CopyFrom(sampling_to_proto(SamplingParams(temperature=0.0, logprobs=True)))
+    return message
+
+
+def _run_last_stage(
+    first: ShardModel, last: ShardModel, messages: list[Any], together: bool
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Replies of a last-stage engine to `messages` (queued at once, or one at a time),
+    and the engine's stats."""
+    replies: queue.SimpleQueue[Any] = queue.SimpleQueue()
+    engine = StageEngine()
+    stage = InstalledStage(
+        epoch=EPOCH, model=last, eos_token_ids=frozenset(), n_stages=2, send=replies.put
+    )
+    engine.start()
+    try:
+        engine.install(stage, "test")
+        got: dict[str, Any] = {}
+        if together:
+            # A 128-token prefill chunk keeps the MLX thread busy while the rest queue.
+            long = first.forward(mx.array([list(range(1, 129))]), first.make_cache())
+            engine.deliver(
+                node_pb2.ActivationMessage(request_id="busy", epoch=EPOCH, hidden=to_proto(long))
+            )
+        for message in messages:
+            engine.deliver(message)
+            if not together:
+                reply = replies.get(timeout=60)
+                got[reply.request_id] = reply
+        while len(got) < len(messages):
+            reply = replies.get(timeout=60)
+            got[reply.request_id] = reply
+        return got, engine.stats()
+    finally:
+        engine.stop()
+
+
+def test_queued_requests_share_one_head_pass_and_sample_the_same_tokens(
+    halves: tuple[ShardModel, ShardModel],
+) -> None:
+    first, last = halves
+    messages = [_first_position(first, p, f"r{i}") for i, p in enumerate(PROMPTS)]
+    alone, alone_stats = _run_last_stage(first, last, messages, together=False)
+    batched, batched_stats = _run_last_stage(first, last, messages, together=True)
+    assert alone_stats["samples_batched"] == 0
+    assert batched_stats["samples_batched"] == len(messages)
+    for request_id, reply in alone.items():
+        assert not reply.error, reply.error
+        assert list(batched[request_id].token_ids) == list(reply.token_ids)
+        assert batched[request_id].logprob == reply.logprob
+        assert list(batched[request_id].top_token_ids) == list(reply.top_token_ids)
