@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, cast
 
 import llguidance
@@ -72,6 +72,7 @@ class TokenConstraint:
         # Tokens of a closing path still to emit (the budget's end is near).
         self._closing: deque[int] = deque()
         self._closing_cost = 0
+        self._closer_tokens = [tokenizer.ll.tokenize_str(closer) for closer in spec.closers]
         self.steered = False
         # CPU time spent computing masks (for the benchmark and logs), and how many.
         self.mask_seconds = 0.0
@@ -184,8 +185,14 @@ class TokenConstraint:
         optional keys sort before required ones as often as not) each is followed greedily
         and the shortest taken."""
         characters = self._tokenizer.character_tokens
-        closers = [self._tokenizer.ll.tokenize_str(closer) for closer in self.spec.closers]
         probe = characters.get(_STRING_PROBE)
+
+        def allowed(candidates: str) -> Iterator[tuple[str, int]]:
+            for character in candidates:
+                token = characters.get(character)
+                if token is not None and matcher.validate_tokens([token]) == 1:
+                    yield character, token
+
         path: list[int] = []
         while not matcher.is_accepting():
             if len(path) > limit or matcher.is_error():
@@ -195,23 +202,24 @@ class TokenConstraint:
             if taken:
                 path += forced[:taken]
                 continue
-            step = next((ids for ids in closers if matcher.validate_tokens(ids) == len(ids)), None)
+            step = next(
+                (ids for ids in self._closer_tokens if matcher.validate_tokens(ids) == len(ids)),
+                None,
+            )
             if step is None:
                 in_string = probe is not None and matcher.validate_tokens([probe]) == 1
                 order = (_STRING_ORDER if in_string else _STRUCTURE_ORDER) + _OTHER_CHARACTERS
-                allowed = [
-                    (character, token)
-                    for character in order
-                    if (token := characters.get(character)) is not None
-                    and matcher.validate_tokens([token]) == 1
-                ]
-                if not allowed:
+                first = next(allowed(order), None)
+                if first is None:
                     return None
-                letters = [token for character, token in allowed if character.isalpha()]
-                if branch and not in_string and allowed[0][0].isalpha() and len(letters) > 1:
-                    step = [self._shortest_start(matcher, letters, limit - len(path))]
-                else:
-                    step = [allowed[0][1]]
+                character, token = first
+                if branch and not in_string and character.isalpha():
+                    # The first allowed is a letter: the others allowed come after it.
+                    rest = order[order.index(character) :]
+                    letters = [t for c, t in allowed(rest) if c.isalpha()]
+                    if len(letters) > 1:
+                        token = self._shortest_start(matcher, letters, limit - len(path))
+                step = [token]
             matcher.consume_tokens(step)
             path += step
         return path

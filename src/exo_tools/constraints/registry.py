@@ -45,14 +45,12 @@ def build_ll_tokenizer(tokenizer: TextTokenizer) -> llguidance.LLTokenizer:
 
 
 def _character_tokens(ll: llguidance.LLTokenizer) -> dict[str, int]:
+    """Printable ASCII and newline, each mapped to its token when it is a single one."""
     found: dict[str, int] = {}
-    for code in range(32, 127):
-        ids = ll.tokenize_str(chr(code))
+    for character in [chr(code) for code in range(32, 127)] + ["\n"]:
+        ids = ll.tokenize_str(character)
         if len(ids) == 1:
-            found[chr(code)] = ids[0]
-    newline = ll.tokenize_str("\n")
-    if len(newline) == 1:
-        found["\n"] = newline[0]
+            found[character] = ids[0]
     return found
 
 

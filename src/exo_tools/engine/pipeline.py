@@ -298,12 +298,7 @@ class StageEngine:
                 if kind == "stop":
                     break
                 try:
-                    if kind == "net" and self._samples_here(payload):
-                        self._sample_batch(
-                            self._gather_samples(cast(node_pb2.ActivationMessage, payload))
-                        )
-                    else:
-                        self._handle(kind, payload)
+                    self._handle(kind, payload)
                 except Exception:  # one bad message must not stop the stage
                     log.exception("stage failed handling %s", kind)
                 now = time.monotonic()
@@ -379,6 +374,11 @@ class StageEngine:
         entry.last_used = time.monotonic()
         return entry
 
+    def _entry_for(self, stage: InstalledStage, message: node_pb2.ActivationMessage) -> _Cache:
+        """The request's cache; its sampling parameters ride on its first message."""
+        sampling = sampling_from_proto(message.sampling) if message.HasField("sampling") else None
+        return self._cache_for(message.request_id, stage, sampling)
+
     # -- stage 0: the requests it drives
 
     def _on_start(self, origin: _Origin) -> None:
@@ -418,12 +418,12 @@ class StageEngine:
             origin.prompt_done += count
             sample = False
         else:
+            last = origin.next_input if origin.next_input is not None else origin.prompt[-1]
             # Tensor rank 0 is one stage too, but its passes sync with the members.
             alone = stage.n_stages == 1 and stage.collective is None
             if alone and _can_run_ahead(entry.sampler):
-                self._decode_ahead(stage, origin, entry)
+                self._decode_ahead(stage, origin, entry, last)
                 return
-            last = origin.next_input if origin.next_input is not None else origin.prompt[-1]
             ids = [last]
             sample = True
         out = self._forward_first(stage, origin, mx.array(ids)[None], entry.cache)
@@ -452,16 +452,18 @@ class StageEngine:
             # Prefill chunks stream on: stage 1 works on this chunk while we run the next.
             self._inbox.put(("step", origin.request_id))
 
-    def _decode_ahead(self, stage: InstalledStage, origin: _Origin, entry: _Cache) -> None:
+    def _decode_ahead(
+        self, stage: InstalledStage, origin: _Origin, entry: _Cache, last: int
+    ) -> None:
         """One decode step of a one-stage placement, run a step ahead as mlx-lm's generate
         does: the next step's graph is built on the still unevaluated token and queued
         before this token is read, so building it in Python overlaps the model's compute.
-        A request that ends wastes that one step."""
+        A request that ends wastes that one step. `last` is the input when no step is
+        ahead yet."""
         sampler = entry.sampler
         assert sampler is not None
         token = origin.ahead
         if token is None:
-            last = origin.next_input if origin.next_input is not None else origin.prompt[-1]
             token = sampler(stage.model.forward(mx.array([[last]]), entry.cache)[:, -1, :])
             mx.async_eval(token)
         origin.ahead = None
@@ -600,6 +602,9 @@ class StageEngine:
             if not stage.is_last or message.error:
                 self._send(stage, message)  # on down the ring; an error goes back to stage 0
             return
+        if stage.is_last and message.sample:
+            self._sample_batch(stage, [message, *self._queued_samples()])
+            return
         try:
             self._forward(stage, message)
         except Exception as error:
@@ -623,68 +628,49 @@ class StageEngine:
 
     # -- the last stage of a multi-stage pipeline: one output-head pass per batch
 
-    def _samples_here(self, message: Any) -> bool:
-        """`message` is one decode position for this stage to finish and sample."""
-        stage = self._stage
-        return (
-            stage is not None
-            and stage.is_last
-            and not stage.is_first
-            and stage.collective is None
-            and message.sample
-            and not message.release
-            and not message.error
-            and len(message.hidden.shape) == 3
-            and message.hidden.shape[1] == 1
-        )
-
-    def _gather_samples(
-        self, first: node_pb2.ActivationMessage
-    ) -> list[node_pb2.ActivationMessage]:
-        """`first` and the decode messages queued right behind it (other requests')."""
-        batch = [first]
-        while len(batch) < MAX_SAMPLE_BATCH:
+    def _queued_samples(self) -> list[node_pb2.ActivationMessage]:
+        """Decode messages of other requests queued right behind one being sampled, admitted
+        (stale ones are dropped); the first other item waits as the next in line."""
+        batch: list[node_pb2.ActivationMessage] = []
+        while len(batch) < MAX_SAMPLE_BATCH - 1:
             try:
                 item = self._inbox.get_nowait()
             except queue.Empty:
                 break
-            if item[0] != "net" or not self._samples_here(item[1]):
+            kind, message = item
+            if kind != "net" or not message.sample or message.release or message.error:
                 self._carried = item
                 break
-            batch.append(item[1])
+            if self._admit(message) is not None:
+                batch.append(message)
         return batch
 
-    def _sample_batch(self, messages: list[node_pb2.ActivationMessage]) -> None:
+    def _sample_batch(
+        self, stage: InstalledStage, messages: list[node_pb2.ActivationMessage]
+    ) -> None:
         """Each request's blocks on its own cache, then the final norm and output head once
         for all of them: the head's weights (the whole vocabulary) are read once per batch
         rather than once per request. With several streams the last stage, which also holds
         the head, is the pipeline's slowest; one request is a batch of one."""
-        finished: list[tuple[InstalledStage, node_pb2.ActivationMessage, _Cache, mx.array]] = []
+        finished: list[tuple[node_pb2.ActivationMessage, _Cache, mx.array]] = []
         for message in messages:
-            stage = self._admit(message)
-            if stage is None:
-                continue
             try:
-                sampling = (
-                    sampling_from_proto(message.sampling) if message.HasField("sampling") else None
-                )
-                entry = self._cache_for(message.request_id, stage, sampling)
+                entry = self._entry_for(stage, message)
                 hidden = stage.model.blocks(from_proto(message.hidden), entry.cache)
-                finished.append((stage, message, entry, hidden[:, -1, :]))
+                finished.append((message, entry, hidden[:, -1, :]))
             except Exception as error:
                 self._fail_message(stage, message, error)
         if not finished:
             return
         if len(finished) > 1:
             self._samples_batched += len(finished)
-        stage = finished[0][0]
         try:
             logits = stage.model.head(mx.concatenate([row for *_, row in finished], axis=0))
         except Exception as error:
-            for _, message, _, _ in finished:
+            for message, _, _ in finished:
                 self._fail_message(stage, message, error)
             return
-        for index, (_, message, entry, _) in enumerate(finished):
+        for index, (message, entry, _) in enumerate(finished):
             try:
                 self._reply_token(stage, message, entry, logits[index : index + 1])
             except Exception as error:
@@ -729,8 +715,7 @@ class StageEngine:
         self._on_token(origin, int(message.token_ids[0]), logprobs)
 
     def _forward(self, stage: InstalledStage, message: node_pb2.ActivationMessage) -> None:
-        sampling = sampling_from_proto(message.sampling) if message.HasField("sampling") else None
-        entry = self._cache_for(message.request_id, stage, sampling)
+        entry = self._entry_for(stage, message)
         out = stage.model.forward(from_proto(message.hidden), entry.cache)
         if not stage.is_last:
             forward = node_pb2.ActivationMessage(
@@ -744,10 +729,8 @@ class StageEngine:
                 forward.sampling.CopyFrom(message.sampling)
             self._send(stage, forward)
             return
-        if not message.sample:
-            mx.eval([layer_cache.state for layer_cache in entry.cache])
-            return
-        self._reply_token(stage, message, entry, out[:, -1, :])
+        # A prefill chunk: the cache is all it leaves (samples go to `_sample_batch`).
+        mx.eval([layer_cache.state for layer_cache in entry.cache])
 
     def _reply_token(
         self,
