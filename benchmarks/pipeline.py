@@ -1,14 +1,16 @@
 """Model parallelism: single-process mlx-lm against 1-, 2- and 3-node pipelines, 2- and
-3-member tensor parallelism, and MLX's own distributed tensor parallelism.
+3-member tensor parallelism, and MLX's own distributed pipeline and tensor parallelism.
 
-One run prints one table: TTFT, single-stream decode tok/s, per-hop overhead, all-reduce
-latency, per-node peak memory, and aggregate tok/s with 1 and 4 concurrent streams. Every
+One run prints one table: TTFT, single-stream decode tok/s, per-hop overhead, each node's
+own work per token (its MLX thread's busy time, so TPOT minus their sum is the time tokens
+spend between nodes), all-reduce latency, per-node peak memory, and aggregate tok/s with 1
+and 4 concurrent streams. Every
 process (the mlx-lm baseline and peer too) gets OPENBLAS_NUM_THREADS=1, so on a 2-core
 machine the nodes do not oversubscribe the cores. Ratios are against the baseline measured
 in the same run.
 
     python benchmarks/pipeline.py [--prompt-tokens 128] [--max-tokens 64] [--repeats 2]
-        [--nodes 1,2,3] [--tensor 2,3] [--peer 3]
+        [--nodes 1,2,3] [--tensor 2,3] [--pipeline-peer 2] [--peer 3]
 """
 
 from __future__ import annotations
@@ -117,6 +119,10 @@ def start_pipeline(count: int, parallelism: str = "pipeline") -> list[Any]:
     raise TimeoutError(f"{count}-node {parallelism} did not become ready:\n{logs}")
 
 
+def _busy_s(nodes: list[Any]) -> list[float]:
+    return [node.health()["pipeline"]["busy_s"] for node in nodes]
+
+
 def health_stages(node: Any) -> list[dict[str, Any]]:
     import requests
 
@@ -135,9 +141,22 @@ def measure_pipeline(
     url = nodes[0].url
     try:
         stream_once(url, messages, 8)  # warm-up: streams opened, caches allocated
-        single = median_run([stream_once(url, messages, max_tokens) for _ in range(repeats)])
+        # Each node's MLX-thread work per decode step: a run's work less a one-token run's
+        # (the prefill), over the run's decode steps, as TPOT counts them. TPOT minus the
+        # nodes' sum is the time a token spends between stages.
+        before = _busy_s(nodes)
+        stream_once(url, messages, 1)
+        prefill = [after - was for was, after in zip(before, _busy_s(nodes), strict=True)]
+        before = _busy_s(nodes)
+        runs = [stream_once(url, messages, max_tokens) for _ in range(repeats)]
+        single = median_run(runs)
         # Read right after the single-stream runs: the window holds their hops only.
         healths = [node.health() for node in nodes]
+        steps = statistics.mean(run["tokens"] for run in runs) - 1
+        busy_ms = [
+            ((h["pipeline"]["busy_s"] - was) / repeats - first) / steps * 1000
+            for h, was, first in zip(healths, before, prefill, strict=True)
+        ]
         hops = [h["pipeline"]["hop_us_median"] for h in healths if count > 1]
         reduces = [h["pipeline"].get("allreduce_us_median") for h in healths]
         waits = [h["pipeline"].get("allreduce_wait_us_median") for h in healths]
@@ -150,6 +169,7 @@ def measure_pipeline(
     return {
         **single,
         "hop_us": _median_of(hops),
+        "busy_ms": busy_ms,
         "allreduce_us": _median_of(reduces),
         "allreduce_wait_us": _median_of(waits),
         "peaks_mb": [h["memory"]["mlx_peak"] / 1e6 for h in healths],
@@ -172,6 +192,13 @@ def main() -> None:
     parser.add_argument("--nodes", default="1,2,3", help="pipeline sizes to measure")
     parser.add_argument(
         "--tensor", default="2,3", help="tensor-parallel sizes to measure ('' for none)"
+    )
+    parser.add_argument(
+        "--pipeline-peer",
+        type=int,
+        default=2,
+        help="processes for MLX's own pipeline (mx.distributed ring + mlx-lm's pipeline); "
+        "0 skips it",
     )
     parser.add_argument(
         "--peer",
@@ -207,11 +234,13 @@ def main() -> None:
         n: measure_pipeline(n, messages, args.max_tokens, args.repeats, "tensor")
         for n in [int(x) for x in args.tensor.split(",") if x]
     }
-    peer = None
-    if args.peer:
-        from benchmarks.mlx_tensor_peer import measure_mlx_tensor
+    from benchmarks.mlx_peer import measure_mlx_peer
 
-        peer = measure_mlx_tensor(args.peer, args.prompt_tokens, args.max_tokens)
+    peers = {
+        mode: measure_mlx_peer(mode, processes, args.prompt_tokens, args.max_tokens)
+        for mode, processes in (("pipeline", args.pipeline_peer), ("tensor", args.peer))
+        if processes
+    }
 
     base_tps = baseline["decode_tps"]
     one_node_tpot = 1 / results[1]["decode_tps"] if 1 in results else None
@@ -224,6 +253,8 @@ def main() -> None:
             "-",
             "-",
             "-",
+            "-",
+            "-",
             f"{baseline['mlx_peak_mb']:.0f}",
             "n/a",
             "n/a",
@@ -233,8 +264,11 @@ def main() -> None:
     labelled = [(f"{n}-node pipeline", n, r) for n, r in results.items()]
     labelled += [(f"tensor, {n} members", n, r) for n, r in tensor.items()]
     for label, count, r in labelled:
+        # Tensor members work at the same time, waiting inside their all-reduces: their
+        # busy times neither add up to a token nor exclude the network.
+        pipelined = "pipeline" in label and r["decode_tps"] > 0
         from_tpot = ""
-        if one_node_tpot is not None and count > 1 and r["decode_tps"] and "pipeline" in label:
+        if one_node_tpot is not None and count > 1 and pipelined:
             from_tpot = f"{(1 / r['decode_tps'] - one_node_tpot) / count * 1e6:.0f}"
         reduce = "-"
         if r["allreduce_us"] is not None:
@@ -247,6 +281,8 @@ def main() -> None:
                 f"{r['decode_tps'] / base_tps:.2f}x",
                 f"{r['hop_us']:.0f}" if r["hop_us"] is not None else "-",
                 from_tpot or "-",
+                " / ".join(f"{busy:.1f}" for busy in r["busy_ms"]) if pipelined else "-",
+                f"{1000 / r['decode_tps'] - sum(r['busy_ms']):.1f}" if pipelined else "-",
                 reduce,
                 " / ".join(f"{p:.0f}" for p in r["peaks_mb"]),
                 f"{r['agg1']:.2f}",
@@ -254,28 +290,16 @@ def main() -> None:
                 f"{r['agg4'] / r['agg1']:.2f}x",
             ]
         )
-    rows.append(
-        [
-            "MLX distributed (ring) pipeline",
-            "n/a",
-            "n/a",
-            "",
-            "",
-            "",
-            "",
-            "",
-            "",
-            "",
-            "n/a: mlx-lm 0.32.2's llama has no pipeline()",
-        ]
-    )
-    if peer is not None:
+    for mode, peer in peers.items():
+        processes = args.pipeline_peer if mode == "pipeline" else args.peer
         rows.append(
             [
-                f"MLX distributed (ring) tensor, {args.peer} processes",
+                f"MLX distributed (ring) {mode}, {processes} processes",
                 f"{peer['ttft_s'] * 1000:.0f}",
                 f"{peer['decode_tps']:.2f}",
                 f"{peer['decode_tps'] / base_tps:.2f}x",
+                "",
+                "",
                 "",
                 "",
                 "",
@@ -299,6 +323,8 @@ def main() -> None:
             "vs mlx-lm",
             "hop µs (median, measured)",
             "overhead/hop µs (from TPOT vs 1-node)",
+            "per-node work ms/token",
+            "TPOT - work ms",
             "all-reduce µs (median call / wait)",
             "per-node MLX peak MB",
             "agg tok/s 1 stream",

@@ -7,8 +7,14 @@ What a pipeline hop costs below the node's own code: a sender thread that comput
 message, and a receiver whose network thread hands each message to a consumer thread
 (the receiving node's MLX thread), which stamps its arrival. Latency is the consumer's
 wall clock minus the sender's stamp (same host). Transports:
+- thread handoff: no network at all, one thread wakes another in the same process
+  (`SimpleQueue`), the cost of the handoff every row below includes at least once;
 - raw TCP socket (TCP_NODELAY, length-prefixed frames): the floor for any Python design;
 - gRPC sync API: a client stream fed from a queue, a thread-pool server handler;
+- gRPC sync pull: the fewest thread handoffs gRPC's Python API allows. The receiver is
+  the client of a server stream and its consumer thread reads the call itself
+  (`SingleThreadedUnaryStream`: no channel thread, no handoff on the receiving side);
+  the sender's server handler takes each message from a queue;
 - gRPC asyncio: the node's shape (an event-loop sender with a request iterator, an aio
   server handler), without the node's call-signing interceptors.
 
@@ -40,12 +46,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import grpc
+import grpc.experimental
 import numpy as np
 
 from benchmarks.common import print_table
 from exo_tools.proto import node_pb2, node_pb2_grpc
 
-TRANSPORTS = ("socket", "grpc-sync", "grpc-aio")
+TRANSPORTS = ("thread", "socket", "grpc-sync", "grpc-pull", "grpc-aio")
+LABELS = {
+    "thread": "thread handoff, no network",
+    "socket": "raw TCP socket",
+    "grpc-sync": "gRPC sync API",
+    "grpc-pull": "gRPC sync pull (receiver reads the call)",
+    "grpc-aio": "gRPC asyncio (the node's shape)",
+}
 # The first messages warm connections and caches; they are not counted.
 WARMUP = 20
 _FRAME = struct.Struct("<QI")  # sent_ns, payload length
@@ -105,8 +119,35 @@ def _serve_socket(listener: socket.socket, arrivals: queue.SimpleQueue[int | Non
     arrivals.put(None)
 
 
-def receive(transport: str, count: int) -> None:
-    """Child process: print the port, then the latencies as JSON once `count` arrived."""
+_PULL_METHOD = "/exo_tools.bench.Transport/Pull"
+
+
+def _pull(port: int, count: int) -> list[float]:
+    """The receiving thread reads the sender's server stream itself: no handoff on arrival."""
+    channel = grpc.insecure_channel(
+        f"127.0.0.1:{port}",
+        options=[(grpc.experimental.ChannelOptions.SingleThreadedUnaryStream, 1)],
+    )
+    call = channel.unary_stream(
+        _PULL_METHOD,
+        request_serializer=node_pb2.ActivationMessage.SerializeToString,
+        response_deserializer=node_pb2.ActivationMessage.FromString,
+    )(node_pb2.ActivationMessage())
+    latencies: list[float] = []
+    for message in call:
+        latencies.append((time.time_ns() - message.sent_ns) / 1000.0)
+        if len(latencies) == count:
+            break
+    call.cancel()
+    return latencies
+
+
+def receive(transport: str, count: int, port: int) -> None:
+    """Child process: print the port, then the latencies as JSON once `count` arrived.
+    For "grpc-pull" the sender serves and `port` is its port."""
+    if transport == "grpc-pull":
+        print(json.dumps(_pull(port, count)), flush=True)
+        return
     arrivals: queue.SimpleQueue[int | None] = queue.SimpleQueue()
     if transport == "socket":
         listener = socket.create_server(("127.0.0.1", 0))
@@ -202,16 +243,83 @@ def send(transport: str, port: int, count: int, gap_s: float, payload: bytes) ->
     loop.call_soon_threadsafe(loop.stop)
 
 
-def measure(transport: str, count: int, gap_s: float, payload_bytes: int) -> list[float]:
-    receiver = subprocess.Popen(
-        [sys.executable, __file__, "--receive", transport, "--messages", str(count)],
+def _thread_handoff(count: int, gap_s: float) -> list[float]:
+    arrivals: queue.SimpleQueue[int | None] = queue.SimpleQueue()
+    latencies: list[float] = []
+    consumer = threading.Thread(target=lambda: latencies.extend(_record(arrivals, count)))
+    consumer.start()
+    matrix = np.random.default_rng(0).random((256, 256), dtype=np.float32)
+    for _ in range(count):
+        _compute(gap_s, matrix)
+        arrivals.put(time.time_ns())
+    consumer.join()
+    return latencies
+
+
+def _spawn_receiver(transport: str, count: int, port: int = 0) -> subprocess.Popen[str]:
+    arguments = ["--receive", transport, "--messages", str(count), "--port", str(port)]
+    return subprocess.Popen(
+        [sys.executable, __file__, *arguments],
         stdout=subprocess.PIPE,
         text=True,
     )
+
+
+def _measure_pull(count: int, gap_s: float, payload: bytes) -> list[float]:
+    """The sender serves the stream; the receiver process subscribes to it."""
+    outgoing: queue.SimpleQueue[Any] = queue.SimpleQueue()
+    subscribed = threading.Event()
+
+    def serve_pull(request: Any, context: Any) -> Iterator[Any]:
+        subscribed.set()
+        while (message := outgoing.get()) is not None:
+            yield message
+
+    server = grpc.server(futures.ThreadPoolExecutor(4))
+    server.add_generic_rpc_handlers(
+        (
+            grpc.method_handlers_generic_handler(
+                _PULL_METHOD.split("/")[1],
+                {
+                    "Pull": grpc.unary_stream_rpc_method_handler(
+                        serve_pull,
+                        request_deserializer=node_pb2.ActivationMessage.FromString,
+                        response_serializer=node_pb2.ActivationMessage.SerializeToString,
+                    )
+                },
+            ),
+        )
+    )
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    receiver = _spawn_receiver("grpc-pull", count, port)
+    try:
+        if not subscribed.wait(timeout=30):
+            raise RuntimeError("the receiver did not subscribe")
+        matrix = np.random.default_rng(0).random((256, 256), dtype=np.float32)
+        for _ in range(count):
+            _compute(gap_s, matrix)
+            outgoing.put(_message(payload))
+        assert receiver.stdout is not None
+        return json.loads(receiver.stdout.readline())
+    finally:
+        outgoing.put(None)
+        receiver.kill()
+        receiver.wait()
+        server.stop(0)
+
+
+def measure(transport: str, count: int, gap_s: float, payload_bytes: int) -> list[float]:
+    payload = b"\0" * payload_bytes
+    if transport == "thread":
+        return _thread_handoff(count, gap_s)
+    if transport == "grpc-pull":
+        return _measure_pull(count, gap_s, payload)
+    receiver = _spawn_receiver(transport, count)
     try:
         assert receiver.stdout is not None
         port = int(receiver.stdout.readline())
-        send(transport, port, count, gap_s, b"\0" * payload_bytes)
+        send(transport, port, count, gap_s, payload)
         return json.loads(receiver.stdout.readline())
     finally:
         receiver.kill()
@@ -228,11 +336,12 @@ def main() -> None:
         "--bytes", type=int, default=2304, help="payload (SmolLM2's float32 hidden state)"
     )
     parser.add_argument("--receive", choices=TRANSPORTS, help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.messages <= WARMUP:
         parser.error(f"--messages must be more than {WARMUP} (the warm-up)")
     if args.receive:
-        receive(args.receive, args.messages)
+        receive(args.receive, args.messages, args.port)
         return
     medians: dict[str, tuple[float, float]] = {}
     for transport in TRANSPORTS:
@@ -246,7 +355,7 @@ def main() -> None:
         f"{args.messages - WARMUP} messages per transport, loopback",
         ["transport", "median µs", "p90 µs", "vs raw socket"],
         [
-            [name, f"{median:.0f}", f"{p90:.0f}", f"{median / floor:.2f}x"]
+            [LABELS[name], f"{median:.0f}", f"{p90:.0f}", f"{median / floor:.2f}x"]
             for name, (median, p90) in medians.items()
         ],
     )

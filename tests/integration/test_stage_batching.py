@@ -10,6 +10,7 @@ tokens and log-probabilities must equal those the engine samples one request at 
 from __future__ import annotations
 
 import queue
+import time
 from pathlib import Path
 from typing import Any
 
@@ -55,10 +56,14 @@ def _first_position(first: ShardModel, prompt: list[int], request_id: str) -> An
 
 
 def _run_last_stage(
-    first: ShardModel, last: ShardModel, messages: list[Any], together: bool
+    first: ShardModel,
+    last: ShardModel,
+    messages: list[Any],
+    together: bool,
+    idle_first_s: float = 0.0,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Replies of a last-stage engine to `messages` (queued at once, or one at a time),
-    and the engine's stats."""
+    """Replies of a last-stage engine to `messages` (queued at once, or one at a time,
+    after the engine idled `idle_first_s`), and the engine's stats."""
     replies: queue.SimpleQueue[Any] = queue.SimpleQueue()
     engine = StageEngine()
     stage = InstalledStage(
@@ -67,6 +72,7 @@ def _run_last_stage(
     engine.start()
     try:
         engine.install(stage, "test")
+        time.sleep(idle_first_s)
         got: dict[str, Any] = {}
         if together:
             # A 128-token prefill chunk keeps the MLX thread busy while the rest queue.
@@ -101,3 +107,15 @@ def test_queued_requests_share_one_head_pass_and_sample_the_same_tokens(
         assert list(batched[request_id].token_ids) == list(reply.token_ids)
         assert batched[request_id].logprob == reply.logprob
         assert list(batched[request_id].top_token_ids) == list(reply.top_token_ids)
+
+
+def test_busy_time_counts_work_not_waiting(halves: tuple[ShardModel, ShardModel]) -> None:
+    first, last = halves
+    started = time.perf_counter()
+    replies, stats = _run_last_stage(
+        first, last, [_first_position(first, PROMPTS[0], "r0")], together=False, idle_first_s=1.5
+    )
+    elapsed = time.perf_counter() - started
+    assert list(replies) == ["r0"]
+    # The blocks, head and sampling took time; the 1.5 s idle (with its sweeps) did not.
+    assert 0.0 < stats["busy_s"] < elapsed - 1.5

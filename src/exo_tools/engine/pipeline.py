@@ -172,6 +172,9 @@ class StageEngine:
         self._hops: deque[float] = deque(maxlen=HOP_WINDOW)
         self._refused = 0
         self._samples_batched = 0  # decode positions sampled in batches of more than one
+        # Seconds the MLX thread spent on work (not waiting): with a run's token count, what
+        # a token costs on this stage, the rest of its time being hops and wakeups.
+        self._busy_s = 0.0
         # An inbox item taken while gathering a batch that is not part of it: next in line.
         self._carried: tuple[str, Any] | None = None
         self._thread = threading.Thread(target=self._run, name="exo-tools-mlx", daemon=True)
@@ -208,6 +211,7 @@ class StageEngine:
             "allreduce_us_median": round(statistics.median(reduces), 1) if reduces else None,
             "allreduce_wait_us_median": round(statistics.median(waits), 1) if waits else None,
             "allreduces_measured": len(reduces),
+            "busy_s": round(self._busy_s, 6),
             "epoch": self._epoch,
             "cached_requests": len(self._caches),
             "hop_us_median": round(statistics.median(hops), 1) if hops else None,
@@ -297,10 +301,12 @@ class StageEngine:
                         kind, payload = "idle", None
                 if kind == "stop":
                     break
+                began = time.perf_counter()
                 try:
                     self._handle(kind, payload)
                 except Exception:  # one bad message must not stop the stage
                     log.exception("stage failed handling %s", kind)
+                self._busy_s += time.perf_counter() - began
                 now = time.monotonic()
                 if now - self._last_sweep >= SWEEP_INTERVAL_S:
                     self._last_sweep = now
