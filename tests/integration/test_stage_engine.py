@@ -1,10 +1,12 @@
-"""The last pipeline stage samples queued requests with one output-head pass.
+"""A last pipeline stage's engine: batched sampling, its busy-time count, idle caches.
 
-In process, with the real default model split in two: stage 0's blocks run here to make
+The last pipeline stage samples queued requests with one output-head pass. In process, with the real default model split in two: stage 0's blocks run here to make
 each request's hidden state, and a StageEngine holding the second half (blocks, norm,
 head) receives them as the previous stage's stream would deliver them. Messages queued
 while the engine's thread works on a long prefill chunk are taken as one batch; the
 tokens and log-probabilities must equal those the engine samples one request at a time.
+The same engine counts only its working time as busy, and drops a cache nobody released
+after the idle timeout.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from exo_tools.engine.tensors import to_proto
 from exo_tools.models.catalog import CATALOG, DEFAULT_MODEL_ID
 from exo_tools.models.loader import load_model, model_layout
 from exo_tools.proto import node_pb2
+from tests.helpers.cluster_checks import wait_for
 
 PROMPTS = [[1, 9690, 314, 260], [1, 504, 3458, 314, 260, 2777], [1, 2683, 28, 1834]]
 EPOCH = 7
@@ -55,6 +58,19 @@ def _first_position(first: ShardModel, prompt: list[int], request_id: str) -> An
     return message
 
 
+def _last_stage_engine(
+    last: ShardModel, replies: queue.SimpleQueue[Any], idle_timeout_s: float = 300.0
+) -> StageEngine:
+    """A started engine holding `last` as the last of 2 stages; it sends to `replies`."""
+    engine = StageEngine(idle_timeout_s=idle_timeout_s)
+    engine.start()
+    stage = InstalledStage(
+        epoch=EPOCH, model=last, eos_token_ids=frozenset(), n_stages=2, send=replies.put
+    )
+    engine.install(stage, "test")
+    return engine
+
+
 def _run_last_stage(
     first: ShardModel,
     last: ShardModel,
@@ -65,13 +81,8 @@ def _run_last_stage(
     """Replies of a last-stage engine to `messages` (queued at once, or one at a time,
     after the engine idled `idle_first_s`), and the engine's stats."""
     replies: queue.SimpleQueue[Any] = queue.SimpleQueue()
-    engine = StageEngine()
-    stage = InstalledStage(
-        epoch=EPOCH, model=last, eos_token_ids=frozenset(), n_stages=2, send=replies.put
-    )
-    engine.start()
+    engine = _last_stage_engine(last, replies)
     try:
-        engine.install(stage, "test")
         time.sleep(idle_first_s)
         got: dict[str, Any] = {}
         if together:
@@ -119,3 +130,22 @@ def test_busy_time_counts_work_not_waiting(halves: tuple[ShardModel, ShardModel]
     assert list(replies) == ["r0"]
     # The blocks, head and sampling took time; the 1.5 s idle (with its sweeps) did not.
     assert 0.0 < stats["busy_s"] < elapsed - 1.5
+
+
+def test_idle_cache_is_dropped_after_the_timeout(halves: tuple[ShardModel, ShardModel]) -> None:
+    """A request whose release never comes (its stage 0 vanished) does not keep its KV
+    cache: the sweep drops it once nothing touched it for the idle timeout."""
+    first, last = halves
+    engine = _last_stage_engine(last, queue.SimpleQueue(), idle_timeout_s=1.0)
+    try:
+        prefill = first.forward(mx.array([[1, 2, 3, 4]]), first.make_cache())
+        delivered = time.monotonic()
+        engine.deliver(
+            node_pb2.ActivationMessage(request_id="r", epoch=EPOCH, hidden=to_proto(prefill))
+        )
+        wait_for(lambda: engine.cached_requests == 1, 5.0, "the prefill's cache", 0.02)
+        wait_for(lambda: engine.cached_requests == 0, 5.0, "the idle cache to be dropped", 0.02)
+        # Kept for the timeout, then dropped by a sweep (one runs at least every second).
+        assert 1.0 <= time.monotonic() - delivered <= 3.5
+    finally:
+        engine.stop()
