@@ -4,10 +4,9 @@
 One run prints one table: TTFT, single-stream decode tok/s, per-hop overhead, each node's
 own work per token (its MLX thread's busy time, so TPOT minus their sum is the time tokens
 spend between nodes), all-reduce latency, per-node peak memory, and aggregate tok/s with 1
-and 4 concurrent streams. Every
-process (the mlx-lm baseline and peer too) gets OPENBLAS_NUM_THREADS=1, so on a 2-core
-machine the nodes do not oversubscribe the cores. Ratios are against the baseline measured
-in the same run.
+and 4 concurrent streams. Every process (the mlx-lm baseline and peers too) gets
+OPENBLAS_NUM_THREADS=1, so on a 2-core machine the nodes do not oversubscribe the cores.
+Ratios are against the baseline measured in the same run.
 
     python benchmarks/pipeline.py [--prompt-tokens 128] [--max-tokens 64] [--repeats 2]
         [--nodes 1,2,3] [--tensor 2,3] [--pipeline-peer 2] [--peer 3]
