@@ -65,10 +65,14 @@ WARMUP = 20
 _FRAME = struct.Struct("<QI")  # sent_ns, payload length
 
 
-def _compute(seconds: float, matrix: np.ndarray[Any, Any]) -> None:
-    end = time.perf_counter() + seconds
-    while time.perf_counter() < end:
-        matrix @ matrix
+def _paced(count: int, gap_s: float) -> Iterator[None]:
+    """`count` turns, each after `gap_s` of GIL-releasing compute (a stage's work)."""
+    matrix = np.random.default_rng(0).random((256, 256), dtype=np.float32)
+    for _ in range(count):
+        end = time.perf_counter() + gap_s
+        while time.perf_counter() < end:
+            matrix @ matrix
+        yield
 
 
 # ---------------------------------------------------------------- receiver side
@@ -185,13 +189,11 @@ def _message(payload: bytes) -> Any:
 
 
 def send(transport: str, port: int, count: int, gap_s: float, payload: bytes) -> None:
-    matrix = np.random.default_rng(0).random((256, 256), dtype=np.float32)
     target = f"127.0.0.1:{port}"
     if transport == "socket":
         connection = socket.create_connection(("127.0.0.1", port))
         connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        for _ in range(count):
-            _compute(gap_s, matrix)
+        for _ in _paced(count, gap_s):
             connection.sendall(_FRAME.pack(time.time_ns(), len(payload)) + payload)
         connection.close()
         return
@@ -201,8 +203,7 @@ def send(transport: str, port: int, count: int, gap_s: float, payload: bytes) ->
         call = node_pb2_grpc.WorkerStub(channel).Activations(iter(outgoing.get, None))
         drained = threading.Thread(target=lambda: list(call), daemon=True)
         drained.start()
-        for _ in range(count):
-            _compute(gap_s, matrix)
+        for _ in _paced(count, gap_s):
             outgoing.put(_message(payload))
         outgoing.put(None)
         drained.join(timeout=10)
@@ -232,13 +233,15 @@ def send(transport: str, port: int, count: int, gap_s: float, payload: bytes) ->
             async for _ in node_pb2_grpc.WorkerStub(channel).Activations(requests()):
                 pass
 
-    done = asyncio.run_coroutine_threadsafe(run(), loop)
-    for index in range(count + 1):
-        if index < count:
-            _compute(gap_s, matrix)
+    def post(message: Any) -> None:
         with lock:
-            pending.append(_message(payload) if index < count else False)
+            pending.append(message)
         loop.call_soon_threadsafe(ready.set)
+
+    done = asyncio.run_coroutine_threadsafe(run(), loop)
+    for _ in _paced(count, gap_s):
+        post(_message(payload))
+    post(False)  # the end of the stream
     done.result(timeout=10)
     loop.call_soon_threadsafe(loop.stop)
 
@@ -248,9 +251,7 @@ def _thread_handoff(count: int, gap_s: float) -> list[float]:
     latencies: list[float] = []
     consumer = threading.Thread(target=lambda: latencies.extend(_record(arrivals, count)))
     consumer.start()
-    matrix = np.random.default_rng(0).random((256, 256), dtype=np.float32)
-    for _ in range(count):
-        _compute(gap_s, matrix)
+    for _ in _paced(count, gap_s):
         arrivals.put(time.time_ns())
     consumer.join()
     return latencies
@@ -296,9 +297,7 @@ def _measure_pull(count: int, gap_s: float, payload: bytes) -> list[float]:
     try:
         if not subscribed.wait(timeout=30):
             raise RuntimeError("the receiver did not subscribe")
-        matrix = np.random.default_rng(0).random((256, 256), dtype=np.float32)
-        for _ in range(count):
-            _compute(gap_s, matrix)
+        for _ in _paced(count, gap_s):
             outgoing.put(_message(payload))
         assert receiver.stdout is not None
         return json.loads(receiver.stdout.readline())

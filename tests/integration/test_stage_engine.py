@@ -1,12 +1,13 @@
 """A last pipeline stage's engine: batched sampling, its busy-time count, idle caches.
 
-The last pipeline stage samples queued requests with one output-head pass. In process, with the real default model split in two: stage 0's blocks run here to make
+In process, with the real default model split in two: stage 0's blocks run here to make
 each request's hidden state, and a StageEngine holding the second half (blocks, norm,
-head) receives them as the previous stage's stream would deliver them. Messages queued
-while the engine's thread works on a long prefill chunk are taken as one batch; the
-tokens and log-probabilities must equal those the engine samples one request at a time.
-The same engine counts only its working time as busy, and drops a cache nobody released
-after the idle timeout.
+head) receives them as the previous stage's stream would deliver them. The last stage
+samples queued requests with one output-head pass: messages queued while the engine's
+thread works on a long prefill chunk are taken as one batch, and the tokens and
+log-probabilities must equal those the engine samples one request at a time. The same
+engine counts only its working time as busy, and drops a cache nobody released after
+the idle timeout.
 """
 
 from __future__ import annotations
