@@ -53,10 +53,11 @@ def main() -> None:
     import mlx.core as mx
 
     from exo_tools import constraints as C
-    from exo_tools.engine.sampling import Sampler, SamplingParams
+    from exo_tools.engine.sampling import Sampler
     from exo_tools.engine.shard import ShardModel
     from exo_tools.models.catalog import CATALOG, DEFAULT_MODEL_ID
     from exo_tools.models.loader import load_model
+    from exo_tools.types import SamplingParams
 
     loaded = load_model(
         CATALOG[DEFAULT_MODEL_ID], default_model_path(), dtype=args.dtype, progress=False

@@ -42,10 +42,11 @@ def main() -> None:
 
     import mlx.core as mx
 
-    from exo_tools.engine.shard import Shard, ShardModel
+    from exo_tools.engine.shard import ShardModel
     from exo_tools.engine.tensors import from_proto, to_proto
     from exo_tools.models.catalog import CATALOG, DEFAULT_MODEL_ID
     from exo_tools.models.loader import load_model
+    from exo_tools.types import Shard
 
     card = CATALOG[DEFAULT_MODEL_ID]
     path = default_model_path()

@@ -18,7 +18,6 @@ from .api.server import create_app
 from .cluster import ClusterConfig, ClusterNode
 from .cluster import capabilities as node_capabilities
 from .cluster.coordinator import Coordinator
-from .cluster.placement import ModelLayout
 from .cluster.worker import Worker, memory_report
 from .engine.pipeline import StageEngine
 from .models import sources
@@ -26,6 +25,7 @@ from .models.catalog import ModelCard, resolve_model
 from .models.loader import model_layout
 from .proto import node_pb2_grpc
 from .serving.chat import ChatService
+from .types import ModelLayout
 
 log = logging.getLogger(__name__)
 

@@ -23,11 +23,12 @@ import mlx.core as mx
 import pytest
 
 from exo_tools import constraints as C
-from exo_tools.engine.sampling import Sampler, SamplingParams
+from exo_tools.engine.sampling import Sampler
 from exo_tools.engine.shard import ShardModel
 from exo_tools.models.catalog import CATALOG, DEFAULT_MODEL_ID
 from exo_tools.models.loader import LoadedModel, load_model
 from exo_tools.tools import parse_tool_calls, render_tools_system_prompt
+from exo_tools.types import SamplingParams
 from tests.helpers.agent_tools import SCHEMA_2020, string, tool
 
 pytestmark = pytest.mark.slow

@@ -10,10 +10,11 @@ from pathlib import Path
 import mlx.core as mx
 import pytest
 
-from exo_tools.engine.shard import Shard, ShardModel
+from exo_tools.engine.shard import ShardModel
 from exo_tools.models.catalog import CATALOG, DEFAULT_MODEL_ID, HFFolderSource, resolve_model
 from exo_tools.models.gguf import read_gguf
 from exo_tools.models.loader import LoadedModel, load_model, parameter_arrays
+from exo_tools.types import Shard
 from tests.helpers.nodes import node_environment, start_node
 
 pytestmark = pytest.mark.slow

@@ -21,12 +21,12 @@ import mlx.core as mx
 import pytest
 
 from exo_tools.engine.pipeline import InstalledStage, StageEngine, sampling_to_proto
-from exo_tools.engine.sampling import SamplingParams
-from exo_tools.engine.shard import Shard, ShardModel
+from exo_tools.engine.shard import ShardModel
 from exo_tools.engine.tensors import to_proto
 from exo_tools.models.catalog import CATALOG, DEFAULT_MODEL_ID
 from exo_tools.models.loader import load_model, model_layout
 from exo_tools.proto import node_pb2
+from exo_tools.types import SamplingParams, Shard
 from tests.helpers.cluster_checks import wait_for
 
 PROMPTS = [[1, 9690, 314, 260], [1, 504, 3458, 314, 260, 2777], [1, 2683, 28, 1834]]

@@ -15,10 +15,10 @@ from typing import Any
 
 import pytest
 
-from exo_tools.cluster.placement import TensorSlice
 from exo_tools.models.catalog import CATALOG
 from exo_tools.models.loader import model_layout
 from exo_tools.models.tokenizer import TextTokenizer
+from exo_tools.types import TensorSlice
 from tests.helpers.cluster_runs import (
     MODEL,
     Cluster,

@@ -16,10 +16,11 @@ import pytest
 
 from exo_tools import constraints as C
 from exo_tools.constraints import registry
-from exo_tools.engine.sampling import Sampler, SamplingParams
+from exo_tools.engine.sampling import Sampler
 from exo_tools.models.gguf import gguf_tokenizer, read_gguf
 from exo_tools.models.tokenizer import TextTokenizer
 from exo_tools.tools import parse_tool_calls, render_assistant_tool_calls
+from exo_tools.types import SamplingParams
 
 KEY = "test-smollm2"
 SCHEMA_2020 = "https://json-schema.org/draft/2020-12/schema"

@@ -12,8 +12,7 @@ from pydantic import ValidationError
 
 from exo_tools.api.errors import from_validation_error
 from exo_tools.api.schemas import ChatCompletionRequest
-from exo_tools.engine.sampling import Sampler, SamplingParams, _top_p_filter
-from exo_tools.engine.shard import Shard
+from exo_tools.engine.sampling import Sampler, _top_p_filter
 from exo_tools.models.catalog import (
     GGUFFileSource,
     HFRepoSource,
@@ -21,6 +20,7 @@ from exo_tools.models.catalog import (
     resolve_model,
 )
 from exo_tools.serving.generation import StopStringMatcher
+from exo_tools.types import SamplingParams, Shard
 
 
 def run_matcher(stops: list[str], pieces: list[str]) -> tuple[str, bool]:

@@ -15,8 +15,6 @@ import pytest
 from mlx.utils import tree_flatten
 from mlx_lm.models import llama
 
-from exo_tools.cluster.placement import TensorSlice
-from exo_tools.engine.shard import Shard
 from exo_tools.engine.tensor_parallel import (
     CollectiveError,
     TensorCollective,
@@ -26,6 +24,7 @@ from exo_tools.engine.tensor_parallel import (
     tensor_config,
 )
 from exo_tools.proto import node_pb2
+from exo_tools.types import Shard, TensorSlice
 
 CONFIG: dict[str, Any] = {
     "model_type": "llama",

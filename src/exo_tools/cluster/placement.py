@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass, field
-from typing import Literal
 
 from pydantic import BaseModel, Field
 
-Parallelism = Literal["auto", "pipeline", "tensor"]
-PARALLELISM_CHOICES: tuple[str, ...] = ("auto", "pipeline", "tensor")
+from ..types import ModelLayout, Parallelism, TensorSlice
+
+PARALLELISM_CHOICES: tuple[str, ...] = tuple(choice.value for choice in Parallelism)
 
 # Memory a node keeps for the OS, Python, MLX's caches and activations: placement only uses
 # this fraction of what a node reports as available.
@@ -28,75 +28,6 @@ MEMORY_HEADROOM = 0.8
 
 class PlacementError(RuntimeError):
     """No placement satisfies the request; the message says why."""
-
-
-@dataclass(frozen=True)
-class ModelLayout:
-    """The sizes placement needs, in bytes at the dtype the nodes will load."""
-
-    model_id: str
-    n_layers: int
-    layer_bytes: int  # one transformer block
-    embed_bytes: int  # token embedding (first stage; also the last when tied)
-    head_bytes: int  # final norm + untied output head (last stage)
-    tied_embeddings: bool
-    kv_bytes_per_token: int  # per layer: keys + values of one token
-    kv_budget_tokens: int  # tokens of KV cache each stage must have room for
-    # For tensor slicing (0 when unknown): per-layer bytes of the attention projections and
-    # of the MLP, and the dimensions they are cut along.
-    n_kv_heads: int = 0
-    intermediate_size: int = 0
-    attention_bytes: int = 0
-    mlp_bytes: int = 0
-
-    def stage_bytes(self, start: int, end: int) -> int:
-        """Weights plus the KV budget of a stage holding layers [start, end)."""
-        total = (end - start) * (self.layer_bytes + self.kv_bytes_per_token * self.kv_budget_tokens)
-        if start == 0:
-            total += self.embed_bytes
-        if end == self.n_layers:
-            total += self.head_bytes
-            if self.tied_embeddings and start != 0:
-                total += self.embed_bytes
-        return total
-
-    def tensor_weight_bytes(self, part: TensorSlice) -> int:
-        """The weights of a tensor member holding `part`."""
-        heads = part.kv_head_end - part.kv_head_start
-        columns = part.mlp_end - part.mlp_start
-        rest = self.layer_bytes - self.attention_bytes - self.mlp_bytes  # norms, replicated
-        per_layer = (
-            rest
-            + self.attention_bytes * heads // self.n_kv_heads
-            + self.mlp_bytes * columns // self.intermediate_size
-        )
-        total = self.n_layers * per_layer
-        if part.is_root:
-            total += self.embed_bytes + self.head_bytes
-        return total
-
-    def tensor_bytes(self, part: TensorSlice) -> int:
-        """Weights plus the KV budget of a tensor member holding `part`."""
-        heads = part.kv_head_end - part.kv_head_start
-        kv = self.n_layers * self.kv_bytes_per_token * self.kv_budget_tokens * heads
-        return self.tensor_weight_bytes(part) + kv // self.n_kv_heads
-
-
-@dataclass(frozen=True)
-class TensorSlice:
-    """A tensor member's share: KV heads [kv_head_start, kv_head_end) with their query
-    heads, and MLP columns [mlp_start, mlp_end)."""
-
-    rank: int
-    size: int
-    kv_head_start: int
-    kv_head_end: int
-    mlp_start: int
-    mlp_end: int
-
-    @property
-    def is_root(self) -> bool:
-        return self.rank == 0
 
 
 @dataclass(frozen=True)

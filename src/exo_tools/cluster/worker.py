@@ -21,13 +21,13 @@ import grpc.aio
 
 from ..constraints import register_tokenizer
 from ..engine.pipeline import InstalledStage, StageEngine
-from ..engine.shard import Shard, ShardModel
+from ..engine.shard import ShardModel
 from ..engine.tensor_parallel import TensorCollective, TensorShardModel
 from ..models import sources
 from ..models.catalog import ModelCard
 from ..models.loader import LoadedModel, load_model
 from ..proto import node_pb2, node_pb2_grpc
-from .placement import TensorSlice
+from ..types import Shard, TensorSlice
 
 log = logging.getLogger(__name__)
 

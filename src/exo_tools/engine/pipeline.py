@@ -29,15 +29,17 @@ from typing import Any, cast
 import mlx.core as mx
 
 from ..proto import node_pb2
-from .runner import (
-    PREFILL_CHUNK,
+from ..types import (
     ErrorEvent,
     FinishEvent,
+    FinishReason,
     GenerationHandle,
-    RunnerEvent,
+    RequestEvent,
+    SamplingParams,
     TokenEvent,
+    TokenLogprobs,
 )
-from .sampling import Sampler, SamplingParams, TokenLogprobs, token_logprobs
+from .sampling import Sampler, token_logprobs
 from .shard import ShardModel
 from .tensor_parallel import CollectiveError, TensorCollective, TensorShardModel
 from .tensors import from_proto, to_proto
@@ -47,6 +49,9 @@ log = logging.getLogger(__name__)
 SWEEP_INTERVAL_S = 1.0
 DEFAULT_IDLE_TIMEOUT_S = 300.0
 HOP_WINDOW = 128
+# mlx-lm's generate prefills in 2048-token chunks and runs the last prompt token on its
+# own; doing the same keeps greedy output token-identical to it.
+PREFILL_CHUNK = 2048
 # Decode messages the last stage takes off its inbox at once to share one output-head pass.
 MAX_SAMPLE_BATCH = 16
 
@@ -139,7 +144,7 @@ class _Origin:
     prompt: list[int]
     max_tokens: int
     sampling: SamplingParams
-    emit: Callable[[RunnerEvent], None]
+    emit: Callable[[RequestEvent], None]
     cancelled: threading.Event
     prompt_done: int = 0
     generated: int = 0
@@ -251,7 +256,7 @@ class StageEngine:
             request_id, cancelled, on_cancel=lambda: self._inbox.put(("cancel", request_id))
         )
 
-        def emit(event: RunnerEvent) -> None:
+        def emit(event: RequestEvent) -> None:
             # The loop may be gone at shutdown; the event has no one to go to then.
             with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(handle.events.put_nowait, event)
@@ -530,7 +535,7 @@ class StageEngine:
         # Queued rather than run now so other requests' work interleaves fairly.
         self._inbox.put(("step", origin.request_id))
 
-    def _finish(self, origin: _Origin, reason: str) -> None:
+    def _finish(self, origin: _Origin, reason: FinishReason) -> None:
         now = time.perf_counter()
         first = origin.first_token_at or now
         origin.emit(

@@ -12,39 +12,14 @@ end-of-sequence is allowed, so the runner stops. Without one, sampling does no e
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, cast
 
 import mlx.core as mx
 
+from ..types import SamplingParams, TokenLogprobs
+
 if TYPE_CHECKING:
     from ..constraints import TokenConstraint
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    temperature: float = 1.0
-    top_p: float = 1.0
-    seed: int | None = None
-    # A grammar constraint for this request (see exo_tools.constraints), as its serialized
-    # spec so it can travel to whichever node samples; None = unconstrained.
-    constraint: str | None = None
-    # Report the sampled token's log-probability and this many top alternatives
-    # (OpenAI `logprobs` / `top_logprobs`), from the model's own distribution.
-    logprobs: bool = False
-    top_logprobs: int = 0
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature <= 0.0
-
-
-@dataclass(frozen=True)
-class TokenLogprobs:
-    """The sampled token's log-probability and the most likely tokens with theirs."""
-
-    logprob: float
-    top: tuple[tuple[int, float], ...] = ()
 
 
 def token_logprobs(logits: mx.array, token: int, top: int) -> TokenLogprobs:

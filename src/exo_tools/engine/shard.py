@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import mlx.core as mx
@@ -10,45 +9,12 @@ import mlx.nn as nn
 from mlx_lm.models.base import create_attention_mask
 from mlx_lm.models.cache import KVCache
 
+from ..types import Shard
+
 # Blocks per asynchronous evaluation in a forward pass. Measured on 15 SmolLM2 blocks
 # (2-core x86, float32): every 1-5 blocks all save ~2.5 ms of ~38 ms per decode step;
 # larger groups mean fewer synchronization points on a GPU.
 ASYNC_EVAL_LAYERS = 4
-
-
-@dataclass(frozen=True)
-class Shard:
-    """A pipeline stage: layers [start_layer, end_layer) of a model with n_layers."""
-
-    model_id: str
-    start_layer: int
-    end_layer: int
-    n_layers: int
-
-    def __post_init__(self) -> None:
-        if not 0 <= self.start_layer < self.end_layer <= self.n_layers:
-            raise ValueError(
-                f"invalid shard [{self.start_layer}, {self.end_layer}) of {self.n_layers} layers"
-            )
-
-    @classmethod
-    def full(cls, model_id: str, n_layers: int) -> Shard:
-        return cls(model_id, 0, n_layers, n_layers)
-
-    @property
-    def is_first(self) -> bool:
-        return self.start_layer == 0
-
-    @property
-    def is_last(self) -> bool:
-        return self.end_layer == self.n_layers
-
-    @property
-    def n_local_layers(self) -> int:
-        return self.end_layer - self.start_layer
-
-    def contains(self, layer: int) -> bool:
-        return self.start_layer <= layer < self.end_layer
 
 
 class ShardModel:

@@ -23,9 +23,9 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
-from ..cluster.placement import TensorSlice
 from ..proto import node_pb2
-from .shard import Shard, ShardModel
+from ..types import Shard, TensorSlice
+from .shard import ShardModel
 from .tensors import from_proto, to_proto
 
 ALL_REDUCE_TIMEOUT_S = 30.0

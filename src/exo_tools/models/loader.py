@@ -19,9 +19,8 @@ from mlx.utils import tree_flatten
 from mlx_lm.utils import _get_classes
 from tqdm import tqdm
 
-from ..cluster.placement import ModelLayout, TensorSlice
-from ..engine.shard import Shard
 from ..engine.tensor_parallel import TensorPlanError, slice_weights, tensor_config
+from ..types import ModelLayout, Shard, TensorSlice
 from .catalog import DTYPES, GGUFFileSource, ModelCard, PyPIGGUFSource
 from .gguf import layer_index, load_gguf
 from .tokenizer import TextTokenizer

@@ -24,7 +24,6 @@ from ..constraints import (
     lazy_tool_call_constraint,
     tool_call_constraint,
 )
-from ..engine.sampling import SamplingParams
 from ..models.catalog import ModelCard
 from ..models.tokenizer import ChatTemplateError, TextTokenizer
 from ..tools import (
@@ -40,6 +39,7 @@ from ..tools import (
     rewrite_history,
     tools_for_choice,
 )
+from ..types import SamplingParams
 from .generation import Finished, GenerationError, SampledLogprobs, TokenGenerator, generate_text
 
 # Formats whose markers are special tokens: the text must keep them for the parser.

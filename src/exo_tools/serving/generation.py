@@ -5,25 +5,16 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
-from typing import Protocol
 
-from ..engine.runner import ErrorEvent, FinishEvent, GenerationHandle, TokenEvent
-from ..engine.sampling import SamplingParams, TokenLogprobs
 from ..models.tokenizer import IncrementalDetokenizer, TextTokenizer
-
-
-class TokenGenerator(Protocol):
-    """What serving needs from the engine: the local runner, or a pipeline driver."""
-
-    def submit(
-        self,
-        request_id: str,
-        prompt: list[int],
-        *,
-        sampling: SamplingParams,
-        max_tokens: int,
-        loop: asyncio.AbstractEventLoop,
-    ) -> GenerationHandle: ...
+from ..types import (
+    ErrorEvent,
+    FinishEvent,
+    SamplingParams,
+    TokenEvent,
+    TokenGenerator,
+    TokenLogprobs,
+)
 
 
 class GenerationError(RuntimeError):
