@@ -16,20 +16,20 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from helpers.cluster_checks import (  # pyright: ignore[reportMissingImports]
-    Member,
+from tests.helpers.cluster_checks import (
     start_member,
     wait_converged,
     wait_serving,
     write_secret,
 )
+from tests.helpers.nodes import NodeProcess
 
 
 def one_round(n: int, workdir: Path) -> dict[str, float]:
     secret = write_secret(workdir / "secret", "bench")
-    members: list[Member] = []
+    members: list[NodeProcess] = []
     try:
         launched = time.monotonic()
         members = [start_member(f"b{i}", workdir, secret_file=secret) for i in range(n)]
@@ -41,15 +41,15 @@ def one_round(n: int, workdir: Path) -> dict[str, float]:
         # SIGSTOP a non-master: failure detection and re-admission.
         victim = next(m for m in members if m.node_id != master)
         rest = [m for m in members if m is not victim]
-        victim.signal(signal.SIGSTOP)
+        victim.send_signal(signal.SIGSTOP)
         detect, _ = wait_converged([m.url for m in rest], ids - {victim.node_id}, 10)
-        victim.signal(signal.SIGCONT)
+        victim.send_signal(signal.SIGCONT)
         readmit, _ = wait_converged([m.url for m in members], ids, 10)
         time.sleep(1.0)
         # SIGKILL the master: re-election.
         old = next(m for m in members if m.node_id == master)
         rest = [m for m in members if m is not old]
-        old.signal(signal.SIGKILL)
+        old.send_signal(signal.SIGKILL)
         reelect, _ = wait_converged([m.url for m in rest], ids - {master}, 10)
         return {
             "launch -> HTTP up (all)": served,

@@ -14,16 +14,6 @@ from typing import Any
 from . import __version__
 
 
-def _port(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from error
-    if not 0 < value < 65536:
-        raise argparse.ArgumentTypeError(f"port must be 1-65535, got {value}")
-    return value
-
-
 def _existing_file(text: str) -> Path:
     path = Path(text).expanduser()
     if not path.is_file():
@@ -62,6 +52,7 @@ def _storage(args: argparse.Namespace) -> tuple[Path, Path]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .cluster.config import parse_port
     from .models.catalog import DEFAULT_MODEL_ID, DTYPES
     from .tools import FORMATS
 
@@ -86,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
         "see `exo-tools models list`)",
     )
     node.add_argument("--host", default="127.0.0.1", help="API bind address (default 127.0.0.1)")
-    node.add_argument("--api-port", type=_port, default=52415, help="API port (default 52415)")
+    node.add_argument("--api-port", type=parse_port, default=52415, help="API port (default 52415)")
     _add_storage_arguments(node)
     node.add_argument(
         "--dtype",
@@ -126,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .cluster import add_cluster_arguments
 
     add_cluster_arguments(node)
-    from .cluster.placement import add_placement_arguments
+    from .placement.plan import add_placement_arguments
 
     add_placement_arguments(node)
     node.add_argument("--no-progress", action="store_true", help="no progress bars")

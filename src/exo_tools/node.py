@@ -17,15 +17,16 @@ from aiohttp import web
 from .api.server import create_app
 from .cluster import ClusterConfig, ClusterNode
 from .cluster import capabilities as node_capabilities
-from .cluster.coordinator import Coordinator
-from .cluster.worker import Worker, memory_report
-from .engine.pipeline import StageEngine
+from .engine.core import StageEngine
 from .models import sources
 from .models.catalog import ModelCard, resolve_model
 from .models.loader import model_layout
+from .placement.coordinator import Coordinator
+from .placement.views import CoordinatorState, WorkerState
+from .placement.worker import Worker, memory_report
 from .proto import node_pb2_grpc
 from .serving.chat import ChatService
-from .types import ModelLayout
+from .types import ModelLayout, Parallelism
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +82,7 @@ class Node:
             worker=self.worker,
             layout=self._layout,
             memory_available=lambda: node_capabilities.probe().memory_available,
-            parallelism=config.parallelism,
+            parallelism=Parallelism(config.parallelism),
             min_nodes=config.min_nodes,
             dtype=config.dtype,
         )
@@ -143,16 +144,16 @@ class Node:
         if self.coordinator.is_master:
             return self.coordinator.state
         # A member serves the API by forwarding; "ready" once its own stage is loaded.
-        return {"ready": "ready", "loading": "loading", "failed": "failed"}.get(
-            self.worker.state, "standby"
-        )
+        if self.worker.state == WorkerState.IDLE:
+            return CoordinatorState.STANDBY
+        return self.worker.state
 
     def health(self) -> dict[str, Any]:
         body: dict[str, Any] = {"status": self._status(), "model": self.card.id}
         if self.cluster is not None:
             body["node_id"] = self.cluster.node_id
             body["master"] = self.cluster.master_id
-        body["stage"] = self.worker.describe()
+        body["stage"] = self.worker.view().model_dump(exclude_none=True)
         body["active_requests"] = self.engine.active_requests
         body["pipeline"] = self.engine.stats()
         loaded = self.worker.loaded

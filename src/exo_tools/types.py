@@ -324,3 +324,36 @@ class Partial:
     rank: int
     tensor: WireTensor | None = None
     error: str = ""
+
+
+# ---------------------------------------------------------------- loading a shard
+
+
+@dataclass(frozen=True)
+class LoadOrder:
+    """The master's order to a node: load `shard` for placement `epoch`."""
+
+    epoch: int
+    shard: Shard
+    dtype: str = "auto"  # weight precision ("auto", "float32", ...)
+    stage_index: int = 0
+    n_stages: int = 1  # pipeline stages (1 for tensor parallelism: every member is whole)
+    next_node_id: str = ""  # where this stage streams its output (the last: stage 0)
+    tensor_members: tuple[str, ...] = ()  # tensor parallelism: node ids by rank
+    placement_json: str = ""  # the whole placement, for GET /v1/cluster on members
+
+
+@dataclass(frozen=True)
+class LoadProgress:
+    """One step of a load; `finished` marks the last, with `error` when it failed."""
+
+    epoch: int
+    stage: str = ""  # "fetch", "load", "ready"
+    done: int = 0
+    total: int = 0
+    finished: bool = False
+    error: str = ""
+    weight_bytes: int = 0  # bytes of the shard's parameters, once loaded
+    rss: int = 0  # the member's resident memory after loading
+    mlx_active: int = 0  # MLX's active memory after loading
+    current_epoch: int = 0  # the member's epoch (set when it refuses an older one)

@@ -9,7 +9,10 @@ from typing import Any
 SCHEMA_2020 = "https://json-schema.org/draft/2020-12/schema"
 
 
-def tool(name: str, description: str, properties: dict[str, Any], required: list[str]) -> Any:
+def tool(
+    name: str, description: str, properties: dict[str, Any], required: list[str]
+) -> dict[str, Any]:
+    """An OpenAI function tool over a closed draft 2020-12 object schema."""
     return {
         "type": "function",
         "function": {

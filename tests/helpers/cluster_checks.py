@@ -1,44 +1,48 @@
 """Launch cluster members and poll/assert their GET /v1/cluster views (test helpers).
 
-The checks only need each member's base URL, so they work for the helper member
-(tests/helpers/cluster_member.py) and for real `exo-tools node` processes alike.
+The checks only need each member's base URL (or the member itself, when it lives in a network
+namespace), so they work for the helper member (tests/helpers/cluster_member.py) and for real
+`exo-tools node` processes alike.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tests.helpers.nodes import free_port
+from tests.helpers.nodes import NodeProcess, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 MEMBER_SCRIPT = ROOT / "tests" / "helpers" / "cluster_member.py"
 
 
-ViewSource = str | Callable[[], "dict[str, Any] | None"]
+# A base URL, or a member process (whose view is fetched from inside its network namespace).
+ViewSource = str | NodeProcess
 
 
 def get_view(src: ViewSource, timeout: float = 1.0) -> dict[str, Any] | None:
-    """GET {url}/v1/cluster, or None when it does not answer. `src` is a base URL or a callable
-    fetching the view some other way (e.g. from inside a network namespace)."""
-    if callable(src):
-        return src()
-    url = src
+    """GET {url}/v1/cluster, or None when it does not answer."""
+    if isinstance(src, NodeProcess):
+        if src.netns is not None:
+            return netns_get_view(src.netns, src.url)
+        src = src.url
     try:
-        with urllib.request.urlopen(f"{url}/v1/cluster", timeout=timeout) as resp:
+        with urllib.request.urlopen(f"{src}/v1/cluster", timeout=timeout) as resp:
             return json.loads(resp.read())
     except (OSError, urllib.error.URLError, ValueError):
         return None
+
+
+def _label(src: ViewSource) -> str:
+    return src if isinstance(src, str) else f"{src.node_id or '?'} at {src.url}"
 
 
 def node_ids(view: dict[str, Any] | None) -> set[str]:
@@ -88,54 +92,13 @@ def wait_converged(
         return master is not None
 
     try:
-        elapsed = wait_for(check, timeout, f"{list(urls)} to agree on members {sorted(expected)}")
+        labels = [_label(u) for u in urls]
+        elapsed = wait_for(check, timeout, f"{labels} to agree on members {sorted(expected)}")
     except AssertionError as e:
-        views = {u: get_view(u) for u in urls}
+        views = {_label(u): get_view(u) for u in urls}
         summary = {u: (sorted(node_ids(v)), v and v.get("master")) for u, v in views.items()}
         raise AssertionError(f"{e}; views: {summary}") from None
     return elapsed, found[-1]
-
-
-@dataclass
-class Member:
-    node_id: str
-    api_port: int
-    grpc_port: int
-    proc: subprocess.Popen[bytes]
-    log_path: Path
-    host: str = "127.0.0.1"
-    netns: str | None = None
-
-    @property
-    def url(self) -> ViewSource:
-        base = f"http://{self.host}:{self.api_port}"
-        if self.netns is None:
-            return base
-        ns = self.netns
-        return lambda: netns_get_view(ns, base)
-
-    @property
-    def grpc_target(self) -> str:
-        return f"{self.host}:{self.grpc_port}"
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def signal(self, sig: int) -> None:
-        self.proc.send_signal(sig)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            try:
-                self.proc.send_signal(signal.SIGCONT)
-                self.proc.terminate()
-                self.proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=5)
 
 
 def start_member(
@@ -152,7 +115,7 @@ def start_member(
     discovery: bool = True,
     netns: str | None = None,
     extra_env: dict[str, str] | None = None,
-) -> Member:
+) -> NodeProcess:
     """Start tests/helpers/cluster_member.py (inside network namespace `netns` if given)."""
     api_port = api_port or free_port()
     grpc_port = grpc_port or free_port()
@@ -187,7 +150,16 @@ def start_member(
     env.pop("EXO_TOOLS_SECRET", None)
     with log_path.open("wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-    return Member(node_id, api_port, grpc_port, proc, log_path, host=host, netns=netns)
+    return NodeProcess(
+        process=proc,
+        api_port=api_port,
+        home=home,
+        log_path=log_path,
+        node_id=node_id,
+        grpc_port=grpc_port,
+        host=host,
+        netns=netns,
+    )
 
 
 def netns_get_view(netns: str, base_url: str) -> dict[str, Any] | None:
@@ -214,10 +186,10 @@ def netns_get_view(netns: str, base_url: str) -> dict[str, Any] | None:
         return None
 
 
-def wait_serving(members: Sequence[Member], timeout: float = 15.0) -> None:
+def wait_serving(members: Sequence[NodeProcess], timeout: float = 15.0) -> None:
     for m in members:
         wait_for(
-            lambda m=m: get_view(m.url) is not None or not m.alive(),
+            lambda m=m: get_view(m) is not None or not m.alive(),
             timeout,
             f"{m.node_id} to serve",
         )

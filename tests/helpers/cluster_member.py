@@ -16,13 +16,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-SRC = Path(__file__).resolve().parents[2] / "src"
-if str(SRC) not in sys.path:
-    sys.path.insert(0, str(SRC))
+from aiohttp import web
 
-from aiohttp import web  # noqa: E402
-
-from exo_tools.cluster import ClusterNode, add_cluster_arguments, cluster_config_from_args  # noqa: E402
+from exo_tools.cluster import ClusterNode, add_cluster_arguments, cluster_config_from_args
 
 
 async def run(args: argparse.Namespace) -> None:

@@ -1,4 +1,5 @@
-"""Start real `exo-tools node` processes for tests and tear them down."""
+"""Start real `exo-tools node` processes for tests and tear them down (`NodeProcess` is the
+one wrapper for every process a test starts)."""
 
 from __future__ import annotations
 
@@ -42,18 +43,35 @@ def node_environment(threads: int = 1) -> dict[str, str]:
 
 @dataclass
 class NodeProcess:
+    """One process under test: a real `exo-tools node` (`start_node`) or a cluster-only member
+    (`cluster_checks.start_member`), possibly inside a network namespace."""
+
     process: subprocess.Popen[bytes]
     api_port: int
     home: Path
     log_path: Path
+    node_id: str = ""  # empty when the node picks its own
+    grpc_port: int = 0  # 0 when not known to the test
+    host: str = "127.0.0.1"
+    netns: str | None = None  # its API is reachable only from inside this namespace
     extra: dict[str, object] = field(default_factory=dict)
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.api_port}"
+        return f"http://{self.host}:{self.api_port}"
+
+    @property
+    def grpc_target(self) -> str:
+        return f"{self.host}:{self.grpc_port}"
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def send_signal(self, sig: int) -> None:
+        self.process.send_signal(sig)
 
     def health(self) -> dict[str, object]:
         return requests.get(f"{self.url}/health", timeout=5).json()
@@ -71,14 +89,18 @@ class NodeProcess:
             time.sleep(0.2)
         raise TimeoutError(f"node not ready after {timeout} s:\n{self.log()}")
 
-    def stop(self, sig: int = signal.SIGTERM) -> None:
-        if self.process.poll() is None:
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> None:
+        """Send `sig` and wait for the exit; SIGKILL if it takes longer than `timeout`."""
+        if self.process.poll() is not None:
+            return
+        try:
+            # A test may have SIGSTOPped it: resume it, or it could never handle `sig`.
+            self.process.send_signal(signal.SIGCONT)
             self.process.send_signal(sig)
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=5)
+            self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(timeout=5)
 
 
 def start_node(*args: str, env: dict[str, str] | None = None, wait: bool = True) -> NodeProcess:

@@ -3,19 +3,13 @@
 from __future__ import annotations
 
 import signal
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-_TESTS = Path(__file__).resolve().parents[1]
-if str(_TESTS) not in sys.path:
-    sys.path.insert(0, str(_TESTS))
-
-from helpers.cluster_checks import (  # noqa: E402
-    Member,
+from tests.helpers.cluster_checks import (
     get_view,
     node_ids,
     start_member,
@@ -24,6 +18,7 @@ from helpers.cluster_checks import (  # noqa: E402
     wait_serving,
     write_secret,
 )
+from tests.helpers.nodes import NodeProcess
 
 pytestmark = pytest.mark.slow
 
@@ -31,8 +26,8 @@ BOUND_S = 5.0  # discovery, failure detection and re-election bound
 
 
 @pytest.fixture
-def members() -> Iterator[list[Member]]:
-    started: list[Member] = []
+def members() -> Iterator[list[NodeProcess]]:
+    started: list[NodeProcess] = []
     yield started
     for m in started:
         m.stop()
@@ -43,20 +38,22 @@ def secret(tmp_path: Path) -> Path:
     return write_secret(tmp_path / "secret", "integration-secret")
 
 
-def _start(members: list[Member], tmp_path: Path, node_id: str, **kw: object) -> Member:
+def _start(members: list[NodeProcess], tmp_path: Path, node_id: str, **kw: object) -> NodeProcess:
     m = start_member(node_id, tmp_path, **kw)  # type: ignore[arg-type]
     members.append(m)
     return m
 
 
-def _trio(members: list[Member], tmp_path: Path, secret: Path, **kw: object) -> list[Member]:
+def _trio(
+    members: list[NodeProcess], tmp_path: Path, secret: Path, **kw: object
+) -> list[NodeProcess]:
     trio = [_start(members, tmp_path, f"n{i}", secret_file=secret, **kw) for i in range(3)]
     wait_serving(trio)
     return trio
 
 
 def test_three_members_discover_and_agree(
-    members: list[Member], tmp_path: Path, secret: Path
+    members: list[NodeProcess], tmp_path: Path, secret: Path
 ) -> None:
     launched = time.monotonic()
     trio = _trio(members, tmp_path, secret)
@@ -91,7 +88,7 @@ def test_three_members_discover_and_agree(
     assert view is not None and all(0 < lk["latency_ms"] < 1000 for lk in view["links"])
 
 
-def test_wrong_secret_is_refused(members: list[Member], tmp_path: Path, secret: Path) -> None:
+def test_wrong_secret_is_refused(members: list[NodeProcess], tmp_path: Path, secret: Path) -> None:
     good = [_start(members, tmp_path, f"g{i}", secret_file=secret) for i in range(2)]
     bad_secret = write_secret(tmp_path / "bad", "not-the-secret")
     bad = _start(members, tmp_path, "bad", secret_file=bad_secret)
@@ -111,7 +108,9 @@ def test_wrong_secret_is_refused(members: list[Member], tmp_path: Path, secret: 
     assert "could not prove" in bad.log() or "refused" in bad.log()
 
 
-def test_other_cluster_stays_invisible(members: list[Member], tmp_path: Path, secret: Path) -> None:
+def test_other_cluster_stays_invisible(
+    members: list[NodeProcess], tmp_path: Path, secret: Path
+) -> None:
     a = [_start(members, tmp_path, f"a{i}", secret_file=secret, cluster="alpha") for i in range(2)]
     b = _start(members, tmp_path, "b0", secret_file=secret, cluster="beta")
     wait_serving([*a, b])
@@ -123,7 +122,7 @@ def test_other_cluster_stays_invisible(members: list[Member], tmp_path: Path, se
 
 
 def test_static_peers_without_discovery(
-    members: list[Member], tmp_path: Path, secret: Path
+    members: list[NodeProcess], tmp_path: Path, secret: Path
 ) -> None:
     first = _start(members, tmp_path, "s0", secret_file=secret, discovery=False)
     wait_serving([first])
@@ -145,14 +144,16 @@ def test_static_peers_without_discovery(
     assert "advertising" not in first.log()  # zeroconf really was off
 
 
-def test_killing_master_elects_new_one(members: list[Member], tmp_path: Path, secret: Path) -> None:
+def test_killing_master_elects_new_one(
+    members: list[NodeProcess], tmp_path: Path, secret: Path
+) -> None:
     trio = _trio(members, tmp_path, secret)
     _, master = wait_converged([m.url for m in trio], {"n0", "n1", "n2"}, BOUND_S)
     # Let heartbeats settle so the measurement starts from a steady state.
     time.sleep(1.0)
     victim = next(m for m in trio if m.node_id == master)
     rest = [m for m in trio if m is not victim]
-    victim.signal(signal.SIGKILL)
+    victim.send_signal(signal.SIGKILL)
     elapsed, new_master = wait_converged([m.url for m in rest], {m.node_id for m in rest}, BOUND_S)
     print(f"\n[timing] re-election after SIGKILL of master {master}: {elapsed:.2f}s")
     assert new_master != master
@@ -167,7 +168,7 @@ def test_killing_master_elects_new_one(members: list[Member], tmp_path: Path, se
 
 
 def test_stopped_member_removed_then_readmitted(
-    members: list[Member], tmp_path: Path, secret: Path
+    members: list[NodeProcess], tmp_path: Path, secret: Path
 ) -> None:
     trio = _trio(members, tmp_path, secret)
     _, master = wait_converged([m.url for m in trio], {"n0", "n1", "n2"}, BOUND_S)
@@ -175,11 +176,11 @@ def test_stopped_member_removed_then_readmitted(
     # Stop the master: removal must also move the mastership.
     victim = next(m for m in trio if m.node_id == master)
     rest = [m for m in trio if m is not victim]
-    victim.signal(signal.SIGSTOP)
+    victim.send_signal(signal.SIGSTOP)
     removed, new_master = wait_converged([m.url for m in rest], {m.node_id for m in rest}, BOUND_S)
     print(f"\n[timing] failure detection (SIGSTOP): removed after {removed:.2f}s")
     assert new_master != master
-    victim.signal(signal.SIGCONT)
+    victim.send_signal(signal.SIGCONT)
     back, final_master = wait_converged([m.url for m in trio], {"n0", "n1", "n2"}, BOUND_S)
     print(f"[timing] re-admission after SIGCONT: {back:.2f}s")
     # The oldest node is master again once it is back.

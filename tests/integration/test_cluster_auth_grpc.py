@@ -3,22 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-import sys
-from collections.abc import Awaitable, Callable
-from pathlib import Path
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
 import grpc.aio
 import pytest
 
-_SRC = Path(__file__).resolve().parents[2] / "src"
-if str(_SRC) not in sys.path:
-    sys.path.insert(0, str(_SRC))
-
-from exo_tools.cluster import ClusterAuth, ClusterConfig, ClusterNode  # noqa: E402
-from exo_tools.cluster.auth import new_nonce  # noqa: E402
-from exo_tools.proto import node_pb2, node_pb2_grpc  # noqa: E402
+from exo_tools.cluster import ClusterAuth, ClusterConfig, ClusterNode
+from exo_tools.cluster.auth import new_nonce
+from exo_tools.proto import node_pb2, node_pb2_grpc
 
 HB = "/exo_tools.v1.Membership/Heartbeat"
 
@@ -41,8 +35,8 @@ def _run(body: Callable[[], Awaitable[None]]) -> None:
 
 
 class _Worker(node_pb2_grpc.WorkerServicer):
-    async def ReleaseRequest(self, request: Any, context: Any) -> node_pb2.ReleaseRequestResponse:
-        return node_pb2.ReleaseRequestResponse(released=request.request_id == "r1")
+    async def LoadShard(self, request: Any, context: Any) -> AsyncIterator[Any]:
+        yield node_pb2.LoadShardProgress(epoch=request.epoch, finished=True)
 
 
 async def _heartbeat(
@@ -114,17 +108,17 @@ def test_servicer_hook_and_authenticated_peer_channel() -> None:
             assert a.master_id == b.master_id == "a"  # a started first
             assert b.master_api_url() == "http://127.0.0.1:1" and a.master_api_url() is None
             worker = node_pb2_grpc.WorkerStub(ch)
-            resp = await worker.ReleaseRequest(
-                node_pb2.ReleaseRequestRequest(request_id="r1"), timeout=2
-            )
-            assert resp.released
+            call: Any = worker.LoadShard(node_pb2.LoadShardRequest(epoch=5), timeout=2)
+            progress = [message async for message in call]
+            assert [(message.epoch, message.finished) for message in progress] == [(5, True)]
             # Declared but unserved calls answer UNIMPLEMENTED (b registered no Worker).
             back = a.channel("b")
             assert back is not None
             with pytest.raises(grpc.aio.AioRpcError) as e:
-                await node_pb2_grpc.WorkerStub(back).ReleaseRequest(
-                    node_pb2.ReleaseRequestRequest(request_id="r1"), timeout=2
+                unserved: Any = node_pb2_grpc.WorkerStub(back).LoadShard(
+                    node_pb2.LoadShardRequest(epoch=5), timeout=2
                 )
+                _ = [message async for message in unserved]
             assert e.value.code() == grpc.StatusCode.UNIMPLEMENTED
         finally:
             await b.stop()

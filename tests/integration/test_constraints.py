@@ -148,6 +148,7 @@ class Generator:
     def __init__(self, loaded: LoadedModel) -> None:
         self.loaded = loaded
         self.tokenizer = loaded.tokenizer
+        self.grammar = C.grammar_tokenizer(DEFAULT_MODEL_ID, loaded.tokenizer)
         self.model = ShardModel(loaded.model, loaded.shard)
         self._prefix: list[int] = []
         self._prefix_state: list[Any] = []
@@ -180,7 +181,7 @@ class Generator:
                 layer_cache.state = state
             start = len(self._prefix)
         self.model.forward(mx.array(prompt[start:-1])[None], cache)
-        sampler = Sampler(SamplingParams(temperature=0.0, constraint=constraint))
+        sampler = Sampler(SamplingParams(temperature=0.0, constraint=constraint), self.grammar)
         eos = self.tokenizer.eos_token_ids
         ids: list[int] = []
         next_input = prompt[-1]
@@ -200,9 +201,7 @@ class Generator:
 @pytest.fixture(scope="module")
 def generator(model_path: Path) -> Iterator[Generator]:
     loaded = load_model(CATALOG[DEFAULT_MODEL_ID], model_path, dtype="auto", progress=False)
-    C.register_tokenizer(DEFAULT_MODEL_ID, loaded.tokenizer)
     yield Generator(loaded)
-    C.unregister_tokenizer(DEFAULT_MODEL_ID)
 
 
 def _valid_calls(text: str) -> tuple[int, str]:

@@ -20,13 +20,12 @@ from typing import Any
 import mlx.core as mx
 import pytest
 
-from exo_tools.engine.pipeline import InstalledStage, StageEngine, sampling_to_proto
+from exo_tools.engine.core import InstalledStage, StageEngine
 from exo_tools.engine.shard import ShardModel
-from exo_tools.engine.tensors import to_proto
+from exo_tools.engine.tensors import to_wire
 from exo_tools.models.catalog import CATALOG, DEFAULT_MODEL_ID
 from exo_tools.models.loader import load_model, model_layout
-from exo_tools.proto import node_pb2
-from exo_tools.types import SamplingParams, Shard
+from exo_tools.types import Forward, SampledToken, SamplingParams, Shard, StageMessage
 from tests.helpers.cluster_checks import wait_for
 
 PROMPTS = [[1, 9690, 314, 260], [1, 504, 3458, 314, 260, 2777], [1, 2683, 28, 1834]]
@@ -46,21 +45,21 @@ def halves(model_path: Path) -> tuple[ShardModel, ShardModel]:
     return models[0], models[1]
 
 
-def _first_position(first: ShardModel, prompt: list[int], request_id: str) -> Any:
+def _first_position(first: ShardModel, prompt: list[int], request_id: str) -> Forward:
     """Stage 0's message for the request's first sampled position (its whole prompt)."""
     hidden = first.forward(mx.array(prompt)[None], first.make_cache())
-    message = node_pb2.ActivationMessage(
-        request_id=request_id,
-        epoch=EPOCH,
-        hidden=to_proto(hidden[:, -1:, :]),
+    return Forward(
+        request_id,
+        EPOCH,
+        0,
+        to_wire(hidden[:, -1:, :]),
         sample=True,
+        sampling=SamplingParams(temperature=0.0, logprobs=True),
     )
-    message.sampling.CopyFrom(sampling_to_proto(SamplingParams(temperature=0.0, logprobs=True)))
-    return message
 
 
 def _last_stage_engine(
-    last: ShardModel, replies: queue.SimpleQueue[Any], idle_timeout_s: float = 300.0
+    last: ShardModel, replies: queue.SimpleQueue[StageMessage], idle_timeout_s: float = 300.0
 ) -> StageEngine:
     """A started engine holding `last` as the last of 2 stages; it sends to `replies`."""
     engine = StageEngine(idle_timeout_s=idle_timeout_s)
@@ -75,23 +74,21 @@ def _last_stage_engine(
 def _run_last_stage(
     first: ShardModel,
     last: ShardModel,
-    messages: list[Any],
+    messages: list[Forward],
     together: bool,
     idle_first_s: float = 0.0,
-) -> tuple[dict[str, Any], dict[str, Any]]:
+) -> tuple[dict[str, StageMessage], dict[str, Any]]:
     """Replies of a last-stage engine to `messages` (queued at once, or one at a time,
     after the engine idled `idle_first_s`), and the engine's stats."""
-    replies: queue.SimpleQueue[Any] = queue.SimpleQueue()
+    replies: queue.SimpleQueue[StageMessage] = queue.SimpleQueue()
     engine = _last_stage_engine(last, replies)
     try:
         time.sleep(idle_first_s)
-        got: dict[str, Any] = {}
+        got: dict[str, StageMessage] = {}
         if together:
             # A 128-token prefill chunk keeps the MLX thread busy while the rest queue.
             long = first.forward(mx.array([list(range(1, 129))]), first.make_cache())
-            engine.deliver(
-                node_pb2.ActivationMessage(request_id="busy", epoch=EPOCH, hidden=to_proto(long))
-            )
+            engine.deliver(Forward("busy", EPOCH, 0, to_wire(long)))
         for message in messages:
             engine.deliver(message)
             if not together:
@@ -115,10 +112,13 @@ def test_queued_requests_share_one_head_pass_and_sample_the_same_tokens(
     assert alone_stats["samples_batched"] == 0
     assert batched_stats["samples_batched"] == len(messages)
     for request_id, reply in alone.items():
-        assert not reply.error, reply.error
-        assert list(batched[request_id].token_ids) == list(reply.token_ids)
-        assert batched[request_id].logprob == reply.logprob
-        assert list(batched[request_id].top_token_ids) == list(reply.top_token_ids)
+        together = batched[request_id]
+        assert isinstance(reply, SampledToken), reply
+        assert isinstance(together, SampledToken), together
+        assert together.token_id == reply.token_id
+        assert together.logprobs is not None and reply.logprobs is not None
+        assert together.logprobs.logprob == reply.logprobs.logprob
+        assert [i for i, _ in together.logprobs.top] == [i for i, _ in reply.logprobs.top]
 
 
 def test_busy_time_counts_work_not_waiting(halves: tuple[ShardModel, ShardModel]) -> None:
@@ -141,9 +141,7 @@ def test_idle_cache_is_dropped_after_the_timeout(halves: tuple[ShardModel, Shard
     try:
         prefill = first.forward(mx.array([[1, 2, 3, 4]]), first.make_cache())
         delivered = time.monotonic()
-        engine.deliver(
-            node_pb2.ActivationMessage(request_id="r", epoch=EPOCH, hidden=to_proto(prefill))
-        )
+        engine.deliver(Forward("r", EPOCH, 0, to_wire(prefill)))
         wait_for(lambda: engine.cached_requests == 1, 5.0, "the prefill's cache", 0.02)
         wait_for(lambda: engine.cached_requests == 0, 5.0, "the idle cache to be dropped", 0.02)
         # Kept for the timeout, then dropped by a sweep (one runs at least every second).

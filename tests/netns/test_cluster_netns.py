@@ -7,7 +7,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -16,17 +15,13 @@ from pathlib import Path
 
 import pytest
 
-_TESTS = Path(__file__).resolve().parents[1]
-if str(_TESTS) not in sys.path:
-    sys.path.insert(0, str(_TESTS))
-
-from helpers.cluster_checks import (  # noqa: E402
-    Member,
+from tests.helpers.cluster_checks import (
     start_member,
     wait_converged,
     wait_serving,
     write_secret,
 )
+from tests.helpers.nodes import NodeProcess
 
 BOUND_S = 5.0
 SUBNET = "10.231.0"  # only ever configured inside the test namespaces
@@ -99,7 +94,7 @@ def lan() -> Iterator[Lan]:
 
 
 @pytest.fixture
-def hosts(lan: Lan, tmp_path: Path) -> Iterator[list[Member]]:
+def hosts(lan: Lan, tmp_path: Path) -> Iterator[list[NodeProcess]]:
     secret = write_secret(tmp_path / "secret", "netns-secret")
     members = [
         start_member(
@@ -122,9 +117,9 @@ def hosts(lan: Lan, tmp_path: Path) -> Iterator[list[Member]]:
             m.stop()
 
 
-def test_discovery_cut_and_rejoin(lan: Lan, hosts: list[Member]) -> None:
+def test_discovery_cut_and_rejoin(lan: Lan, hosts: list[NodeProcess]) -> None:
     ids = {m.node_id for m in hosts}
-    elapsed, master = wait_converged([m.url for m in hosts], ids, BOUND_S)
+    elapsed, master = wait_converged(hosts, ids, BOUND_S)
     print(f"\n[timing] netns discovery: 3 hosts agree {elapsed:.2f}s after the last one served")
     time.sleep(1.0)
     # Cut a non-master: the other two drop it, keep their master.
@@ -132,25 +127,25 @@ def test_discovery_cut_and_rejoin(lan: Lan, hosts: list[Member]) -> None:
     victim = hosts[victim_i]
     rest = [m for m in hosts if m is not victim]
     lan.cut(victim_i)
-    removed, still = wait_converged([m.url for m in rest], ids - {victim.node_id}, BOUND_S)
+    removed, still = wait_converged(rest, ids - {victim.node_id}, BOUND_S)
     print(f"[timing] netns link cut: {victim.node_id} removed after {removed:.2f}s")
     assert still == master
     # Partitioned alone, the victim elects itself.
-    wait_converged([victim.url], {victim.node_id}, BOUND_S)
+    wait_converged([victim], {victim.node_id}, BOUND_S)
     lan.restore(victim_i)
-    back, healed = wait_converged([m.url for m in hosts], ids, BOUND_S)
+    back, healed = wait_converged(hosts, ids, BOUND_S)
     print(f"[timing] netns link restored: all agree again after {back:.2f}s")
     assert healed == master
     assert all(m.alive() for m in hosts)
 
 
-def test_master_killed_new_one_elected(lan: Lan, hosts: list[Member]) -> None:
+def test_master_killed_new_one_elected(lan: Lan, hosts: list[NodeProcess]) -> None:
     ids = {m.node_id for m in hosts}
-    _, master = wait_converged([m.url for m in hosts], ids, BOUND_S)
+    _, master = wait_converged(hosts, ids, BOUND_S)
     time.sleep(1.0)
     victim = next(m for m in hosts if m.node_id == master)
     rest = [m for m in hosts if m is not victim]
-    victim.signal(signal.SIGKILL)
-    elapsed, new_master = wait_converged([m.url for m in rest], ids - {master}, BOUND_S)
+    victim.send_signal(signal.SIGKILL)
+    elapsed, new_master = wait_converged(rest, ids - {master}, BOUND_S)
     print(f"\n[timing] netns re-election after SIGKILL of {master}: {elapsed:.2f}s")
     assert new_master != master

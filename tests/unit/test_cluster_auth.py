@@ -4,16 +4,11 @@ from __future__ import annotations
 
 import os
 import stat
-import sys
 from pathlib import Path
 
 import pytest
 
-_SRC = Path(__file__).resolve().parents[2] / "src"
-if str(_SRC) not in sys.path:
-    sys.path.insert(0, str(_SRC))
-
-from exo_tools.cluster.auth import (  # noqa: E402
+from exo_tools.cluster.auth import (
     SECRET_ENV,
     AuthError,
     ClusterAuth,

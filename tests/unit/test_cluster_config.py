@@ -4,16 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-_SRC = Path(__file__).resolve().parents[2] / "src"
-if str(_SRC) not in sys.path:
-    sys.path.insert(0, str(_SRC))
-
-from exo_tools.cluster import (  # noqa: E402
+from exo_tools.cluster import (
     ClusterView,
     LinkInfo,
     NodeInfo,

@@ -3,20 +3,14 @@
 from __future__ import annotations
 
 import itertools
-import sys
 import time
-from pathlib import Path
 
 import pytest
 
-_SRC = Path(__file__).resolve().parents[2] / "src"
-if str(_SRC) not in sys.path:
-    sys.path.insert(0, str(_SRC))
-
-from exo_tools.cluster.auth import ClusterAuth  # noqa: E402
-from exo_tools.cluster.election import Candidate, Liveness, elect  # noqa: E402
-from exo_tools.cluster.membership import Membership, PeerLink  # noqa: E402
-from exo_tools.cluster.view import NodeInfo  # noqa: E402
+from exo_tools.cluster.auth import ClusterAuth
+from exo_tools.cluster.election import Candidate, Liveness, elect
+from exo_tools.cluster.membership import Membership, PeerLink
+from exo_tools.cluster.view import NodeInfo
 
 
 def test_oldest_wins_regardless_of_order() -> None:

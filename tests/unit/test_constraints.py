@@ -1,8 +1,9 @@
-"""Constraint builders, specs, registry and mask application with the real SmolLM2
+"""Constraint builders, specs, the grammar tokenizer and mask application with the real SmolLM2
 tokenizer and real llguidance (no model weights run here)."""
 
 from __future__ import annotations
 
+import functools
 import json
 import weakref
 from collections.abc import Iterator
@@ -15,47 +16,31 @@ import numpy as np
 import pytest
 
 from exo_tools import constraints as C
-from exo_tools.constraints import registry
 from exo_tools.engine.sampling import Sampler
 from exo_tools.models.gguf import gguf_tokenizer, read_gguf
 from exo_tools.models.tokenizer import TextTokenizer
 from exo_tools.tools import parse_tool_calls, render_assistant_tool_calls
 from exo_tools.types import SamplingParams
+from tests.helpers.agent_tools import SCHEMA_2020, tool
 
 KEY = "test-smollm2"
-SCHEMA_2020 = "https://json-schema.org/draft/2020-12/schema"
-
-
-def _tool(name: str, properties: dict[str, Any], required: list[str]) -> dict[str, Any]:
-    return {
-        "type": "function",
-        "function": {
-            "name": name,
-            "description": f"The {name} tool",
-            "parameters": {
-                "$schema": SCHEMA_2020,
-                "type": "object",
-                "properties": properties,
-                "required": required,
-                "additionalProperties": False,
-            },
-        },
-    }
 
 
 STR = {"type": "string", "description": "a string"}
 TOOLS = [
-    _tool(
+    tool(
         "read",
+        "The read tool",
         {"filePath": STR, "offset": {"type": "number"}, "limit": {"type": "number"}},
         ["filePath"],
     ),
-    _tool(
+    tool(
         "bash",
+        "The bash tool",
         {"command": STR, "description": STR, "timeout": {"type": "number"}},
         ["command", "description"],
     ),
-    _tool("glob", {"pattern": STR, "path": STR}, ["pattern"]),
+    tool("glob", "The glob tool", {"pattern": STR, "path": STR}, ["pattern"]),
 ]
 
 
@@ -67,18 +52,22 @@ def tokenizer(model_path: Path) -> Iterator[TextTokenizer]:
     text = TextTokenizer(
         backend, bos_token_id=None, eos_token_ids=[int(eos)] if eos is not None else []
     )
-    C.register_tokenizer(KEY, text)
     yield text
-    C.unregister_tokenizer(KEY)
 
 
-def _matcher(spec: str) -> C.TokenConstraint:
-    return C.TokenConstraint.from_serialized(spec)
+@functools.cache
+def _grammar(tokenizer: TextTokenizer) -> C.GrammarTokenizer:
+    """The sampling node's grammar tokenizer (built once: it takes about a second)."""
+    return C.grammar_tokenizer(KEY, tokenizer)
+
+
+def _matcher(spec: str, tokenizer: TextTokenizer) -> C.TokenConstraint:
+    return C.TokenConstraint.from_serialized(spec, _grammar(tokenizer))
 
 
 def _accepts(spec: str, tokenizer: TextTokenizer, text: str) -> tuple[bool, bool]:
     """(every token consumed, grammar complete) for `text`."""
-    constraint = _matcher(spec)
+    constraint = _matcher(spec, tokenizer)
     for token in tokenizer.encode(text):
         if constraint.done:  # text left after the grammar ended
             return False, False
@@ -214,8 +203,9 @@ def _qwen3(*calls: tuple[str, dict[str, Any]]) -> str:
 
 QWEN_TOOLS = [
     *TOOLS,
-    _tool(
+    tool(
         "edit",
+        "The edit tool",
         {
             "filePath": STR,
             "mode": {"enum": ["replace", "append"]},
@@ -260,7 +250,7 @@ def test_qwen3_coder_calls_are_constrained(tokenizer: TextTokenizer) -> None:
     )
     assert not _accepts(lazy, tokenizer, "Let me look.\n<tool_call>\n<function=nope>")[0]
     # An open object may require a key it does not declare: no <parameter=> block for it.
-    bad = _tool("odd", {"a": STR}, ["a", "b"])
+    bad = tool("odd", "The odd tool", {"a": STR}, ["a", "b"])
     bad["function"]["parameters"]["additionalProperties"] = True
     C.tool_call_constraint([bad], "hermes")
     with pytest.raises(C.ConstraintError, match="requires undeclared parameters"):
@@ -297,6 +287,7 @@ def _chat_service(tokenizer: TextTokenizer, fmt: str, *, lazy: bool) -> Any:
 def test_chat_service_picks_the_constraint_for_the_format(
     tokenizer: TextTokenizer, fmt: str, lazy: bool, choice: Any, kind: str | None
 ) -> None:
+    from exo_tools.api.openai_chat import to_chat_request
     from exo_tools.api.schemas import ChatCompletionRequest
 
     service = _chat_service(tokenizer, fmt, lazy=lazy)
@@ -308,7 +299,7 @@ def test_chat_service_picks_the_constraint_for_the_format(
             "tool_choice": choice,
         }
     )
-    constraint = service.prepare(request).sampling.constraint
+    constraint = service.prepare(to_chat_request(request)).sampling.constraint
     if kind is None:
         assert constraint is None
         return
@@ -349,9 +340,9 @@ def test_unsupported_schema_features_name_the_feature(schema: dict[str, Any], fe
         C.json_schema_constraint(schema)
     assert feature in str(caught.value)
     assert "response_format schema" in str(caught.value)
-    tool = {"type": "function", "function": {"name": "odd", "parameters": schema}}
+    odd = {"type": "function", "function": {"name": "odd", "parameters": schema}}
     with pytest.raises(C.ConstraintError, match="tool 'odd' parameters") as caught:
-        C.tool_call_constraint([tool], "hermes")
+        C.tool_call_constraint([odd], "hermes")
     assert feature in str(caught.value)
 
 
@@ -401,19 +392,17 @@ def test_lazy_constraint_frees_text_until_the_tag(tokenizer: TextTokenizer) -> N
     )
 
 
-# registry
+# the spec names its tokenizer; the sampling node holds one
 
 
-def test_registry_lookup(tokenizer: TextTokenizer, monkeypatch: pytest.MonkeyPatch) -> None:
-    with pytest.raises(C.ConstraintError, match="no tokenizer registered for 'nope'"):
-        C.get_tokenizer("nope")
-    entry = C.get_tokenizer(KEY)
-    assert C.register_tokenizer(KEY, tokenizer) is entry  # same object: not rebuilt
-    monkeypatch.setattr(registry, "_registry", {KEY: entry})
-    assert C.get_tokenizer(None) is entry
-    monkeypatch.setattr(registry, "_registry", {KEY: entry, "other": entry})
-    with pytest.raises(C.ConstraintError, match="names no tokenizer and 2 are registered"):
-        C.get_tokenizer(None)
+def test_spec_is_matched_against_the_named_tokenizer(tokenizer: TextTokenizer) -> None:
+    grammar = _grammar(tokenizer)
+    with pytest.raises(C.ConstraintError, match="for tokenizer 'nope'"):
+        C.TokenConstraint.from_serialized(C.json_object_constraint(tokenizer="nope"), grammar)
+    named = C.TokenConstraint.from_serialized(C.json_object_constraint(tokenizer=KEY), grammar)
+    assert named.spec.tokenizer == KEY
+    # A spec naming none takes the sampling node's.
+    assert C.TokenConstraint.from_serialized(C.json_object_constraint(), grammar).error is None
 
 
 # mask application through the Sampler
@@ -432,7 +421,7 @@ def test_mask_overrides_the_model_preference(tokenizer: TextTokenizer) -> None:
     logits[0, vocab - 1] = 100.0  # beyond the tokenizer: must never be sampled
     logits[0, _id(tokenizer, "{")] = 1.0
     spec = C.json_object_constraint(tokenizer=KEY)
-    sampler = Sampler(SamplingParams(temperature=0.0, constraint=spec))
+    sampler = Sampler(SamplingParams(temperature=0.0, constraint=spec), _grammar(tokenizer))
     token = sampler(mx.array(logits)).item()
     assert token == _id(tokenizer, "{")
     plain = Sampler(SamplingParams(temperature=0.0))
@@ -464,7 +453,7 @@ def _drive(sampler: Sampler, tokenizer: TextTokenizer, eos: frozenset[int], seed
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_random_logits_still_give_valid_tool_calls(tokenizer: TextTokenizer, seed: int) -> None:
     spec = C.tool_call_constraint(TOOLS, "hermes", parallel=False, tokenizer=KEY)
-    sampler = Sampler(SamplingParams(temperature=1.0, seed=seed, constraint=spec))
+    sampler = Sampler(SamplingParams(temperature=1.0, seed=seed, constraint=spec), _grammar(tokenizer))
     text = _drive(sampler, tokenizer, tokenizer.eos_token_ids, seed)
     calls = parse_tool_calls(text, TOOLS, "hermes").tool_calls
     assert len(calls) == 1, text
@@ -481,7 +470,7 @@ def test_random_logits_still_give_valid_tool_calls(tokenizer: TextTokenizer, see
 
 def test_complete_grammar_allows_only_eos(tokenizer: TextTokenizer) -> None:
     spec = C.json_schema_constraint({"enum": ["yes"]}, tokenizer=KEY)
-    sampler = Sampler(SamplingParams(temperature=1.0, seed=3, constraint=spec))
+    sampler = Sampler(SamplingParams(temperature=1.0, seed=3, constraint=spec), _grammar(tokenizer))
     logits = mx.zeros((1, tokenizer.vocab_size))
     produced = [int(sampler(logits).item()) for _ in range(8)]
     eos_at = next(i for i, token in enumerate(produced) if token in tokenizer.eos_token_ids)
@@ -491,7 +480,8 @@ def test_complete_grammar_allows_only_eos(tokenizer: TextTokenizer) -> None:
 
 def test_matcher_is_freed_with_the_request(tokenizer: TextTokenizer) -> None:
     sampler = Sampler(
-        SamplingParams(temperature=0.0, constraint=C.json_object_constraint(tokenizer=KEY))
+        SamplingParams(temperature=0.0, constraint=C.json_object_constraint(tokenizer=KEY)),
+        _grammar(tokenizer),
     )
     sampler(mx.zeros((1, tokenizer.vocab_size)))
     constraint = sampler.constraint
@@ -503,9 +493,10 @@ def test_matcher_is_freed_with_the_request(tokenizer: TextTokenizer) -> None:
     assert ref() is None
 
 
-def test_unknown_tokenizer_fails_at_first_sample() -> None:
+def test_unknown_tokenizer_fails_at_first_sample(tokenizer: TextTokenizer) -> None:
     sampler = Sampler(
-        SamplingParams(constraint=C.json_object_constraint(tokenizer="missing-model"))
+        SamplingParams(constraint=C.json_object_constraint(tokenizer="missing-model")),
+        _grammar(tokenizer),
     )
     with pytest.raises(C.ConstraintError, match="missing-model"):
         sampler(mx.zeros((1, 8)))
@@ -587,7 +578,7 @@ def _looping(sampler: Sampler, tokenizer: TextTokenizer, favourite: str, budget:
 @pytest.mark.parametrize("budget", [32, 48, 80, 200])
 def test_budget_closes_a_looping_document_in_time(tokenizer: TextTokenizer, budget: int) -> None:
     spec = C.json_schema_constraint(NESTED_SCHEMA, tokenizer=KEY, budget=budget)
-    sampler = Sampler(SamplingParams(temperature=0.0, constraint=spec))
+    sampler = Sampler(SamplingParams(temperature=0.0, constraint=spec), _grammar(tokenizer))
     text = _looping(sampler, tokenizer, "a", budget)
     jsonschema.validate(json.loads(text), NESTED_SCHEMA)
     assert sampler.constraint is not None and sampler.constraint.steered
@@ -597,7 +588,7 @@ def test_budget_closes_a_looping_document_in_time(tokenizer: TextTokenizer, budg
 
 def test_without_budget_the_loop_runs_to_the_cut(tokenizer: TextTokenizer) -> None:
     spec = C.json_schema_constraint(NESTED_SCHEMA, tokenizer=KEY)
-    sampler = Sampler(SamplingParams(temperature=0.0, constraint=spec))
+    sampler = Sampler(SamplingParams(temperature=0.0, constraint=spec), _grammar(tokenizer))
     text = _looping(sampler, tokenizer, "a", 48)
     with pytest.raises(json.JSONDecodeError):
         json.loads(text)
@@ -607,7 +598,7 @@ def test_without_budget_the_loop_runs_to_the_cut(tokenizer: TextTokenizer) -> No
 def test_budget_leaves_a_document_that_fits_alone(tokenizer: TextTokenizer) -> None:
     schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}
     spec = C.json_schema_constraint(schema, tokenizer=KEY, budget=64)
-    sampler = Sampler(SamplingParams(temperature=0.0, constraint=spec))
+    sampler = Sampler(SamplingParams(temperature=0.0, constraint=spec), _grammar(tokenizer))
     assert _looping(sampler, tokenizer, '{"ok": true}', 64) == '{"ok": true}'
     assert sampler.constraint is not None and not sampler.constraint.steered
 
@@ -615,7 +606,7 @@ def test_budget_leaves_a_document_that_fits_alone(tokenizer: TextTokenizer) -> N
 def test_budget_ends_an_ever_growing_array(tokenizer: TextTokenizer) -> None:
     schema = {"type": "array", "items": {"type": "integer"}}
     spec = C.json_schema_constraint(schema, tokenizer=KEY, budget=24)
-    sampler = Sampler(SamplingParams(temperature=0.0, constraint=spec))
+    sampler = Sampler(SamplingParams(temperature=0.0, constraint=spec), _grammar(tokenizer))
     values = json.loads(_looping(sampler, tokenizer, "[7, ", 24))
     assert isinstance(values, list) and values and all(isinstance(v, int) for v in values)
     assert sampler.constraint is not None and sampler.constraint.steered
@@ -625,7 +616,7 @@ def test_budget_ends_an_ever_growing_array(tokenizer: TextTokenizer) -> None:
 def test_budget_closes_tool_calls_in_every_format(tokenizer: TextTokenizer, fmt: str) -> None:
     budget = 64
     spec = C.tool_call_constraint(TOOLS, fmt, tokenizer=KEY, budget=budget, parallel=False)
-    sampler = Sampler(SamplingParams(temperature=0.0, constraint=spec))
+    sampler = Sampler(SamplingParams(temperature=0.0, constraint=spec), _grammar(tokenizer))
     text = _looping(sampler, tokenizer, "a", budget)
     assert sampler.constraint is not None and sampler.constraint.steered
     calls = parse_tool_calls(text, TOOLS, fmt).tool_calls
@@ -641,6 +632,6 @@ def test_budget_too_small_for_any_document_is_left_to_the_model(
 ) -> None:
     # The shortest valid document takes more tokens than the budget: no steering, no error.
     spec = C.json_schema_constraint(NESTED_SCHEMA, tokenizer=KEY, budget=6)
-    sampler = Sampler(SamplingParams(temperature=0.0, constraint=spec))
+    sampler = Sampler(SamplingParams(temperature=0.0, constraint=spec), _grammar(tokenizer))
     _looping(sampler, tokenizer, "a", 6)
     assert sampler.constraint is not None and not sampler.constraint.steered

@@ -55,6 +55,13 @@ def test_stop_matcher_holds_back_only_possible_prefixes() -> None:
     assert matcher.feed("x") == ("<Ex", False)
 
 
+def test_stop_matcher_names_the_stop_reached() -> None:
+    matcher = StopStringMatcher(["b c", "ab"])
+    assert matcher.feed("x ab c") == ("x ", True)
+    assert matcher.matched == "ab"  # the one that starts first, not the first listed
+    assert StopStringMatcher(["END"]).matched is None
+
+
 def test_greedy_sampler_is_argmax() -> None:
     logits = mx.array([[0.1, 3.0, 2.9]])
     assert Sampler(SamplingParams(temperature=0.0))(logits).tolist() == [1]

@@ -7,15 +7,14 @@ import itertools
 
 import pytest
 
-from exo_tools.cluster.placement import (
-    ModelLayout,
+from exo_tools.placement.plan import (
     NodeResources,
     PlacementError,
-    TensorSlice,
     plan_placement,
     split_layers,
     split_tensor,
 )
+from exo_tools.types import ModelLayout, TensorSlice
 
 GIB = 2**30
 # SmolLM2-135M at float32, as exo_tools.models.loader.model_layout reports it.
@@ -70,7 +69,7 @@ def test_min_nodes_forces_a_spread_in_proportion_to_memory() -> None:
     assert placement.next_node(0) == "n1" and placement.next_node(1) == "n0"
     three = plan_placement(SMOL, nodes(4, 4, 4), master_id="n1", epoch=1, min_nodes=3)
     assert [s.node_id for s in three.stages] == ["n1", "n0", "n2"]
-    assert [s.n_layers for s in three.stages] == [10, 10, 10]
+    assert [s.shard.n_local_layers for s in three.stages] == [10, 10, 10]
 
 
 def test_spreads_wider_when_one_node_is_too_small() -> None:

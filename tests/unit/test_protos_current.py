@@ -6,10 +6,6 @@ import importlib.util
 import sys
 from pathlib import Path
 
-_SRC = Path(__file__).resolve().parents[2] / "src"
-if str(_SRC) not in sys.path:
-    sys.path.insert(0, str(_SRC))
-
 _ROOT = Path(__file__).resolve().parents[2]
 
 

@@ -15,16 +15,9 @@ import pytest
 from mlx.utils import tree_flatten
 from mlx_lm.models import llama
 
-from exo_tools.engine.tensor_parallel import (
-    CollectiveError,
-    TensorCollective,
-    TensorPlanError,
-    TensorShardModel,
-    slice_weights,
-    tensor_config,
-)
-from exo_tools.proto import node_pb2
-from exo_tools.types import Shard, TensorSlice
+from exo_tools.engine.tensor_parallel import CollectiveError, TensorCollective, TensorShardModel
+from exo_tools.models.tensor_slicing import TensorPlanError, slice_weights, tensor_config
+from exo_tools.types import Partial, Shard, TensorSlice
 
 CONFIG: dict[str, Any] = {
     "model_type": "llama",
@@ -86,7 +79,7 @@ def run_members(
 ) -> tuple[mx.array, list[TensorCollective]]:
     collectives: list[TensorCollective] = []
 
-    def send_to(peer: int, message: node_pb2.AllReduceMessage) -> None:
+    def send_to(peer: int, message: Partial) -> None:
         collectives[peer].deliver(message)
 
     members = []
@@ -195,6 +188,6 @@ def test_an_aborted_collective_wakes_its_waiter() -> None:
     assert "node b broke" in str(errors[0])
     # A peer's error message fails the next call at once too.
     peer = TensorCollective(rank=1, size=2, epoch=1, send=lambda peer, message: None)
-    peer.deliver(node_pb2.AllReduceMessage(rank=0, error="member 0 failed"))
+    peer.deliver(Partial("", 0, 0, 0, 0, rank=0, error="member 0 failed"))
     with pytest.raises(CollectiveError, match="member 0 failed"):
         peer.all_reduce(mx.zeros((1, 1, 4)), 0, 0)

@@ -5,17 +5,18 @@ from __future__ import annotations
 import mlx.core as mx
 import pytest
 
-from exo_tools.engine.tensors import from_proto, to_proto
+from exo_tools.cluster.wire import tensor_from_proto, tensor_to_proto
+from exo_tools.engine.tensors import from_wire, to_wire
 from exo_tools.proto import node_pb2
 
 
 @pytest.mark.parametrize("dtype", [mx.float32, mx.float16, mx.bfloat16, mx.int32, mx.uint32])
 def test_round_trip_is_exact(dtype: mx.Dtype) -> None:
     array = (mx.random.normal((2, 3, 5)) * 100).astype(dtype)
-    wire = to_proto(array)
+    wire = tensor_to_proto(to_wire(array))
     assert list(wire.shape) == [2, 3, 5]
     assert len(wire.data) == array.size * array.itemsize
-    back = from_proto(node_pb2.Tensor.FromString(wire.SerializeToString()))
+    back = from_wire(tensor_from_proto(node_pb2.Tensor.FromString(wire.SerializeToString())))
     assert back.dtype == dtype
     assert back.shape == array.shape
     assert mx.array_equal(back, array).item()
@@ -25,14 +26,14 @@ def test_bfloat16_keeps_its_bits() -> None:
     # Values that need bfloat16's last mantissa bit and its float32-sized exponent range;
     # numpy has no bfloat16, so the wire carries the raw 2-byte patterns.
     array = mx.array([1.0 + 2**-7, -3.5, 3.0e38], dtype=mx.bfloat16)
-    wire = to_proto(array)
+    wire = to_wire(array)
     assert wire.dtype == "bfloat16"
     assert len(wire.data) == 6
-    assert mx.array_equal(from_proto(wire), array).item()
+    assert mx.array_equal(from_wire(wire), array).item()
 
 
 def test_unknown_dtype_is_refused_on_both_ends() -> None:
     with pytest.raises(ValueError, match="complex64"):
-        to_proto(mx.array([1 + 2j], dtype=mx.complex64))
+        to_wire(mx.array([1 + 2j], dtype=mx.complex64))
     with pytest.raises(ValueError, match="float8"):
-        from_proto(node_pb2.Tensor(data=b"\0", dtype="float8", shape=[1]))
+        from_wire(tensor_from_proto(node_pb2.Tensor(data=b"\0", dtype="float8", shape=[1])))

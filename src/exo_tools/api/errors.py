@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 
 from aiohttp import web
 from pydantic import ValidationError
 
+from ..serving.errors import (
+    ContextLengthExceeded,
+    InvalidChatRequest,
+    ServingError,
+    UnsupportedSchema,
+)
 from .schemas import ErrorBody, ErrorResponse
 
 log = logging.getLogger(__name__)
@@ -62,6 +68,28 @@ def from_validation_error(error: ValidationError) -> APIError:
     elif location:
         message = f"invalid '{location}': {message}"
     return APIError(400, message, param=location or None, code="invalid_value")
+
+
+_CODE_BY_SERVING_ERROR: dict[type[ServingError], str] = {
+    ContextLengthExceeded: "context_length_exceeded",
+    UnsupportedSchema: "unsupported_schema",
+}
+
+
+def from_serving_error(
+    error: ServingError, param_by_field: Mapping[str, str] | None = None
+) -> APIError:
+    """A 400 when the client has to change its request, a 500 when the generation failed.
+
+    `param_by_field` gives the request-body names of the serving request's fields where
+    this API's body names them differently.
+    """
+    field = error.field
+    param = (param_by_field or {}).get(field, field) if field is not None else None
+    if isinstance(error, InvalidChatRequest):
+        code = _CODE_BY_SERVING_ERROR.get(type(error))
+        return APIError(400, error.message, param=param, code=code)
+    return APIError(500, error.message, param=param, error_type="server_error")
 
 
 @web.middleware

@@ -1,4 +1,7 @@
-"""Request and response bodies of the OpenAI-compatible API (pydantic v2)."""
+"""Bodies of the OpenAI-compatible API (pydantic v2): what clients send, errors, models.
+
+What the chat completions route writes back is in `openai_chat`.
+"""
 
 from __future__ import annotations
 
@@ -134,12 +137,6 @@ class ErrorBody(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorBody
-
-
-class Usage(BaseModel):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
 
 
 class ModelObject(BaseModel):

@@ -1,33 +1,29 @@
-"""The HTTP face of a node: OpenAI-compatible routes on aiohttp."""
+"""The HTTP face of a node: OpenAI-compatible routes on aiohttp.
+
+This module routes, authenticates, forwards to the master and maps errors to HTTP; each
+API dialect (`openai_chat`) turns its bodies into serving requests and serving events
+back into its bodies.
+"""
 
 from __future__ import annotations
 
 import hmac
 import json
-import logging
-import time
 from collections.abc import Awaitable, Callable
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import aiohttp
 from aiohttp import web
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from .. import __version__
-from ..serving.chat import (
-    ChatEvent,
-    ChatFinished,
-    ChatService,
-    ContentDelta,
-    LogprobsDelta,
-    PreparedChat,
-    ReasoningDelta,
-    ToolCallEvent,
-)
-from .errors import APIError, error_middleware, from_validation_error
-from .schemas import ChatCompletionRequest, ModelList, ModelObject, Usage
+from ..serving.chat import ChatService
+from ..serving.errors import ServingError
+from . import openai_chat
+from .errors import APIError, error_middleware, from_serving_error, from_validation_error
+from .schemas import ChatCompletionRequest, ModelList, ModelObject
 
-log = logging.getLogger(__name__)
+_Body = TypeVar("_Body", bound=BaseModel)
 
 MAX_BODY_BYTES = 8 * 1024 * 1024
 # Marks a request one node already forwarded, so views that briefly disagree on the
@@ -89,36 +85,6 @@ def create_app(backend: NodeBackend, *, api_key: str | None = None) -> web.Appli
     return app
 
 
-def _delta(event: ChatEvent) -> dict[str, Any]:
-    """The `delta` object of a streamed chunk for one chat event."""
-    if isinstance(event, ToolCallEvent):
-        return {"tool_calls": [dict(event.delta)]}
-    if isinstance(event, ReasoningDelta):
-        return {"reasoning_content": event.text}
-    assert isinstance(event, ContentDelta)
-    return {"content": event.text}
-
-
-def _merge_tool_call(calls: list[dict[str, Any]], event: ToolCallEvent) -> None:
-    """Accumulate streamed tool-call deltas into complete OpenAI tool calls."""
-    delta = event.delta
-    index = delta["index"]
-    while len(calls) <= index:
-        calls.append({"id": "", "type": "function", "function": {"name": "", "arguments": ""}})
-    call = calls[index]
-    if "id" in delta:
-        call["id"] = delta["id"]
-    function = delta["function"]
-    if "name" in function:
-        call["function"]["name"] = function["name"]
-    call["function"]["arguments"] += function.get("arguments", "")
-
-
-def _sse(payload: dict[str, Any] | str) -> bytes:
-    data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)
-    return f"data: {data}\n\n".encode()
-
-
 class _Routes:
     def __init__(self, backend: NodeBackend) -> None:
         self.backend = backend
@@ -139,7 +105,7 @@ class _Routes:
         return web.json_response(view)
 
     async def _forward(self, request: web.Request, master_url: str) -> web.StreamResponse:
-        """Relay a chat request to the master and stream its answer back unchanged."""
+        """Relay a request to the same route on the master; stream its answer back unchanged."""
         if self._session is None:
             self._session = aiohttp.ClientSession(
                 timeout=aiohttp.ClientTimeout(total=None, sock_connect=5)
@@ -153,7 +119,7 @@ class _Routes:
         body = await request.read()
         try:
             async with self._session.post(
-                f"{master_url}/v1/chat/completions", data=body, headers=headers
+                f"{master_url}{request.path}", data=body, headers=headers
             ) as upstream:
                 response = web.StreamResponse(
                     status=upstream.status,
@@ -187,7 +153,8 @@ class _Routes:
             )
         return web.json_response(self._model_object().model_dump())
 
-    async def _parse(self, request: web.Request) -> ChatCompletionRequest:
+    async def _parse(self, request: web.Request, schema: type[_Body]) -> _Body:
+        """The request's JSON body as `schema`; 400 naming what is wrong with it."""
         raw = await request.read()
         try:
             body = json.loads(raw)
@@ -196,153 +163,31 @@ class _Routes:
         if not isinstance(body, dict):
             raise APIError(400, "request body must be a JSON object")
         try:
-            return ChatCompletionRequest.model_validate(body)
+            return schema.model_validate(body)
         except ValidationError as error:
             raise from_validation_error(error) from error
 
-    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
-        master_url = self.backend.master_api_url()
-        if master_url and FORWARDED_HEADER not in request.headers:
-            return await self._forward(request, master_url)
-        chat = await self._parse(request)
-        if chat.model != self.backend.model_id:
+    def _chat_service(self, model: str) -> ChatService:
+        """The service for a request naming `model`; 404 for another model, 503 while loading."""
+        if model != self.backend.model_id:
             raise APIError(
                 404,
-                f"model '{chat.model}' does not exist; this cluster serves "
-                f"'{self.backend.model_id}'",
+                f"model '{model}' does not exist; this cluster serves '{self.backend.model_id}'",
                 param="model",
                 code="model_not_found",
             )
         service = self.backend.chat_service()
         if service is None:
             raise APIError(503, "the model is still loading; retry shortly", code="model_loading")
-        prepared = service.prepare(chat)
-        if chat.stream:
-            include_usage = bool(chat.stream_options and chat.stream_options.include_usage)
-            return await self._stream(request, service, prepared, include_usage)
-        return await self._complete(service, prepared)
+        return service
 
-    async def _complete(self, service: ChatService, prepared: PreparedChat) -> web.Response:
-        # Built from the same events as the stream, so both modes always agree.
-        parts: list[str] = []
-        reasoning: list[str] = []
-        calls: list[dict[str, Any]] = []
-        logprobs: list[dict[str, Any]] = []
-        finished: ChatFinished | None = None
-        async for event in service.run(prepared):
-            if isinstance(event, LogprobsDelta):
-                logprobs.append(event.entry)
-            elif isinstance(event, ContentDelta):
-                parts.append(event.text)
-            elif isinstance(event, ReasoningDelta):
-                reasoning.append(event.text)
-            elif isinstance(event, ToolCallEvent):
-                _merge_tool_call(calls, event)
-            else:
-                finished = event
-        assert finished is not None
-        content = "".join(parts)
-        message: dict[str, Any] = {
-            "role": "assistant",
-            # OpenAI sends null content beside tool calls when there is no text.
-            "content": content if content or not calls else None,
-        }
-        if calls:
-            message["tool_calls"] = calls
-        if reasoning:
-            message["reasoning_content"] = "".join(reasoning)
-        usage = Usage(
-            prompt_tokens=finished.prompt_tokens,
-            completion_tokens=finished.completion_tokens,
-            total_tokens=finished.prompt_tokens + finished.completion_tokens,
-        )
-        body = {
-            "id": prepared.request_id,
-            "object": "chat.completion",
-            "created": prepared.created,
-            "model": service.model_id,
-            "choices": [
-                {
-                    "index": 0,
-                    "message": message,
-                    "finish_reason": finished.finish_reason,
-                    "logprobs": {"content": logprobs} if prepared.sampling.logprobs else None,
-                }
-            ],
-            "usage": usage.model_dump(),
-        }
-        return web.json_response(body)
-
-    async def _stream(
-        self,
-        request: web.Request,
-        service: ChatService,
-        prepared: PreparedChat,
-        include_usage: bool,
-    ) -> web.StreamResponse:
-        response = web.StreamResponse(
-            headers={
-                "Content-Type": "text/event-stream",
-                "Cache-Control": "no-cache",
-                "X-Accel-Buffering": "no",
-            }
-        )
-        await response.prepare(request)
-
-        # A token's log-probabilities ride on the next chunk written after it.
-        pending: list[dict[str, Any]] = []
-
-        def chunk(delta: dict[str, Any], finish_reason: str | None = None) -> dict[str, Any]:
-            logprobs = None
-            if pending:
-                logprobs = {"content": list(pending)}
-                pending.clear()
-            return {
-                "id": prepared.request_id,
-                "object": "chat.completion.chunk",
-                "created": prepared.created,
-                "model": service.model_id,
-                "choices": [
-                    {
-                        "index": 0,
-                        "delta": delta,
-                        "finish_reason": finish_reason,
-                        "logprobs": logprobs,
-                    }
-                ],
-            }
-
-        started = time.perf_counter()
-        await response.write(_sse(chunk({"role": "assistant", "content": ""})))
+    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        master_url = self.backend.master_api_url()
+        if master_url and FORWARDED_HEADER not in request.headers:
+            return await self._forward(request, master_url)
+        body = await self._parse(request, ChatCompletionRequest)
+        service = self._chat_service(body.model)
         try:
-            async for event in service.run(prepared):
-                if isinstance(event, LogprobsDelta):
-                    pending.append(event.entry)
-                    continue
-                if not isinstance(event, ChatFinished):
-                    await response.write(_sse(chunk(_delta(event))))
-                    continue
-                await response.write(_sse(chunk({}, event.finish_reason)))
-                if include_usage:
-                    usage = Usage(
-                        prompt_tokens=event.prompt_tokens,
-                        completion_tokens=event.completion_tokens,
-                        total_tokens=event.prompt_tokens + event.completion_tokens,
-                    )
-                    final = chunk({})
-                    final["choices"] = []
-                    final["usage"] = usage.model_dump()
-                    await response.write(_sse(final))
-        except APIError as error:
-            # Headers are gone already: the error travels as an SSE event.
-            await response.write(_sse(error.body()))
-        except (ConnectionResetError, ConnectionError):
-            log.info(
-                "client went away during %s after %.1f s",
-                prepared.request_id,
-                time.perf_counter() - started,
-            )
-            return response
-        await response.write(_sse("[DONE]"))
-        await response.write_eof()
-        return response
+            return await openai_chat.respond(request, service, body)
+        except ServingError as error:
+            raise from_serving_error(error, openai_chat.PARAM_BY_FIELD) from error

@@ -1,17 +1,22 @@
-"""How nodes find, trust and talk to each other: discovery, auth, membership, election."""
+"""The control plane: how nodes find, trust and track each other.
 
-from exo_tools.cluster.auth import SECRET_ENV, ClusterAuth, load_or_create_secret
-from exo_tools.cluster.config import (
+Discovery (zeroconf), auth (the cluster secret and its proofs), membership (admission,
+heartbeats, liveness), master election, the Membership gRPC service, and `wire`, the
+conversions between the package's types and their protobuf form.
+"""
+
+from .auth import SECRET_ENV, ClusterAuth, load_or_create_secret
+from .config import (
     ClusterConfig,
     add_cluster_arguments,
     cluster_config_from_args,
     load_or_create_node_id,
     parse_peer,
 )
-from exo_tools.cluster.election import Candidate, Liveness, elect
-from exo_tools.cluster.node import ClusterNode
-from exo_tools.cluster.table import render_cluster_table
-from exo_tools.cluster.view import Capabilities, ClusterView, LinkInfo, NodeInfo
+from .election import Candidate, Liveness, elect
+from .node import ClusterNode
+from .table import render_cluster_table
+from .view import Capabilities, ClusterView, LinkInfo, NodeInfo
 
 __all__ = [
     "SECRET_ENV",

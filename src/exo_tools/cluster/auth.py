@@ -21,17 +21,18 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 SECRET_ENV = "EXO_TOOLS_SECRET"
 SECRET_FILENAME = "cluster_secret"
 NONCE_BYTES = 16
 REPLAY_WINDOW_S = 30.0
 
-MD_NODE = "x-exo-node"
-MD_TS = "x-exo-ts"
-MD_NONCE = "x-exo-nonce"
-MD_SIG = "x-exo-sig"
+# gRPC metadata keys of a signed call
+METADATA_NODE = "x-exo-node"
+METADATA_TIMESTAMP = "x-exo-ts"
+METADATA_NONCE = "x-exo-nonce"
+METADATA_SIGNATURE = "x-exo-sig"
 
 
 class AuthError(Exception):
@@ -63,9 +64,9 @@ def load_or_create_secret(secret_file: Path | None, home: Path) -> tuple[bytes, 
     value = secrets.token_urlsafe(32)
     # O_EXCL + 0600 so the secret is never world-readable, even briefly.
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(value + "\n")
-    logger.warning(
+    with os.fdopen(fd, "w") as file:
+        file.write(value + "\n")
+    log.warning(
         "generated a new cluster secret in %s; to let other machines join, copy this file to "
         "them and start them with --secret-file PATH (or set %s to its content)",
         path,
@@ -75,13 +76,13 @@ def load_or_create_secret(secret_file: Path | None, home: Path) -> tuple[bytes, 
 
 
 def _mac(key: bytes, *parts: bytes | str) -> bytes:
-    h = hmac.new(key, digestmod=hashlib.sha256)
+    mac = hmac.new(key, digestmod=hashlib.sha256)
     for part in parts:
         data = part.encode() if isinstance(part, str) else part
         # Length-prefix every field so concatenations cannot be ambiguous.
-        h.update(len(data).to_bytes(4, "big"))
-        h.update(data)
-    return h.digest()
+        mac.update(len(data).to_bytes(4, "big"))
+        mac.update(data)
+    return mac.digest()
 
 
 def new_nonce() -> bytes:
@@ -125,10 +126,15 @@ class ClusterAuth:
     def sign_call(
         self, node_id: str, method: str, now: float | None = None
     ) -> list[tuple[str, str]]:
-        ts = f"{(time.time() if now is None else now):.3f}"
+        timestamp = f"{(time.time() if now is None else now):.3f}"
         nonce = base64.urlsafe_b64encode(new_nonce()).decode()
-        sig = _mac(self._call_key, method, node_id, ts, nonce).hex()
-        return [(MD_NODE, node_id), (MD_TS, ts), (MD_NONCE, nonce), (MD_SIG, sig)]
+        signature = _mac(self._call_key, method, node_id, timestamp, nonce).hex()
+        return [
+            (METADATA_NODE, node_id),
+            (METADATA_TIMESTAMP, timestamp),
+            (METADATA_NONCE, nonce),
+            (METADATA_SIGNATURE, signature),
+        ]
 
     def verify_call(
         self,
@@ -137,19 +143,22 @@ class ClusterAuth:
         now: float | None = None,
     ) -> str:
         """Return the caller's node id, or raise AuthError."""
-        md: dict[str, str] = {}
+        values: dict[str, str] = {}
         for key, value in metadata or ():
-            md[key] = value.decode() if isinstance(value, bytes) else value
+            values[key] = value.decode() if isinstance(value, bytes) else value
         try:
-            node_id, ts, nonce, sig = md[MD_NODE], md[MD_TS], md[MD_NONCE], md[MD_SIG]
+            node_id = values[METADATA_NODE]
+            timestamp = values[METADATA_TIMESTAMP]
+            nonce = values[METADATA_NONCE]
+            signature = values[METADATA_SIGNATURE]
         except KeyError:
             raise AuthError("missing auth metadata") from None
-        expected = _mac(self._call_key, method, node_id, ts, nonce).hex()
-        if not hmac.compare_digest(expected, sig):
+        expected = _mac(self._call_key, method, node_id, timestamp, nonce).hex()
+        if not hmac.compare_digest(expected, signature):
             raise AuthError(f"bad signature from {node_id!r}")
         current = time.time() if now is None else now
         try:
-            sent = float(ts)
+            sent = float(timestamp)
         except ValueError:
             raise AuthError("bad timestamp") from None
         if abs(current - sent) > self.replay_window_s:
@@ -184,10 +193,10 @@ class RejectLog:
 
     def refused(self, peer: str, reason: str) -> None:
         if peer in self.seen:
-            logger.debug("refused %s again: %s", peer, reason)
+            log.debug("refused %s again: %s", peer, reason)
             return
         self.seen.add(peer)
-        logger.warning("refused peer %s: %s", peer, reason)
+        log.warning("refused peer %s: %s", peer, reason)
 
     def forgive(self, peer: str) -> None:
         self.seen.discard(peer)

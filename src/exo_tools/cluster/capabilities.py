@@ -12,9 +12,9 @@ from pathlib import Path
 
 import psutil
 
-from exo_tools.cluster.view import Capabilities
+from .view import Capabilities
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 
 @lru_cache(maxsize=1)
@@ -22,23 +22,23 @@ def chip_name() -> str:
     """CPU/SoC brand string: sysctl on macOS, /proc/cpuinfo on Linux, platform otherwise."""
     try:
         if sys.platform == "darwin":
-            out = subprocess.run(
+            result = subprocess.run(
                 ["sysctl", "-n", "machdep.cpu.brand_string"],
                 capture_output=True,
                 text=True,
                 timeout=2,
                 check=False,
             )
-            if out.returncode == 0 and out.stdout.strip():
-                return out.stdout.strip()
+            if result.returncode == 0 and result.stdout.strip():
+                return result.stdout.strip()
         cpuinfo = Path("/proc/cpuinfo")
         if cpuinfo.exists():
             for line in cpuinfo.read_text(errors="replace").splitlines():
                 key, _, value = line.partition(":")
                 if key.strip() in ("model name", "Hardware", "Model") and value.strip():
                     return value.strip()
-    except (OSError, subprocess.SubprocessError) as e:
-        logger.debug("chip probe failed: %s", e)
+    except (OSError, subprocess.SubprocessError) as error:
+        log.debug("chip probe failed: %s", error)
     return platform.processor() or platform.machine() or "unknown"
 
 
@@ -49,8 +49,8 @@ def mlx_device() -> str:
         import mlx.core as mx
 
         return str(mx.default_device())
-    except Exception as e:  # any import/runtime failure just means "no MLX here"
-        logger.debug("MLX unavailable: %s", e)
+    except Exception as error:  # any import/runtime failure just means "no MLX here"
+        log.debug("MLX unavailable: %s", error)
         return ""
 
 
@@ -76,16 +76,16 @@ def matmul_gflops() -> float:
         del matrix
         mx.clear_cache()
         return round(2 * size * size / best / 1e9, 2)
-    except Exception as e:  # no MLX here: placement falls back to memory
-        logger.debug("matmul probe failed: %s", e)
+    except Exception as error:  # no MLX here: placement falls back to memory
+        log.debug("matmul probe failed: %s", error)
         return 0.0
 
 
 def probe() -> Capabilities:
-    mem = psutil.virtual_memory()
+    memory = psutil.virtual_memory()
     return Capabilities(
-        memory_total=int(mem.total),
-        memory_available=int(mem.available),
+        memory_total=int(memory.total),
+        memory_available=int(memory.available),
         chip=chip_name(),
         mlx_device=mlx_device(),
         matmul_gflops=matmul_gflops(),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import ipaddress
 import os
 import re
@@ -10,7 +11,7 @@ import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from exo_tools.cluster.auth import load_or_create_secret
+from .auth import load_or_create_secret
 
 NODE_ID_FILENAME = "node_id"
 _NODE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
@@ -32,16 +33,31 @@ class ClusterConfig:
     secret_source: str = ""
 
 
+def parse_port(text: str, *, allow_zero: bool = False) -> int:
+    """A TCP port given on the command line (usable as an argparse `type=`): 1-65535, or also
+    0 ("any free port") when `allow_zero`. Raises argparse.ArgumentTypeError otherwise."""
+    if not (text.isascii() and text.isdigit()):
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}")
+    value = int(text)
+    lowest = 0 if allow_zero else 1
+    if not lowest <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"port must be {lowest}-65535, got {value}")
+    return value
+
+
 def parse_peer(value: str) -> str:
     """Validate HOST:PORT (IPv4 address or host name); returns it normalized."""
-    host, sep, port_s = value.strip().rpartition(":")
-    if not sep or not host or not port_s.isdigit() or not 0 < int(port_s) < 65536:
-        raise argparse.ArgumentTypeError(
-            f"invalid --peer {value!r}: expected HOST:PORT with a port in 1-65535"
-        )
+    host, sep, port_text = value.strip().rpartition(":")
+    expected = f"invalid --peer {value!r}: expected HOST:PORT with a port in 1-65535"
+    if not sep or not host:
+        raise argparse.ArgumentTypeError(expected)
+    try:
+        port = parse_port(port_text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(expected) from None
     if not re.fullmatch(r"[A-Za-z0-9.-]+", host):
         raise argparse.ArgumentTypeError(f"invalid --peer {value!r}: bad host {host!r}")
-    return f"{host}:{int(port_s)}"
+    return f"{host}:{port}"
 
 
 def _parse_interface(value: str) -> str:
@@ -61,21 +77,15 @@ def _parse_node_id(value: str) -> str:
     return value
 
 
-def _parse_port(value: str) -> int:
-    if not value.isdigit() or not 0 <= int(value) < 65536:
-        raise argparse.ArgumentTypeError(f"invalid --grpc-port {value!r}")
-    return int(value)
-
-
 def add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("cluster")
-    g.add_argument(
+    group = parser.add_argument_group("cluster")
+    group.add_argument(
         "--cluster",
         default="default",
         metavar="NAME",
         help="cluster name; nodes only join nodes of the same name (default: default)",
     )
-    g.add_argument(
+    group.add_argument(
         "--interface",
         action="append",
         default=[],
@@ -83,7 +93,7 @@ def add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="IP",
         help="advertise/discover only on this IPv4 address (repeatable; default: all interfaces)",
     )
-    g.add_argument(
+    group.add_argument(
         "--peer",
         action="append",
         default=[],
@@ -91,12 +101,12 @@ def add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="HOST:PORT",
         help="gRPC address of a node to join, besides zeroconf (repeatable)",
     )
-    g.add_argument(
+    group.add_argument(
         "--no-discovery",
         action="store_true",
         help="disable zeroconf; only --peer addresses are used",
     )
-    g.add_argument(
+    group.add_argument(
         "--secret-file",
         type=Path,
         default=None,
@@ -104,15 +114,15 @@ def add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
         help="file holding the cluster secret (else $EXO_TOOLS_SECRET, else "
         "<home>/cluster_secret, generated on first start)",
     )
-    g.add_argument(
+    group.add_argument(
         "--grpc-port",
-        type=_parse_port,
+        type=functools.partial(parse_port, allow_zero=True),
         default=0,
         metavar="N",
         help="inter-node gRPC port (default 0: any free port, advertised over zeroconf;"
         " fix it when other nodes use --peer to reach this one)",
     )
-    g.add_argument(
+    group.add_argument(
         "--node-id",
         type=_parse_node_id,
         default=None,

@@ -17,7 +17,7 @@ import psutil
 from zeroconf import InterfaceChoice, IPVersion, ServiceStateChange, Zeroconf
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 SERVICE_TYPE = "_exo-tools._tcp.local."
 RESOLVE_TIMEOUT_MS = 3000
@@ -40,17 +40,17 @@ def local_ipv4_addresses() -> list[str]:
     on the same machine can still use it (a wrong target is caught by the node-id check).
     """
     outer: list[str] = []
-    loop: list[str] = []
-    for addrs in psutil.net_if_addrs().values():
-        for a in addrs:
-            if a.family != socket.AF_INET:
+    loopback: list[str] = []
+    for interface_addresses in psutil.net_if_addrs().values():
+        for address in interface_addresses:
+            if address.family != socket.AF_INET:
                 continue
-            ip = ipaddress.ip_address(a.address)
+            ip = ipaddress.ip_address(address.address)
             if ip.is_loopback:
-                loop.append(a.address)
+                loopback.append(address.address)
             elif not ip.is_link_local:
-                outer.append(a.address)
-    return sorted(set(outer)) + sorted(set(loop))
+                outer.append(address.address)
+    return sorted(set(outer)) + sorted(set(loopback))
 
 
 def advertised_addresses(interfaces: list[str]) -> list[str]:
@@ -62,8 +62,8 @@ def _instance_name(node_id: str) -> str:
     return f"{node_id.encode()[:63].decode(errors='ignore')}.{SERVICE_TYPE}"
 
 
-def _prop(props: dict[bytes, bytes | None], key: str) -> str:
-    value = props.get(key.encode())
+def _txt_value(properties: dict[bytes, bytes | None], key: str) -> str:
+    value = properties.get(key.encode())
     return value.decode(errors="replace") if value else ""
 
 
@@ -90,7 +90,7 @@ class Discovery:
         self.interfaces = interfaces
         self.on_found = on_found
         self.on_gone = on_gone
-        self._azc: AsyncZeroconf | None = None
+        self._zeroconf: AsyncZeroconf | None = None
         self._browser: AsyncServiceBrowser | None = None
         self._info: AsyncServiceInfo | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -98,7 +98,7 @@ class Discovery:
 
     async def start(self) -> None:
         addresses = advertised_addresses(self.interfaces)
-        self._azc = AsyncZeroconf(
+        self._zeroconf = AsyncZeroconf(
             interfaces=list(self.interfaces) if self.interfaces else InterfaceChoice.All,
             ip_version=IPVersion.V4Only,
         )
@@ -106,7 +106,7 @@ class Discovery:
             SERVICE_TYPE,
             _instance_name(self.node_id),
             port=self.grpc_port,
-            addresses=[socket.inet_aton(a) for a in addresses],
+            addresses=[socket.inet_aton(address) for address in addresses],
             properties={
                 "node_id": self.node_id,
                 "grpc_port": str(self.grpc_port),
@@ -117,10 +117,10 @@ class Discovery:
         )
         # Browse first so discovery of others overlaps the ~1.6 s registration probe.
         self._browser = AsyncServiceBrowser(
-            self._azc.zeroconf, [SERVICE_TYPE], handlers=[self._on_change]
+            self._zeroconf.zeroconf, [SERVICE_TYPE], handlers=[self._on_change]
         )
-        await self._azc.async_register_service(self._info, allow_name_change=True)
-        logger.info(
+        await self._zeroconf.async_register_service(self._info, allow_name_change=True)
+        log.info(
             "advertising %s on %s (grpc %d, cluster %r)",
             self.node_id,
             ", ".join(addresses),
@@ -136,15 +136,15 @@ class Discovery:
         if self._browser is not None:
             await self._browser.async_cancel()
             self._browser = None
-        if self._azc is not None:
+        if self._zeroconf is not None:
             try:
                 if self._info is not None:
                     # Goodbye packets let peers drop us at once instead of by heartbeat failure.
-                    await asyncio.wait_for(self._azc.async_unregister_service(self._info), 3)
-            except (TimeoutError, Exception) as e:  # stop must never hang or raise
-                logger.debug("unregister failed: %s", e)
-            await self._azc.async_close()
-            self._azc = None
+                    await asyncio.wait_for(self._zeroconf.async_unregister_service(self._info), 3)
+            except (TimeoutError, Exception) as error:  # stop must never hang or raise
+                log.debug("unregister failed: %s", error)
+            await self._zeroconf.async_close()
+            self._zeroconf = None
 
     def _on_change(
         self,
@@ -163,30 +163,30 @@ class Discovery:
         task.add_done_callback(self._tasks.discard)
 
     async def _resolve(self, service_type: str, name: str) -> None:
-        if self._azc is None:
+        if self._zeroconf is None:
             return
         info = AsyncServiceInfo(service_type, name)
         try:
-            ok = await info.async_request(self._azc.zeroconf, RESOLVE_TIMEOUT_MS)
-        except Exception as e:
-            logger.debug("resolve of %s failed: %s", name, e)
+            ok = await info.async_request(self._zeroconf.zeroconf, RESOLVE_TIMEOUT_MS)
+        except Exception as error:
+            log.debug("resolve of %s failed: %s", name, error)
             return
         if not ok:
-            logger.debug("could not resolve %s", name)
+            log.debug("could not resolve %s", name)
             return
-        props = info.properties
-        node_id = _prop(props, "node_id")
-        cluster = _prop(props, "cluster")
+        properties = info.properties
+        node_id = _txt_value(properties, "node_id")
+        cluster = _txt_value(properties, "cluster")
         if not node_id or node_id == self.node_id:
             return
         if cluster != self.cluster_name:
-            logger.debug("ignoring %s of cluster %r", node_id, cluster)
+            log.debug("ignoring %s of cluster %r", node_id, cluster)
             return
         try:
-            grpc_port = int(_prop(props, "grpc_port") or info.port or 0)
-            api_port = int(_prop(props, "api_port") or 0)
+            grpc_port = int(_txt_value(properties, "grpc_port") or info.port or 0)
+            api_port = int(_txt_value(properties, "api_port") or 0)
         except ValueError:
-            logger.debug("bad ports in TXT of %s", name)
+            log.debug("bad ports in TXT of %s", name)
             return
         addresses = tuple(info.parsed_addresses(IPVersion.V4Only))
         if not addresses or not grpc_port:
@@ -198,7 +198,7 @@ class Discovery:
                 addresses=addresses,
                 grpc_port=grpc_port,
                 api_port=api_port,
-                version=_prop(props, "version"),
+                version=_txt_value(properties, "version"),
                 cluster_name=cluster,
             )
         )

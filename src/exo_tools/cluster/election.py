@@ -18,7 +18,9 @@ def elect(candidates: Iterable[Candidate]) -> str:
     Every node applies this to its own healthy view plus itself, so nodes with the same view
     agree without any extra messages.
     """
-    best = min(candidates, key=lambda c: (c.start_time, c.node_id), default=None)
+    best = min(
+        candidates, key=lambda candidate: (candidate.start_time, candidate.node_id), default=None
+    )
     if best is None:
         raise ValueError("no candidates")
     return best.node_id

@@ -20,14 +20,14 @@ from typing import Any
 import grpc
 import grpc.aio
 
-from exo_tools.cluster.auth import AuthError, ClusterAuth, RejectLog, new_nonce
-from exo_tools.cluster.capabilities import Ewma
-from exo_tools.cluster.convert import info_from_proto, info_to_proto
-from exo_tools.cluster.election import Candidate, Liveness, elect
-from exo_tools.cluster.view import ClusterView, LinkInfo, NodeInfo
-from exo_tools.proto import node_pb2, node_pb2_grpc
+from ..proto import node_pb2, node_pb2_grpc
+from .auth import AuthError, ClusterAuth, RejectLog, new_nonce
+from .capabilities import Ewma
+from .election import Candidate, Liveness, elect
+from .view import ClusterView, LinkInfo, NodeInfo
+from .wire import info_from_proto, info_to_proto
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 HEARTBEAT_INTERVAL_S = 0.5
 HEARTBEAT_TIMEOUT_S = 0.8
@@ -65,13 +65,15 @@ class _Signer:
         self._auth = auth
         self._node_id = node_id
 
-    def _details(self, d: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
-        raw = d.method
+    def _details(self, details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
+        raw = details.method
         method = raw.decode() if isinstance(raw, bytes) else str(raw)
-        md = grpc.aio.Metadata(*(d.metadata or ()))
+        metadata = grpc.aio.Metadata(*(details.metadata or ()))
         for key, value in self._auth.sign_call(self._node_id, method):
-            md.add(key, value)
-        return _ClientDetails(d.method, d.timeout, md, d.credentials, d.wait_for_ready)
+            metadata.add(key, value)
+        return _ClientDetails(
+            details.method, details.timeout, metadata, details.credentials, details.wait_for_ready
+        )
 
 
 # grpc.aio files an interceptor under the first call kind it implements only, so one
@@ -141,17 +143,16 @@ class Membership:
         self._interceptors: list[grpc.aio.ClientInterceptor] = []
         self._monitor: asyncio.Task[None] | None = None
         self._master: str = ""
-        self.master_listeners: list[Callable[[str], None]] = []
-        self._bg: set[asyncio.Future[None]] = set()
+        self._background_tasks: set[asyncio.Future[None]] = set()
 
     @property
     def node_id(self) -> str:
         return self.self_info().id
 
-    def _background(self, coro: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.ensure_future(coro)
-        self._bg.add(task)
-        task.add_done_callback(self._bg.discard)
+    def _background(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(coroutine)
+        self._background_tasks.add(task)
+        task.add_done_callback(self._background_tasks.discard)
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self, static_peers: list[str]) -> None:
@@ -164,7 +165,7 @@ class Membership:
 
     async def stop(self) -> None:
         self._running = False
-        tasks = [lk.task for lk in self.links.values() if lk.task is not None]
+        tasks = [link.task for link in self.links.values() if link.task is not None]
         if self._monitor is not None:
             tasks.append(self._monitor)
         for task in tasks:
@@ -176,11 +177,11 @@ class Membership:
 
     # ------------------------------------------------------------------ learning peers
     def on_discovered(self, node_id: str, addresses: list[str], grpc_port: int) -> None:
-        targets = [f"{a}:{grpc_port}" for a in addresses]
+        targets = [f"{address}:{grpc_port}" for address in addresses]
         link = self.links.get(node_id)
         if link is not None:
             # A re-registered node may have moved ports; new targets first, keep old as fallback.
-            link.targets = targets + [t for t in link.targets if t not in targets]
+            link.targets = targets + [target for target in link.targets if target not in targets]
             return
         if self._known(node_id):
             return
@@ -192,21 +193,21 @@ class Membership:
         # A goodbye means a clean stop: drop it now rather than after heartbeat failures.
         link = self.links.get(node_id)
         if link is not None and link.origin == "discovered":
-            logger.info("peer %s left (mDNS goodbye)", node_id)
+            log.info("peer %s left (mDNS goodbye)", node_id)
             self._remove_link(link)
 
     def learn(self, node_id: str, targets: list[str]) -> None:
         """A peer seen in an inbound call or in another node's view."""
         if not self._running or node_id == self.node_id or self._known(node_id):
             return
-        targets = list(dict.fromkeys(t for t in targets if t))
+        targets = list(dict.fromkeys(target for target in targets if target))
         if targets:
             self._add_link(
                 PeerLink(key=node_id, origin="learned", targets=targets, expected_id=node_id)
             )
 
     def _known(self, node_id: str) -> bool:
-        return any(node_id in (lk.node_id, lk.expected_id) for lk in self.links.values())
+        return any(node_id in (link.node_id, link.expected_id) for link in self.links.values())
 
     def _add_link(self, link: PeerLink) -> None:
         self.links[link.key] = link
@@ -272,12 +273,12 @@ class Membership:
                     timeout=ADMIT_TIMEOUT_S,
                 )
                 if hello.node_id == me.id:
-                    logger.debug("%s is this node itself; dropping", target)
+                    log.debug("%s is this node itself; dropping", target)
                     self._remove_link(link)
                     return None
                 if link.expected_id is not None and hello.node_id != link.expected_id:
                     # e.g. an advertised loopback address that reaches another local node
-                    logger.debug("%s is %s, not %s", target, hello.node_id, link.expected_id)
+                    log.debug("%s is %s, not %s", target, hello.node_id, link.expected_id)
                     continue
                 if hello.cluster_name != self.cluster_name:
                     self.reject_log.refused(target, f"other cluster {hello.cluster_name!r}")
@@ -291,7 +292,7 @@ class Membership:
                     delay = REFUSED_RETRY_S
                     continue
                 proof = self.auth.admit_proof(client_nonce, hello.nonce, me.id, hello.node_id)
-                resp = await stub.Admit(
+                response = await stub.Admit(
                     node_pb2.AdmitRequest(
                         node_id=me.id,
                         client_nonce=client_nonce,
@@ -301,23 +302,26 @@ class Membership:
                     ),
                     timeout=ADMIT_TIMEOUT_S,
                 )
-            except grpc.aio.AioRpcError as e:
-                if e.code() in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED):
-                    self.reject_log.refused(target, f"it refused us: {e.details()}")
+            except grpc.aio.AioRpcError as error:
+                if error.code() in (
+                    grpc.StatusCode.PERMISSION_DENIED,
+                    grpc.StatusCode.UNAUTHENTICATED,
+                ):
+                    self.reject_log.refused(target, f"it refused us: {error.details()}")
                     delay = REFUSED_RETRY_S
                 else:
-                    logger.debug("admit %s failed: %s", target, e.code())
+                    log.debug("admit %s failed: %s", target, error.code())
                 continue
             now = time.monotonic()
             link.node_id = hello.node_id
-            link.info = info_from_proto(resp.info)
+            link.info = info_from_proto(response.info)
             link.target = target
             link.admitted = True
             link.liveness.success(now)
-            link.peers = list(resp.peers)
+            link.peers = list(response.peers)
             self.reject_log.forgive(target)
             self.reject_log.forgive(f"{hello.node_id}@{target}")
-            logger.info("admitted %s at %s", hello.node_id, target)
+            log.info("admitted %s at %s", hello.node_id, target)
             self._learn_from(link.peers)
             self._check_master()
             return delay
@@ -330,7 +334,7 @@ class Membership:
         me = self.self_info()
         sent = time.monotonic()
         try:
-            resp = await stub.Heartbeat(
+            response = await stub.Heartbeat(
                 node_pb2.HeartbeatRequest(
                     info=info_to_proto(me, self.cluster_name),
                     peers=self.peer_entries(),
@@ -339,19 +343,20 @@ class Membership:
                 timeout=HEARTBEAT_TIMEOUT_S,
             )
             expected = self.auth.heartbeat_response_proof(nonce, link.node_id or "")
-            if resp.info.node_id != link.node_id or not self.auth.check(expected, resp.proof):
+            proven = self.auth.check(expected, response.proof)
+            if response.info.node_id != link.node_id or not proven:
                 raise AuthError(f"bad heartbeat response from {link.target}")
-        except (grpc.aio.AioRpcError, AuthError) as e:
+        except (grpc.aio.AioRpcError, AuthError) as error:
             now = time.monotonic()
             if link.liveness.failure(now):
                 link.admitted = False
-                logger.warning(
+                log.warning(
                     "peer %s at %s removed: %d missed heartbeats, last ok %.1fs ago (%s)",
                     link.node_id,
                     link.target,
                     link.liveness.strikes,
                     now - (link.liveness.last_ok or now),
-                    e.code() if isinstance(e, grpc.aio.AioRpcError) else e,
+                    error.code() if isinstance(error, grpc.aio.AioRpcError) else error,
                 )
                 link.liveness.reset()
                 self._check_master()
@@ -359,8 +364,8 @@ class Membership:
         now = time.monotonic()
         link.liveness.success(now)
         link.rtt.add((now - sent) * 1000.0)
-        link.info = info_from_proto(resp.info)
-        link.peers = list(resp.peers)
+        link.info = info_from_proto(response.info)
+        link.peers = list(response.peers)
         self._learn_from(link.peers)
 
     def _learn_from(self, peers: list[node_pb2.PeerEntry]) -> None:
@@ -375,8 +380,8 @@ class Membership:
         for link in self.links.values():
             if link.node_id is None or link.info is None or not link.healthy(now):
                 continue
-            cur = best.get(link.node_id)
-            if cur is None or (link.liveness.last_ok or 0) > (cur.liveness.last_ok or 0):
+            current = best.get(link.node_id)
+            if current is None or (link.liveness.last_ok or 0) > (current.liveness.last_ok or 0):
                 best[link.node_id] = link
         best.pop(self.node_id, None)
         return best
@@ -384,17 +389,17 @@ class Membership:
     def peer_entries(self) -> list[node_pb2.PeerEntry]:
         return [
             node_pb2.PeerEntry(
-                node_id=nid, grpc_target=lk.target or "", latency_ms=lk.rtt.value or 0.0
+                node_id=node_id, grpc_target=link.target or "", latency_ms=link.rtt.value or 0.0
             )
-            for nid, lk in self.healthy_links().items()
+            for node_id, link in self.healthy_links().items()
         ]
 
     def compute_master(self) -> str:
         me = self.self_info()
         candidates = [Candidate(me.id, me.start_time)]
-        for nid, link in self.healthy_links().items():
+        for node_id, link in self.healthy_links().items():
             assert link.info is not None
-            candidates.append(Candidate(nid, link.info.start_time))
+            candidates.append(Candidate(node_id, link.info.start_time))
         return elect(candidates)
 
     @property
@@ -407,15 +412,11 @@ class Membership:
         new = self.compute_master()
         if new != self._master:
             old, self._master = self._master, new
-            logger.info("master is now %s (was %s)", new, old or "none")
-            for listener in list(self.master_listeners):
-                try:
-                    listener(new)
-                except Exception:
-                    logger.exception("master listener failed")
+            log.info("master is now %s (was %s)", new, old or "none")
 
     async def _monitor_loop(self) -> None:
-        # Notices deaths between heartbeats (is_dead depends on time) for listeners.
+        # Notices deaths between heartbeats (is_dead depends on time), so a master change is
+        # logged when it happens rather than at the next read.
         while self._running:
             self._check_master()
             await asyncio.sleep(0.1)
@@ -425,20 +426,22 @@ class Membership:
         healthy = self.healthy_links()
         nodes = [me.model_copy(update={"healthy": True})]
         links: list[LinkInfo] = []
-        for nid in sorted(healthy):
-            link = healthy[nid]
+        for node_id in sorted(healthy):
+            link = healthy[node_id]
             assert link.info is not None
             nodes.append(link.info.model_copy(update={"healthy": True}))
             if link.rtt.value is not None:
                 links.append(
-                    LinkInfo(source=me.id, target=nid, latency_ms=round(link.rtt.value, 3))
+                    LinkInfo(source=me.id, target=node_id, latency_ms=round(link.rtt.value, 3))
                 )
             # The peer's own measurements complete the picture (links between other nodes).
             for entry in link.peers:
                 if entry.node_id in healthy or entry.node_id == me.id:
                     links.append(
                         LinkInfo(
-                            source=nid, target=entry.node_id, latency_ms=round(entry.latency_ms, 3)
+                            source=node_id,
+                            target=entry.node_id,
+                            latency_ms=round(entry.latency_ms, 3),
                         )
                     )
         return ClusterView(

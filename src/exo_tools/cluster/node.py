@@ -10,18 +10,18 @@ from collections.abc import Callable
 import grpc
 import grpc.aio
 
-from exo_tools.cluster import capabilities
-from exo_tools.cluster.auth import ClusterAuth
-from exo_tools.cluster.config import ClusterConfig
-from exo_tools.cluster.discovery import DiscoveredPeer, Discovery, advertised_addresses
-from exo_tools.cluster.membership import MESSAGE_SIZE_OPTIONS, Membership
-from exo_tools.cluster.service import AuthInterceptor, MembershipService
-from exo_tools.cluster.view import Capabilities, ClusterView, NodeInfo
-from exo_tools.proto import node_pb2_grpc
+from ..proto import node_pb2_grpc
+from . import capabilities
+from .auth import ClusterAuth
+from .config import ClusterConfig
+from .discovery import DiscoveredPeer, Discovery, advertised_addresses
+from .membership import MESSAGE_SIZE_OPTIONS, Membership
+from .service import AuthInterceptor, MembershipService
+from .view import Capabilities, ClusterView, NodeInfo
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
-CAPS_REFRESH_S = 2.0
+CAPABILITIES_REFRESH_S = 2.0
 
 ServicerHook = Callable[[grpc.aio.Server], None]
 
@@ -38,8 +38,8 @@ class ClusterNode:
         self._server: grpc.aio.Server | None = None
         self._discovery: Discovery | None = None
         self._grpc_port = config.grpc_port
-        self._caps = Capabilities()
-        self._caps_at = 0.0
+        self._capabilities = Capabilities()
+        self._capabilities_at = 0.0
         self._addresses = advertised_addresses(config.interfaces)
         self.membership = Membership(
             auth=self.auth, self_info=self.self_info, cluster_name=config.cluster_name
@@ -54,10 +54,6 @@ class ClusterNode:
         if self._server is not None:
             raise RuntimeError("add_servicer_hook must be called before start()")
         self._hooks.append(hook)
-
-    def add_master_listener(self, listener: Callable[[str], None]) -> None:
-        """`listener(master_id)` on every master change (called in the event loop)."""
-        self.membership.master_listeners.append(listener)
 
     @property
     def node_id(self) -> str:
@@ -98,9 +94,9 @@ class ClusterNode:
 
     def self_info(self) -> NodeInfo:
         now = time.monotonic()
-        if now - self._caps_at > CAPS_REFRESH_S:
-            self._caps = capabilities.probe()
-            self._caps_at = now
+        if now - self._capabilities_at > CAPABILITIES_REFRESH_S:
+            self._capabilities = capabilities.probe()
+            self._capabilities_at = now
         return NodeInfo(
             id=self.config.node_id,
             addresses=self._addresses,
@@ -108,7 +104,7 @@ class ClusterNode:
             api_port=self.config.api_port,
             version=self.config.version,
             start_time=self.start_time,
-            capabilities=self._caps,
+            capabilities=self._capabilities,
         )
 
     # ------------------------------------------------------------------ lifecycle
@@ -146,7 +142,7 @@ class ClusterNode:
                 on_gone=self._on_gone,
             )
             await self._discovery.start()
-        logger.info(
+        log.info(
             "cluster node %s serving gRPC on %s:%d (cluster %r, discovery %s, %d static peers)",
             self.node_id,
             self.config.grpc_host,

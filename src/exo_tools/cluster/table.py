@@ -5,60 +5,70 @@ from __future__ import annotations
 from typing import Any
 
 
-def _gib(n: Any) -> str:
+def _gib(size: Any) -> str:
     try:
-        return f"{int(n) / 2**30:.1f}"
+        return f"{int(size) / 2**30:.1f}"
     except (TypeError, ValueError):
         return "?"
 
 
 def _grid(headers: list[str], rows: list[list[str]]) -> list[str]:
     widths = [
-        max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)
+        max(len(header), *(len(row[column]) for row in rows)) if rows else len(header)
+        for column, header in enumerate(headers)
     ]
-    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-    return [fmt.format(*headers).rstrip(), *(fmt.format(*r).rstrip() for r in rows)]
+    row_format = "  ".join(f"{{:<{width}}}" for width in widths)
+    return [
+        row_format.format(*headers).rstrip(),
+        *(row_format.format(*row).rstrip() for row in rows),
+    ]
 
 
 def render_cluster_table(view: dict[str, Any]) -> str:
     """A readable table of nodes (master marked with '*') and links with latency."""
-    me = view.get("self", "")
+    this_node = view.get("self", "")
     master = view.get("master", "")
     rows: list[list[str]] = []
     for node in view.get("nodes", []):
-        caps = node.get("capabilities", {}) or {}
-        addrs = node.get("addresses", []) or []
-        nid = str(node.get("id", ""))
-        marks = ("*" if nid == master else " ") + ("<" if nid == me else " ")
+        capabilities = node.get("capabilities", {}) or {}
+        addresses = node.get("addresses", []) or []
+        node_id = str(node.get("id", ""))
+        marks = ("*" if node_id == master else " ") + ("<" if node_id == this_node else " ")
+        memory = (
+            f"{_gib(capabilities.get('memory_available'))}"
+            f"/{_gib(capabilities.get('memory_total'))} GiB"
+        )
         rows.append(
             [
-                marks + nid,
-                f"{addrs[0] if addrs else '?'}:{node.get('grpc_port', '?')}",
+                marks + node_id,
+                f"{addresses[0] if addresses else '?'}:{node.get('grpc_port', '?')}",
                 str(node.get("api_port", "")),
-                f"{_gib(caps.get('memory_available'))}/{_gib(caps.get('memory_total'))} GiB",
-                str(caps.get("chip", "")),
-                str(caps.get("mlx_device", "")) or "-",
+                memory,
+                str(capabilities.get("chip", "")),
+                str(capabilities.get("mlx_device", "")) or "-",
                 "healthy" if node.get("healthy", False) else "down",
             ]
         )
-    out = [
+    lines = [
         f"cluster {view.get('cluster', '')!s}: {len(rows)} node(s), master {master}".replace(
             "cluster : ", "cluster: "
         )
     ]
-    out += _grid(["  NODE", "GRPC", "API", "MEMORY (avail/total)", "CHIP", "DEVICE", "STATE"], rows)
+    lines += _grid(
+        ["  NODE", "GRPC", "API", "MEMORY (avail/total)", "CHIP", "DEVICE", "STATE"], rows
+    )
     links = view.get("links", []) or []
     if links:
-        out.append("")
-        out += _grid(
+        lines.append("")
+        lines += _grid(
             ["LINK", "LATENCY"],
             [
                 [
-                    f"{lk.get('source')} -> {lk.get('target')}",
-                    f"{float(lk.get('latency_ms', 0)):.2f} ms",
+                    f"{link.get('source')} -> {link.get('target')}",
+                    f"{float(link.get('latency_ms', 0)):.2f} ms",
                 ]
-                for lk in links
+                for link in links
             ],
         )
-    out.append("(* master, < this node)")
-    return "\n".join(out)
+    lines.append("(* master, < this node)")
+    return "\n".join(lines)

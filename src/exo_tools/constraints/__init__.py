@@ -1,7 +1,8 @@
 """Grammar-constrained sampling with llguidance: tool calls and JSON valid by construction.
 
-Builders (API side) turn request fields into a serialized spec; the sampler (on the node
-that samples) parses it, looks the tokenizer up in the registry and masks the logits.
+Builders (serving side) turn request fields into a serialized spec; the sampler (on the
+node that samples) parses it, matches it against that node's `GrammarTokenizer` and masks
+the logits.
 See docs/CONSTRAINED_DECODING.md.
 """
 
@@ -14,13 +15,8 @@ from .builders import (
     tool_call_constraint,
 )
 from .errors import ConstraintError
+from .grammar_tokenizer import GrammarTokenizer, grammar_tokenizer
 from .matcher import TokenConstraint
-from .registry import (
-    RegisteredTokenizer,
-    get_tokenizer,
-    register_tokenizer,
-    unregister_tokenizer,
-)
 from .spec import ConstraintKind, ConstraintSpec
 
 __all__ = [
@@ -29,13 +25,11 @@ __all__ = [
     "ConstraintError",
     "ConstraintKind",
     "ConstraintSpec",
-    "RegisteredTokenizer",
+    "GrammarTokenizer",
     "TokenConstraint",
-    "get_tokenizer",
+    "grammar_tokenizer",
     "json_object_constraint",
     "json_schema_constraint",
     "lazy_tool_call_constraint",
-    "register_tokenizer",
     "tool_call_constraint",
-    "unregister_tokenizer",
 ]

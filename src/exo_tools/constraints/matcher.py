@@ -26,7 +26,7 @@ import numpy as np
 import numpy.typing as npt
 
 from .errors import ConstraintError
-from .registry import RegisteredTokenizer, get_tokenizer
+from .grammar_tokenizer import GrammarTokenizer
 from .spec import ConstraintSpec
 
 log = logging.getLogger(__name__)
@@ -54,7 +54,7 @@ _CHECK_SLACK = 16
 class TokenConstraint:
     """One request's matcher. Not thread-safe; lives on the thread that samples."""
 
-    def __init__(self, spec: ConstraintSpec, tokenizer: RegisteredTokenizer) -> None:
+    def __init__(self, spec: ConstraintSpec, tokenizer: GrammarTokenizer) -> None:
         self.spec = spec
         self._tokenizer = tokenizer
         self._matcher: llguidance.LLMatcher | None = llguidance.LLMatcher(
@@ -79,9 +79,16 @@ class TokenConstraint:
         self.masks_computed = 0
 
     @classmethod
-    def from_serialized(cls, text: str) -> TokenConstraint:
+    def from_serialized(cls, text: str, tokenizer: GrammarTokenizer) -> TokenConstraint:
+        """The constraint of a serialized spec, matched against the sampling node's
+        `tokenizer`; a spec naming another tokenizer is refused."""
         spec = ConstraintSpec.parse(text)
-        return cls(spec, get_tokenizer(spec.tokenizer))
+        if spec.tokenizer is not None and spec.tokenizer != tokenizer.key:
+            raise ConstraintError(
+                f"the constraint is for tokenizer {spec.tokenizer!r}; this node samples "
+                f"with {tokenizer.key!r}"
+            )
+        return cls(spec, tokenizer)
 
     @property
     def done(self) -> bool:

@@ -6,7 +6,8 @@ so the sampling node needs no knowledge of tools or schemas, only the tokenizer:
     {"v": 1, "kind": "tool_calls", "grammar": "...", "tokenizer": "smollm2-135m",
      "budget": 256, "closers": ["\n</parameter>"]}
 
-`tokenizer` is the registry key (see registry.py); null means the node's only one.
+`tokenizer` names the model whose tokenizer the grammar is for; the sampling node refuses
+a spec for another (null: whichever the sampling node holds).
 `budget` is the request's max_tokens: the sampler steers the output to a complete
 document before it runs out (null: no budget). `closers` are the format's own multi-token
 endings, tried first when steering (JSON's are built in).

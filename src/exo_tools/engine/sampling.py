@@ -19,7 +19,7 @@ import mlx.core as mx
 from ..types import SamplingParams, TokenLogprobs
 
 if TYPE_CHECKING:
-    from ..constraints import TokenConstraint
+    from ..constraints import GrammarTokenizer, TokenConstraint
 
 
 def token_logprobs(logits: mx.array, token: int, top: int) -> TokenLogprobs:
@@ -37,8 +37,10 @@ def token_logprobs(logits: mx.array, token: int, top: int) -> TokenLogprobs:
 
 
 class Sampler:
-    def __init__(self, params: SamplingParams) -> None:
+    def __init__(self, params: SamplingParams, tokenizer: GrammarTokenizer | None = None) -> None:
+        """`tokenizer`: the sampling node's, for a request with a grammar constraint."""
         self.params = params
+        self._tokenizer = tokenizer
         seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(4), "little")
         self._key = mx.random.key(seed)
         # Built on the first call, on the thread that samples (the node's MLX thread).
@@ -50,7 +52,9 @@ class Sampler:
             return self._sample(logits)
         constraint = self._constraint
         if constraint is None:
-            constraint = self._constraint = _build_constraint(self.params.constraint)
+            constraint = self._constraint = _build_constraint(
+                self.params.constraint, self._tokenizer
+            )
         if logits.shape[0] != 1:
             raise ValueError("constrained sampling takes one row of logits at a time")
         token = constraint.choose(logits, self._sample)
@@ -77,11 +81,24 @@ class Sampler:
         return mx.random.categorical(scaled, key=step_key)
 
 
-def _build_constraint(spec: str) -> TokenConstraint:
-    # Imported here so unconstrained serving never loads llguidance.
-    from ..constraints import TokenConstraint
+def sample_token(sampler: Sampler | None, logits: mx.array) -> tuple[int, TokenLogprobs | None]:
+    """The next token from one row of `logits`, with its log-probabilities if asked for."""
+    if sampler is None:
+        raise RuntimeError("no sampling parameters arrived for this request")
+    token = int(sampler(logits).item())  # type: ignore[misc]
+    params = sampler.params
+    if not params.logprobs:
+        return token, None
+    return token, token_logprobs(logits, token, params.top_logprobs)
 
-    return TokenConstraint.from_serialized(spec)
+
+def _build_constraint(spec: str, tokenizer: GrammarTokenizer | None) -> TokenConstraint:
+    # Imported here so unconstrained serving never loads llguidance.
+    from ..constraints import ConstraintError, TokenConstraint
+
+    if tokenizer is None:
+        raise ConstraintError("this node has no tokenizer to constrain with")
+    return TokenConstraint.from_serialized(spec, tokenizer)
 
 
 def _top_p_filter(logits: mx.array, top_p: float) -> mx.array:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 
-from ..proto import node_pb2
+from ..types import WireTensor
 
 _MX = {
     "float32": mx.float32,
@@ -31,17 +31,16 @@ def dtype_name(dtype: mx.Dtype) -> str:
     raise ValueError(f"unsupported dtype on the wire: {dtype}")
 
 
-def to_proto(array: mx.array) -> node_pb2.Tensor:
+def to_wire(array: mx.array) -> WireTensor:
     """Evaluates `array` (call on the MLX thread) and copies it out as little-endian bytes."""
     name = dtype_name(array.dtype)
     # numpy has no bfloat16: ship its bits as uint16.
     view = array.view(mx.uint16) if name == "bfloat16" else array
-    data = np.asarray(view).tobytes()
-    return node_pb2.Tensor(data=data, dtype=name, shape=list(array.shape))
+    return WireTensor(np.asarray(view).tobytes(), name, tuple(array.shape))
 
 
-def from_proto(tensor: node_pb2.Tensor) -> mx.array:
-    shape = tuple(tensor.shape)
+def from_wire(tensor: WireTensor) -> mx.array:
+    shape = tensor.shape
     if tensor.dtype == "bfloat16":
         bits = np.frombuffer(tensor.data, dtype=np.uint16).reshape(shape)
         return mx.array(bits).view(mx.bfloat16)

@@ -19,10 +19,10 @@ from mlx.utils import tree_flatten
 from mlx_lm.utils import _get_classes
 from tqdm import tqdm
 
-from ..engine.tensor_parallel import TensorPlanError, slice_weights, tensor_config
 from ..types import ModelLayout, Shard, TensorSlice
 from .catalog import DTYPES, GGUFFileSource, ModelCard, PyPIGGUFSource
 from .gguf import layer_index, load_gguf
+from .tensor_slicing import TensorPlanError, slice_weights, tensor_config
 from .tokenizer import TextTokenizer
 
 log = logging.getLogger(__name__)
@@ -43,7 +43,6 @@ class LoadedModel:
     shard: Shard
     dtype: str
     weight_bytes: int
-    load_seconds: float
 
     @property
     def context_length(self) -> int:
@@ -347,7 +346,6 @@ def _load(
         shard=shard,
         dtype=chosen,
         weight_bytes=weight_bytes,
-        load_seconds=elapsed,
     )
 
 

@@ -117,40 +117,6 @@ class HeartbeatResponse(_message.Message):
     proof: bytes
     def __init__(self, info: _Optional[_Union[NodeInfo, _Mapping]] = ..., peers: _Optional[_Iterable[_Union[PeerEntry, _Mapping]]] = ..., proof: _Optional[bytes] = ...) -> None: ...
 
-class GetViewRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
-
-class ViewNode(_message.Message):
-    __slots__ = ("info", "healthy")
-    INFO_FIELD_NUMBER: _ClassVar[int]
-    HEALTHY_FIELD_NUMBER: _ClassVar[int]
-    info: NodeInfo
-    healthy: bool
-    def __init__(self, info: _Optional[_Union[NodeInfo, _Mapping]] = ..., healthy: _Optional[bool] = ...) -> None: ...
-
-class Link(_message.Message):
-    __slots__ = ("source", "target", "latency_ms")
-    SOURCE_FIELD_NUMBER: _ClassVar[int]
-    TARGET_FIELD_NUMBER: _ClassVar[int]
-    LATENCY_MS_FIELD_NUMBER: _ClassVar[int]
-    source: str
-    target: str
-    latency_ms: float
-    def __init__(self, source: _Optional[str] = ..., target: _Optional[str] = ..., latency_ms: _Optional[float] = ...) -> None: ...
-
-class ClusterView(_message.Message):
-    __slots__ = ("self_id", "master", "nodes", "links")
-    SELF_ID_FIELD_NUMBER: _ClassVar[int]
-    MASTER_FIELD_NUMBER: _ClassVar[int]
-    NODES_FIELD_NUMBER: _ClassVar[int]
-    LINKS_FIELD_NUMBER: _ClassVar[int]
-    self_id: str
-    master: str
-    nodes: _containers.RepeatedCompositeFieldContainer[ViewNode]
-    links: _containers.RepeatedCompositeFieldContainer[Link]
-    def __init__(self, self_id: _Optional[str] = ..., master: _Optional[str] = ..., nodes: _Optional[_Iterable[_Union[ViewNode, _Mapping]]] = ..., links: _Optional[_Iterable[_Union[Link, _Mapping]]] = ...) -> None: ...
-
 class Tensor(_message.Message):
     __slots__ = ("data", "dtype", "shape")
     DATA_FIELD_NUMBER: _ClassVar[int]
@@ -188,26 +154,22 @@ class ShardSpec(_message.Message):
     def __init__(self, model_id: _Optional[str] = ..., start_layer: _Optional[int] = ..., end_layer: _Optional[int] = ..., n_layers: _Optional[int] = ..., tp_rank: _Optional[int] = ..., tp_size: _Optional[int] = ..., kv_head_start: _Optional[int] = ..., kv_head_end: _Optional[int] = ..., mlp_start: _Optional[int] = ..., mlp_end: _Optional[int] = ..., tp_members: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class LoadShardRequest(_message.Message):
-    __slots__ = ("epoch", "shard", "placement_id", "next_node_id", "master_id", "dtype", "stage_index", "n_stages", "placement_json")
+    __slots__ = ("epoch", "shard", "next_node_id", "dtype", "stage_index", "n_stages", "placement_json")
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     SHARD_FIELD_NUMBER: _ClassVar[int]
-    PLACEMENT_ID_FIELD_NUMBER: _ClassVar[int]
     NEXT_NODE_ID_FIELD_NUMBER: _ClassVar[int]
-    MASTER_ID_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     STAGE_INDEX_FIELD_NUMBER: _ClassVar[int]
     N_STAGES_FIELD_NUMBER: _ClassVar[int]
     PLACEMENT_JSON_FIELD_NUMBER: _ClassVar[int]
     epoch: int
     shard: ShardSpec
-    placement_id: str
     next_node_id: str
-    master_id: str
     dtype: str
     stage_index: int
     n_stages: int
     placement_json: str
-    def __init__(self, epoch: _Optional[int] = ..., shard: _Optional[_Union[ShardSpec, _Mapping]] = ..., placement_id: _Optional[str] = ..., next_node_id: _Optional[str] = ..., master_id: _Optional[str] = ..., dtype: _Optional[str] = ..., stage_index: _Optional[int] = ..., n_stages: _Optional[int] = ..., placement_json: _Optional[str] = ...) -> None: ...
+    def __init__(self, epoch: _Optional[int] = ..., shard: _Optional[_Union[ShardSpec, _Mapping]] = ..., next_node_id: _Optional[str] = ..., dtype: _Optional[str] = ..., stage_index: _Optional[int] = ..., n_stages: _Optional[int] = ..., placement_json: _Optional[str] = ...) -> None: ...
 
 class LoadShardProgress(_message.Message):
     __slots__ = ("epoch", "stage", "done", "total", "finished", "error", "weight_bytes", "rss", "mlx_active", "current_epoch")
@@ -234,10 +196,9 @@ class LoadShardProgress(_message.Message):
     def __init__(self, epoch: _Optional[int] = ..., stage: _Optional[str] = ..., done: _Optional[int] = ..., total: _Optional[int] = ..., finished: _Optional[bool] = ..., error: _Optional[str] = ..., weight_bytes: _Optional[int] = ..., rss: _Optional[int] = ..., mlx_active: _Optional[int] = ..., current_epoch: _Optional[int] = ...) -> None: ...
 
 class SamplingParams(_message.Message):
-    __slots__ = ("temperature", "top_p", "top_k", "seed", "has_seed", "constraint", "has_constraint", "logprobs", "top_logprobs")
+    __slots__ = ("temperature", "top_p", "seed", "has_seed", "constraint", "has_constraint", "logprobs", "top_logprobs")
     TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
     TOP_P_FIELD_NUMBER: _ClassVar[int]
-    TOP_K_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     HAS_SEED_FIELD_NUMBER: _ClassVar[int]
     CONSTRAINT_FIELD_NUMBER: _ClassVar[int]
@@ -246,44 +207,69 @@ class SamplingParams(_message.Message):
     TOP_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     temperature: float
     top_p: float
-    top_k: int
     seed: int
     has_seed: bool
     constraint: str
     has_constraint: bool
     logprobs: bool
     top_logprobs: int
-    def __init__(self, temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ..., has_seed: _Optional[bool] = ..., constraint: _Optional[str] = ..., has_constraint: _Optional[bool] = ..., logprobs: _Optional[bool] = ..., top_logprobs: _Optional[int] = ...) -> None: ...
+    def __init__(self, temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., has_seed: _Optional[bool] = ..., constraint: _Optional[str] = ..., has_constraint: _Optional[bool] = ..., logprobs: _Optional[bool] = ..., top_logprobs: _Optional[int] = ...) -> None: ...
 
 class ActivationMessage(_message.Message):
-    __slots__ = ("request_id", "epoch", "step", "hidden", "token_ids", "sampling", "error", "sample", "release", "sent_ns", "logprob", "top_token_ids", "top_logprobs")
+    __slots__ = ("request_id", "epoch", "sent_ns", "forward", "token", "release", "failure")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
+    SENT_NS_FIELD_NUMBER: _ClassVar[int]
+    FORWARD_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    RELEASE_FIELD_NUMBER: _ClassVar[int]
+    FAILURE_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    epoch: int
+    sent_ns: int
+    forward: ForwardPass
+    token: SampledToken
+    release: Release
+    failure: Failure
+    def __init__(self, request_id: _Optional[str] = ..., epoch: _Optional[int] = ..., sent_ns: _Optional[int] = ..., forward: _Optional[_Union[ForwardPass, _Mapping]] = ..., token: _Optional[_Union[SampledToken, _Mapping]] = ..., release: _Optional[_Union[Release, _Mapping]] = ..., failure: _Optional[_Union[Failure, _Mapping]] = ...) -> None: ...
+
+class ForwardPass(_message.Message):
+    __slots__ = ("step", "hidden", "sample", "sampling")
     STEP_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
-    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
-    SAMPLING_FIELD_NUMBER: _ClassVar[int]
-    ERROR_FIELD_NUMBER: _ClassVar[int]
     SAMPLE_FIELD_NUMBER: _ClassVar[int]
-    RELEASE_FIELD_NUMBER: _ClassVar[int]
-    SENT_NS_FIELD_NUMBER: _ClassVar[int]
+    SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    hidden: Tensor
+    sample: bool
+    sampling: SamplingParams
+    def __init__(self, step: _Optional[int] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., sample: _Optional[bool] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ...) -> None: ...
+
+class SampledToken(_message.Message):
+    __slots__ = ("step", "token_id", "has_logprobs", "logprob", "top_token_ids", "top_logprobs")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    HAS_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     LOGPROB_FIELD_NUMBER: _ClassVar[int]
     TOP_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     TOP_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
-    request_id: str
-    epoch: int
     step: int
-    hidden: Tensor
-    token_ids: _containers.RepeatedScalarFieldContainer[int]
-    sampling: SamplingParams
-    error: str
-    sample: bool
-    release: bool
-    sent_ns: int
+    token_id: int
+    has_logprobs: bool
     logprob: float
     top_token_ids: _containers.RepeatedScalarFieldContainer[int]
     top_logprobs: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, request_id: _Optional[str] = ..., epoch: _Optional[int] = ..., step: _Optional[int] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., error: _Optional[str] = ..., sample: _Optional[bool] = ..., release: _Optional[bool] = ..., sent_ns: _Optional[int] = ..., logprob: _Optional[float] = ..., top_token_ids: _Optional[_Iterable[int]] = ..., top_logprobs: _Optional[_Iterable[float]] = ...) -> None: ...
+    def __init__(self, step: _Optional[int] = ..., token_id: _Optional[int] = ..., has_logprobs: _Optional[bool] = ..., logprob: _Optional[float] = ..., top_token_ids: _Optional[_Iterable[int]] = ..., top_logprobs: _Optional[_Iterable[float]] = ...) -> None: ...
+
+class Release(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class Failure(_message.Message):
+    __slots__ = ("error",)
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    error: str
+    def __init__(self, error: _Optional[str] = ...) -> None: ...
 
 class AllReduceMessage(_message.Message):
     __slots__ = ("request_id", "epoch", "step", "layer", "phase", "rank", "tensor", "error")
@@ -304,17 +290,3 @@ class AllReduceMessage(_message.Message):
     tensor: Tensor
     error: str
     def __init__(self, request_id: _Optional[str] = ..., epoch: _Optional[int] = ..., step: _Optional[int] = ..., layer: _Optional[int] = ..., phase: _Optional[int] = ..., rank: _Optional[int] = ..., tensor: _Optional[_Union[Tensor, _Mapping]] = ..., error: _Optional[str] = ...) -> None: ...
-
-class ReleaseRequestRequest(_message.Message):
-    __slots__ = ("request_id", "epoch")
-    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
-    EPOCH_FIELD_NUMBER: _ClassVar[int]
-    request_id: str
-    epoch: int
-    def __init__(self, request_id: _Optional[str] = ..., epoch: _Optional[int] = ...) -> None: ...
-
-class ReleaseRequestResponse(_message.Message):
-    __slots__ = ("released",)
-    RELEASED_FIELD_NUMBER: _ClassVar[int]
-    released: bool
-    def __init__(self, released: _Optional[bool] = ...) -> None: ...

@@ -52,11 +52,6 @@ class MembershipStub:
                 request_serializer=exo__tools_dot_proto_dot_node__pb2.HeartbeatRequest.SerializeToString,
                 response_deserializer=exo__tools_dot_proto_dot_node__pb2.HeartbeatResponse.FromString,
                 _registered_method=True)
-        self.GetView = channel.unary_unary(
-                '/exo_tools.v1.Membership/GetView',
-                request_serializer=exo__tools_dot_proto_dot_node__pb2.GetViewRequest.SerializeToString,
-                response_deserializer=exo__tools_dot_proto_dot_node__pb2.ClusterView.FromString,
-                _registered_method=True)
 
 
 class MembershipServicer:
@@ -80,12 +75,6 @@ class MembershipServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def GetView(self, request, context):
-        """Missing associated documentation comment in .proto file."""
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
 
 def add_MembershipServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -103,11 +92,6 @@ def add_MembershipServicer_to_server(servicer, server):
                     servicer.Heartbeat,
                     request_deserializer=exo__tools_dot_proto_dot_node__pb2.HeartbeatRequest.FromString,
                     response_serializer=exo__tools_dot_proto_dot_node__pb2.HeartbeatResponse.SerializeToString,
-            ),
-            'GetView': grpc.unary_unary_rpc_method_handler(
-                    servicer.GetView,
-                    request_deserializer=exo__tools_dot_proto_dot_node__pb2.GetViewRequest.FromString,
-                    response_serializer=exo__tools_dot_proto_dot_node__pb2.ClusterView.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -201,33 +185,6 @@ class Membership:
             metadata,
             _registered_method=True)
 
-    @staticmethod
-    def GetView(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/exo_tools.v1.Membership/GetView',
-            exo__tools_dot_proto_dot_node__pb2.GetViewRequest.SerializeToString,
-            exo__tools_dot_proto_dot_node__pb2.ClusterView.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
 
 class WorkerStub:
     """Missing associated documentation comment in .proto file."""
@@ -253,11 +210,6 @@ class WorkerStub:
                 request_serializer=exo__tools_dot_proto_dot_node__pb2.AllReduceMessage.SerializeToString,
                 response_deserializer=exo__tools_dot_proto_dot_node__pb2.AllReduceMessage.FromString,
                 _registered_method=True)
-        self.ReleaseRequest = channel.unary_unary(
-                '/exo_tools.v1.Worker/ReleaseRequest',
-                request_serializer=exo__tools_dot_proto_dot_node__pb2.ReleaseRequestRequest.SerializeToString,
-                response_deserializer=exo__tools_dot_proto_dot_node__pb2.ReleaseRequestResponse.FromString,
-                _registered_method=True)
 
 
 class WorkerServicer:
@@ -281,12 +233,6 @@ class WorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def ReleaseRequest(self, request, context):
-        """Missing associated documentation comment in .proto file."""
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
 
 def add_WorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -304,11 +250,6 @@ def add_WorkerServicer_to_server(servicer, server):
                     servicer.AllReduce,
                     request_deserializer=exo__tools_dot_proto_dot_node__pb2.AllReduceMessage.FromString,
                     response_serializer=exo__tools_dot_proto_dot_node__pb2.AllReduceMessage.SerializeToString,
-            ),
-            'ReleaseRequest': grpc.unary_unary_rpc_method_handler(
-                    servicer.ReleaseRequest,
-                    request_deserializer=exo__tools_dot_proto_dot_node__pb2.ReleaseRequestRequest.FromString,
-                    response_serializer=exo__tools_dot_proto_dot_node__pb2.ReleaseRequestResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -392,33 +333,6 @@ class Worker:
             '/exo_tools.v1.Worker/AllReduce',
             exo__tools_dot_proto_dot_node__pb2.AllReduceMessage.SerializeToString,
             exo__tools_dot_proto_dot_node__pb2.AllReduceMessage.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def ReleaseRequest(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/exo_tools.v1.Worker/ReleaseRequest',
-            exo__tools_dot_proto_dot_node__pb2.ReleaseRequestRequest.SerializeToString,
-            exo__tools_dot_proto_dot_node__pb2.ReleaseRequestResponse.FromString,
             options,
             channel_credentials,
             insecure,

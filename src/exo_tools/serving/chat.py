@@ -1,4 +1,4 @@
-"""One chat completion on the master: messages → prompt ids → generation → OpenAI events.
+"""One chat turn on the master: a `ChatRequest` → prompt ids → generation → chat events.
 
 Tool calling happens here: the history is prepared for the model's template (Llama 3.1
 rewrite, or folding into plain text for templates that ignore tools), tools are rendered
@@ -8,14 +8,11 @@ tool-call parser of the model's format.
 
 from __future__ import annotations
 
-import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
-from ..api.errors import APIError
-from ..api.schemas import ChatCompletionRequest
 from ..constraints import (
     LAZY_TOOL_CALL_FORMATS,
     ConstraintError,
@@ -27,8 +24,8 @@ from ..constraints import (
 from ..models.catalog import ModelCard
 from ..models.tokenizer import ChatTemplateError, TextTokenizer
 from ..tools import (
+    StreamDelta,
     StreamingToolParser,
-    ToolCallDelta,
     ToolChoice,
     ToolChoiceError,
     add_tools_system_prompt,
@@ -39,78 +36,34 @@ from ..tools import (
     rewrite_history,
     tools_for_choice,
 )
-from ..types import SamplingParams
-from .generation import Finished, GenerationError, SampledLogprobs, TokenGenerator, generate_text
+from ..types import SamplingParams, TokenEvent, TokenGenerator
+from .errors import ContextLengthExceeded, InvalidChatRequest, UnsupportedSchema
+from .events import (
+    ChatEvent,
+    ContentDelta,
+    LogprobsDelta,
+    ReasoningDelta,
+    ScoredToken,
+    ToolCallEvent,
+)
+from .generation import generate_text
+from .request import ChatRequest
 
 # Formats whose markers are special tokens: the text must keep them for the parser.
 _SPECIAL_TOKEN_FORMATS = frozenset({"llama3_json", "mistral", "gpt_oss", "deepseek_v3"})
 DEFAULT_TOOL_FORMAT = "hermes"
 
 
-@dataclass(frozen=True)
-class ContentDelta:
-    text: str
-
-
-@dataclass(frozen=True)
-class ReasoningDelta:
-    text: str
-
-
-@dataclass(frozen=True)
-class ToolCallEvent:
-    delta: ToolCallDelta
-
-
-@dataclass(frozen=True)
-class ChatFinished:
-    finish_reason: str  # "stop", "length" or "tool_calls"
-    prompt_tokens: int
-    completion_tokens: int
-    prefill_seconds: float
-    decode_seconds: float
-
-
-@dataclass(frozen=True)
-class LogprobsDelta:
-    """One generated token in OpenAI's `logprobs.content` form."""
-
-    entry: dict[str, Any]
-
-
-ChatEvent = ContentDelta | ReasoningDelta | ToolCallEvent | LogprobsDelta | ChatFinished
-
-
 @dataclass
 class PreparedChat:
     request_id: str
-    created: int
     prompt_ids: list[int]
     max_tokens: int
     sampling: SamplingParams
-    stop: list[str]
+    stop: tuple[str, ...]
     tool_format: str
     tools: list[dict[str, Any]]  # the tools shown to the model; empty = no parsing
     tool_choice: ToolChoice
-
-
-def messages_as_dicts(request: ChatCompletionRequest) -> list[dict[str, Any]]:
-    """Messages as plain dicts for the chat template (content parts flattened to text)."""
-    result: list[dict[str, Any]] = []
-    for message in request.messages:
-        entry: dict[str, Any] = {"role": message.role, "content": message.text()}
-        if message.role == "developer":
-            entry["role"] = "system"
-        if message.name:
-            entry["name"] = message.name
-        if message.tool_calls:
-            entry["tool_calls"] = [
-                call.model_dump(exclude_none=True) for call in message.tool_calls
-            ]
-        if message.tool_call_id:
-            entry["tool_call_id"] = message.tool_call_id
-        result.append(entry)
-    return result
 
 
 class ChatService:
@@ -157,7 +110,7 @@ class ChatService:
 
     def _constraint(
         self,
-        request: ChatCompletionRequest,
+        request: ChatRequest,
         tools: list[dict[str, Any]],
         choice: ToolChoice,
         budget: int,
@@ -168,155 +121,148 @@ class ChatService:
         does not make a small model emit valid calls or JSON. `budget` (max_tokens) lets
         the sampler close the call or document before the tokens run out.
         """
-        parallel = request.parallel_tool_calls is not False
+        parallel = request.parallel_tool_calls
+        response_format = request.response_format
+        # The spec names its tokenizer: a sampling node holding another model's refuses it.
+        tokenizer = self.card.id
         try:
             if tools and (choice == "required" or forced_function(choice)):
                 forced: Any = choice
                 return tool_call_constraint(
-                    tools, self.tool_format, choice=forced, parallel=parallel, budget=budget
+                    tools,
+                    self.tool_format,
+                    choice=forced,
+                    parallel=parallel,
+                    tokenizer=tokenizer,
+                    budget=budget,
                 )
-            response_format = request.response_format
-            if response_format is not None and response_format.type == "json_object":
-                return json_object_constraint(budget=budget)
-            if response_format is not None and response_format.type == "json_schema":
-                spec = response_format.json_schema or {}
-                schema = spec.get("schema")
+            if response_format is not None and response_format.kind == "json_object":
+                return json_object_constraint(tokenizer=tokenizer, budget=budget)
+            if response_format is not None and response_format.kind == "json_schema":
+                schema = response_format.schema
                 if not isinstance(schema, dict):
-                    raise APIError(
-                        400,
+                    raise InvalidChatRequest(
                         "response_format json_schema needs a 'schema' object",
-                        param="response_format.json_schema.schema",
+                        field="response_format.schema",
                     )
-                return json_schema_constraint(schema, budget=budget)
+                return json_schema_constraint(schema, tokenizer=tokenizer, budget=budget)
             # "auto" stays unconstrained in formats without a lazy trigger: a request the
             # model could serve must not fail because of a node option.
             lazy = self.lazy_tool_grammar and self.tool_format in LAZY_TOOL_CALL_FORMATS
             if tools and choice == "auto" and lazy:
                 return lazy_tool_call_constraint(
-                    tools, self.tool_format, parallel=parallel, budget=budget
+                    tools, self.tool_format, parallel=parallel, tokenizer=tokenizer, budget=budget
                 )
         except ConstraintError as error:
-            param = "response_format" if request.response_format else "tools"
-            raise APIError(400, str(error), param=param, code="unsupported_schema") from error
+            field = "response_format" if response_format is not None else "tools"
+            raise UnsupportedSchema(str(error), field=field) from error
         return None
 
-    def prepare(self, request: ChatCompletionRequest) -> PreparedChat:
-        """Validate against the model and render the prompt; raises APIError (400)."""
-        if request.top_logprobs is not None and not request.logprobs:
-            raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
-        for penalty in ("frequency_penalty", "presence_penalty"):
-            if getattr(request, penalty):
-                raise APIError(400, f"{penalty} is not supported; omit it or use 0", param=penalty)
-        declared = [tool.model_dump(exclude_none=True) for tool in request.tools or []]
+    def prepare(self, request: ChatRequest, *, request_id: str | None = None) -> PreparedChat:
+        """Validate against the model and render the prompt; raises `InvalidChatRequest`.
+
+        `request_id` names the generation in the engine and the logs; an API passes the id
+        it answers with, so that both agree.
+        """
         try:
-            choice = normalize_tool_choice(request.tool_choice, declared)
+            choice = normalize_tool_choice(request.tool_choice, request.tools)
         except ToolChoiceError as error:
-            raise APIError(400, str(error), param="tool_choice") from error
-        shown = tools_for_choice(declared, choice)
+            raise InvalidChatRequest(str(error), field="tool_choice") from error
+        shown = tools_for_choice(request.tools, choice)
         try:
-            prompt_text = self._render_prompt(messages_as_dicts(request), shown)
+            prompt_text = self._render_prompt(request.messages, shown)
         except ChatTemplateError as error:
-            raise APIError(
-                400, f"the model's chat template refused the messages: {error}", param="messages"
+            raise InvalidChatRequest(
+                f"the model's chat template refused the messages: {error}", field="messages"
             ) from error
         prompt_ids = self.tokenizer.encode(prompt_text, add_special_tokens=True)
         context = self.context_length
-        requested = request.token_limit()
+        requested = request.max_tokens
         if len(prompt_ids) >= context:
-            raise APIError(
-                400,
+            raise ContextLengthExceeded(
                 f"the prompt is {len(prompt_ids)} tokens; this model's context is {context}",
-                param="messages",
-                code="context_length_exceeded",
+                field="messages",
             )
         if requested is not None and len(prompt_ids) + requested > context:
-            raise APIError(
-                400,
+            raise ContextLengthExceeded(
                 f"prompt ({len(prompt_ids)} tokens) plus max_tokens ({requested}) exceeds "
                 f"the model's context of {context} tokens",
-                param="max_tokens",
-                code="context_length_exceeded",
+                field="max_tokens",
             )
         max_tokens = requested if requested is not None else context - len(prompt_ids)
         sampling = SamplingParams(
-            temperature=1.0 if request.temperature is None else request.temperature,
-            top_p=1.0 if request.top_p is None else request.top_p,
+            temperature=request.temperature,
+            top_p=request.top_p,
             seed=request.seed,
             constraint=self._constraint(request, shown, choice, max_tokens),
-            logprobs=bool(request.logprobs),
-            top_logprobs=request.top_logprobs or 0,
+            logprobs=request.logprobs,
+            top_logprobs=request.top_logprobs,
         )
         return PreparedChat(
-            request_id=f"chatcmpl-{uuid.uuid4().hex}",
-            created=int(time.time()),
+            request_id=request_id or uuid.uuid4().hex,
             prompt_ids=prompt_ids,
             max_tokens=max_tokens,
             sampling=sampling,
-            stop=request.stop_list(),
+            stop=request.stop,
             tool_format=self.tool_format,
             tools=shown,
             tool_choice=choice,
         )
 
-    def _logprobs_entry(self, item: SampledLogprobs) -> dict[str, Any]:
-        entry = _token_entry(self.tokenizer, item.token_id, item.logprobs.logprob)
-        entry["top_logprobs"] = [
-            _token_entry(self.tokenizer, token_id, logprob)
-            for token_id, logprob in item.logprobs.top
-        ]
-        return entry
-
     async def run(self, prepared: PreparedChat) -> AsyncIterator[ChatEvent]:
+        """The answer's events, ending with one `Finished`; raises `GenerationError`."""
         parser = (
             StreamingToolParser(prepared.tools, prepared.tool_format) if prepared.tools else None
         )
         keep_special = parser is not None and prepared.tool_format in _SPECIAL_TOKEN_FORMATS
-        try:
-            async for item in generate_text(
-                self.generator,
-                self.tokenizer,
-                request_id=prepared.request_id,
-                prompt=prepared.prompt_ids,
-                sampling=prepared.sampling,
-                max_tokens=prepared.max_tokens,
-                stop=prepared.stop,
-                skip_special_tokens=not keep_special,
-            ):
-                if isinstance(item, SampledLogprobs):
-                    yield LogprobsDelta(self._logprobs_entry(item))
+        async for item in generate_text(
+            self.generator,
+            self.tokenizer,
+            request_id=prepared.request_id,
+            prompt=prepared.prompt_ids,
+            sampling=prepared.sampling,
+            max_tokens=prepared.max_tokens,
+            stop=prepared.stop,
+            skip_special_tokens=not keep_special,
+        ):
+            if isinstance(item, TokenEvent):
+                yield self._logprobs(item)
+            elif isinstance(item, str):
+                if parser is None:
+                    yield ContentDelta(item)
                     continue
-                if not isinstance(item, Finished):
-                    if parser is None:
-                        yield ContentDelta(item)
-                        continue
-                    for delta in parser.feed(item):
-                        yield _event(delta)
-                    continue
-                reason = item.finish_reason
+                for delta in parser.feed(item):
+                    if (event := _parsed_event(parser, delta)) is not None:
+                        yield event
+            else:  # Finished
                 if parser is not None:
-                    for delta in parser.finish(truncated=reason == "length"):
-                        yield _event(delta)
+                    for delta in parser.finish(truncated=item.reason == "length"):
+                        if (event := _parsed_event(parser, delta)) is not None:
+                            yield event
                     if parser.tool_calls:
-                        reason = "tool_calls"
-                yield ChatFinished(
-                    reason,
-                    item.prompt_tokens,
-                    item.completion_tokens,
-                    item.prefill_seconds,
-                    item.decode_seconds,
-                )
-        except GenerationError as error:
-            raise APIError(500, str(error), error_type="server_error") from error
+                        item = replace(item, reason="tool_calls")
+                yield item
+
+    def _logprobs(self, event: TokenEvent) -> LogprobsDelta:
+        assert event.logprobs is not None  # generate_text passes only tokens that carry them
+        return LogprobsDelta(
+            self._scored(event.token_id, event.logprobs.logprob),
+            tuple(self._scored(token_id, logprob) for token_id, logprob in event.logprobs.top),
+        )
+
+    def _scored(self, token_id: int, logprob: float) -> ScoredToken:
+        return ScoredToken(self.tokenizer.decode([token_id], skip_special_tokens=False), logprob)
 
 
-def _token_entry(tokenizer: TextTokenizer, token_id: int, logprob: float) -> dict[str, Any]:
-    text = tokenizer.decode([token_id], skip_special_tokens=False)
-    return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
-
-
-def _event(delta: Any) -> ChatEvent:
-    if delta.tool_call is not None:
-        return ToolCallEvent(delta.tool_call)
+def _parsed_event(parser: StreamingToolParser, delta: StreamDelta) -> ChatEvent | None:
+    """The chat event for one parser delta; None for the second half of a tool call."""
+    call = delta.tool_call
+    if call is not None:
+        # The parser sends each complete call as a header (with its id), then its arguments:
+        # the header stands for the whole call.
+        if "id" not in call:
+            return None
+        return ToolCallEvent(call["index"], parser.tool_calls[call["index"]])
     if delta.reasoning is not None:
         return ReasoningDelta(delta.reasoning)
     return ContentDelta(delta.content or "")

@@ -4,38 +4,11 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
 
 from ..models.tokenizer import IncrementalDetokenizer, TextTokenizer
-from ..types import (
-    ErrorEvent,
-    FinishEvent,
-    SamplingParams,
-    TokenEvent,
-    TokenGenerator,
-    TokenLogprobs,
-)
-
-
-class GenerationError(RuntimeError):
-    pass
-
-
-@dataclass(frozen=True)
-class Finished:
-    finish_reason: str  # "stop" or "length"
-    prompt_tokens: int
-    completion_tokens: int
-    prefill_seconds: float
-    decode_seconds: float
-
-
-@dataclass(frozen=True)
-class SampledLogprobs:
-    """One generated token's log-probabilities (only for requests that ask for them)."""
-
-    token_id: int
-    logprobs: TokenLogprobs
+from ..types import ErrorEvent, FinishEvent, SamplingParams, TokenEvent, TokenGenerator
+from .errors import GenerationError
+from .events import Finished
 
 
 class StopStringMatcher:
@@ -44,15 +17,17 @@ class StopStringMatcher:
     def __init__(self, stops: Sequence[str]) -> None:
         self._stops = [stop for stop in stops if stop]
         self._pending = ""
+        self.matched: str | None = None  # the stop string that was reached
 
     def feed(self, text: str) -> tuple[str, bool]:
         """Text safe to emit now, and whether a stop string was reached."""
         if not self._stops:
             return text, False
         self._pending += text
-        found = [index for stop in self._stops if (index := self._pending.find(stop)) >= 0]
+        found = [(index, stop) for stop in self._stops if (index := self._pending.find(stop)) >= 0]
         if found:
-            emit = self._pending[: min(found)]
+            index, self.matched = min(found, key=lambda item: item[0])
+            emit = self._pending[:index]
             self._pending = ""
             return emit, True
         hold = self._longest_stop_prefix_suffix(self._pending)
@@ -84,9 +59,10 @@ async def generate_text(
     max_tokens: int,
     stop: Sequence[str] = (),
     skip_special_tokens: bool = True,
-) -> AsyncIterator[str | SampledLogprobs | Finished]:
-    """Text deltas (each token's `SampledLogprobs` after its text, when asked for), then one
-    `Finished`. Cancels the generation if the consumer stops early."""
+) -> AsyncIterator[str | TokenEvent | Finished]:
+    """Text deltas (after its text, each token's `TokenEvent` when it carries logprobs), then
+    one `Finished`; raises `GenerationError`. Cancels the generation if the consumer stops
+    early."""
     loop = asyncio.get_running_loop()
     handle = generator.submit(
         request_id, prompt, sampling=sampling, max_tokens=max_tokens, loop=loop
@@ -104,11 +80,13 @@ async def generate_text(
                 if text:
                     yield text
                 if event.logprobs is not None and not stopped:
-                    yield SampledLogprobs(event.token_id, event.logprobs)
+                    yield event
                 if stopped:
                     handle.cancel()
                     finished = True
-                    yield Finished("stop", len(prompt), completion_tokens, 0.0, 0.0)
+                    yield Finished(
+                        "stop", len(prompt), completion_tokens, 0.0, 0.0, matcher.matched
+                    )
                     return
             elif isinstance(event, FinishEvent):
                 finished = True
@@ -123,6 +101,7 @@ async def generate_text(
                     event.completion_tokens,
                     event.prefill_seconds,
                     event.decode_seconds,
+                    matcher.matched,
                 )
                 return
             elif isinstance(event, ErrorEvent):

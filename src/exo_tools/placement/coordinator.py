@@ -18,17 +18,13 @@ from typing import Any
 import grpc
 import grpc.aio
 
-from ..proto import node_pb2, node_pb2_grpc
-from . import capabilities
-from .node import ClusterNode
-from .placement import (
-    ModelLayout,
-    NodeResources,
-    Placement,
-    PlacementError,
-    PlacementView,
-    plan_placement,
-)
+from ..cluster import capabilities
+from ..cluster.node import ClusterNode
+from ..cluster.wire import load_order_to_proto, progress_from_proto
+from ..proto import node_pb2_grpc
+from ..types import LoadOrder, LoadProgress, ModelLayout, Parallelism
+from .plan import NodeResources, Placement, PlacementError, plan_placement
+from .views import CoordinatorState, PlacementState, PlacementView, StageState
 from .worker import Worker
 
 log = logging.getLogger(__name__)
@@ -49,7 +45,7 @@ class Coordinator:
         worker: Worker,
         layout: Callable[[], ModelLayout],
         memory_available: Callable[[], int],
-        parallelism: str = "auto",
+        parallelism: Parallelism = Parallelism.AUTO,
         min_nodes: int = 1,
         dtype: str = "auto",
     ) -> None:
@@ -62,7 +58,7 @@ class Coordinator:
         self.parallelism = parallelism
         self.min_nodes = min_nodes
         self.dtype = dtype
-        self.state = "waiting"  # waiting, loading, ready, failed, standby (not master)
+        self.state = CoordinatorState.WAITING
         self.error: str | None = None
         self.placement: Placement | None = None
         self.view: PlacementView | None = None
@@ -77,7 +73,7 @@ class Coordinator:
 
     @property
     def ready(self) -> bool:
-        return self.state == "ready" and self.is_master
+        return self.state == CoordinatorState.READY and self.is_master
 
     @property
     def is_master(self) -> bool:
@@ -120,10 +116,10 @@ class Coordinator:
         if self._broken_at is None:
             self._broken_at = time.monotonic()
         self.error = reason
-        if self.state == "ready":
-            self.state = "loading"  # not serving until re-placed
+        if self.state == CoordinatorState.READY:
+            self.state = CoordinatorState.LOADING  # not serving until re-placed
             if self.view is not None:
-                self.view.state = "broken"
+                self.view.state = PlacementState.BROKEN
                 self.view.error = reason
 
     def _lost(self, members: frozenset[str]) -> list[str]:
@@ -141,7 +137,7 @@ class Coordinator:
                 raise
             except Exception as error:  # keep coordinating whatever one attempt did
                 log.exception("placement failed")
-                self.state, self.error = "failed", str(error)
+                self.state, self.error = CoordinatorState.FAILED, str(error)
                 self._retry_at = time.monotonic() + RETRY_S
             await asyncio.sleep(TICK_S)
 
@@ -149,7 +145,7 @@ class Coordinator:
         if not self.is_master:
             if self.placement is not None:
                 log.info("no longer master: dropping placement of epoch %d", self._epoch)
-            self.placement, self.view, self.state = None, None, "standby"
+            self.placement, self.view, self.state = None, None, CoordinatorState.STANDBY
             return
         resources = self._resources()
         members = frozenset(resources)
@@ -157,7 +153,7 @@ class Coordinator:
         if members != self._members:
             self._members, self._changed_at = members, now
         lost = self._lost(members)
-        if lost and self.state == "ready":
+        if lost and self.state == CoordinatorState.READY:
             # Fail in-flight requests now; re-placing waits for the view to settle.
             reason = f"node(s) {', '.join(lost)} of the placement left the cluster"
             self._on_broken(reason)
@@ -169,13 +165,17 @@ class Coordinator:
         if not self._needs_placement(members):
             return
         if not self._placed_once and len(members) < self.min_nodes:
-            self.state = "waiting"
+            self.state = CoordinatorState.WAITING
             self.error = f"waiting for {self.min_nodes} nodes (--min-nodes); {len(members)} healthy"
             return
         await self._place(resources)
 
     def _needs_placement(self, members: frozenset[str]) -> bool:
-        if self.placement is None or self._broken_at is not None or self.state == "failed":
+        if (
+            self.placement is None
+            or self._broken_at is not None
+            or self.state == CoordinatorState.FAILED
+        ):
             return True
         if self._lost(members):
             return True
@@ -185,7 +185,7 @@ class Coordinator:
 
     async def _place(self, resources: dict[str, NodeResources]) -> None:
         if self._layout is None:
-            self.state = "loading"
+            self.state = CoordinatorState.LOADING
             self._layout = await asyncio.to_thread(self._layout_fn)
         min_nodes = min(self.min_nodes, len(resources))
         # Epochs grow across masters too: a new master starts above any older placement.
@@ -200,21 +200,21 @@ class Coordinator:
                 min_nodes=min_nodes,
             )
         except PlacementError as error:
-            self.state, self.error = "failed", str(error)
+            self.state, self.error = CoordinatorState.FAILED, str(error)
             self.placement, self.view = None, None
             self._retry_at = time.monotonic() + RETRY_S
             log.error("cannot place the model: %s", error)
             return
         self._epoch = epoch
         self.placement, self._broken_at, self.error = placement, None, None
-        self.view = PlacementView.of(placement, "loading")
-        self.state = "loading"
+        self.view = PlacementView.of(placement, PlacementState.LOADING)
+        self.state = CoordinatorState.LOADING
         log.info(
             "placing %s (%s), epoch %d: %s",
             placement.model_id,
             placement.parallelism,
             epoch,
-            "; ".join(f"{stage.node_id} {stage.share()}" for stage in placement.stages),
+            "; ".join(f"{stage.node_id} {stage.shard.describe()}" for stage in placement.stages),
         )
         results = await asyncio.gather(
             *(self._load_stage(placement, index) for index in range(len(placement.stages))),
@@ -224,82 +224,71 @@ class Coordinator:
             return  # superseded meanwhile
         errors = [str(result) for result in results if isinstance(result, BaseException)]
         if errors:
-            self.state, self.error = "failed", "; ".join(errors)
-            self.view.state, self.view.error = "failed", self.error
+            self.state, self.error = CoordinatorState.FAILED, "; ".join(errors)
+            self.view.state, self.view.error = PlacementState.FAILED, self.error
             self._retry_at = time.monotonic() + RETRY_S
             log.error("placement of epoch %d failed: %s", epoch, self.error)
             return
         self._placed_once = True
         if self._broken_at is None:
-            self.state = "ready"
-            self.view.state = "ready"
+            self.state = CoordinatorState.READY
+            self.view.state = PlacementState.READY
             log.info("placement of epoch %d is ready (%d stages)", epoch, len(placement.stages))
 
     async def _load_stage(self, placement: Placement, index: int) -> None:
         stage = placement.stages[index]
         assert self.view is not None
         view = self.view.stages[index]
-        view.state = "loading"
-        spec = node_pb2.ShardSpec(
-            model_id=placement.model_id,
-            start_layer=stage.start_layer,
-            end_layer=stage.end_layer,
-            n_layers=placement.n_layers,
-            tp_size=1,
-        )
-        pipeline_stages = len(placement.stages)
-        if stage.tensor is not None:
-            part = stage.tensor
-            spec.tp_rank, spec.tp_size = part.rank, part.size
-            spec.kv_head_start, spec.kv_head_end = part.kv_head_start, part.kv_head_end
-            spec.mlp_start, spec.mlp_end = part.mlp_start, part.mlp_end
-            spec.tp_members.extend(placement.node_ids)
-            pipeline_stages = 1  # every member computes the whole depth
-        request = node_pb2.LoadShardRequest(
+        view.state = StageState.LOADING
+        tensor = stage.tensor is not None
+        # Tensor members each compute the whole depth: one stage each.
+        pipeline_stages = 1 if tensor else len(placement.stages)
+        order = LoadOrder(
             epoch=placement.epoch,
-            shard=spec,
-            placement_id=f"{placement.model_id}@{placement.epoch}",
-            next_node_id=placement.next_node(index) if pipeline_stages > 1 else "",
-            master_id=self.node_id,
+            shard=stage.shard,
             dtype=self.dtype,
             stage_index=index,
             n_stages=pipeline_stages,
+            next_node_id=placement.next_node(index) if pipeline_stages > 1 else "",
+            tensor_members=placement.node_ids if tensor else (),
             placement_json=self.view.model_dump_json(),
         )
 
-        def report(progress: node_pb2.LoadShardProgress) -> None:
+        def report(progress: LoadProgress) -> None:
             if progress.total:
-                view.layers_loaded = int(progress.done)
+                view.layers_loaded = progress.done
             if progress.weight_bytes:
-                view.weight_bytes = int(progress.weight_bytes)
-                view.rss = int(progress.rss)
-                view.mlx_active = int(progress.mlx_active)
+                view.weight_bytes = progress.weight_bytes
+                view.rss = progress.rss
+                view.mlx_active = progress.mlx_active
 
         if stage.node_id == self.node_id:
-            final = await self.worker.load(request, report)
+            final = await self.worker.load(order, report)
         else:
-            final = await self._load_remote(stage.node_id, request, report)
+            final = await self._load_remote(stage.node_id, order, report)
         report(final)
         if final.current_epoch > self._epoch:
-            self._epoch = int(final.current_epoch)  # a member saw a newer master's epoch
+            self._epoch = final.current_epoch  # a member saw a newer master's epoch
         if final.error:
-            view.state, view.error = "failed", final.error
+            view.state, view.error = StageState.FAILED, final.error
             raise RuntimeError(f"node {stage.node_id}: {final.error}")
-        view.state = "ready"
+        view.state = StageState.READY
 
     async def _load_remote(
         self,
         node_id: str,
-        request: node_pb2.LoadShardRequest,
-        report: Callable[[node_pb2.LoadShardProgress], None],
-    ) -> node_pb2.LoadShardProgress:
+        order: LoadOrder,
+        report: Callable[[LoadProgress], None],
+    ) -> LoadProgress:
         channel = self.cluster.channel(node_id) if self.cluster is not None else None
         if channel is None:
             raise RuntimeError(f"node {node_id} is not a healthy member")
-        final: node_pb2.LoadShardProgress | None = None
+        final: LoadProgress | None = None
+        stub = node_pb2_grpc.WorkerStub(channel)
         try:
-            call: Any = node_pb2_grpc.WorkerStub(channel).LoadShard(request, timeout=LOAD_TIMEOUT_S)
-            async for progress in call:
+            call: Any = stub.LoadShard(load_order_to_proto(order), timeout=LOAD_TIMEOUT_S)
+            async for message in call:
+                progress = progress_from_proto(message)
                 if progress.finished:
                     final = progress
                 else:

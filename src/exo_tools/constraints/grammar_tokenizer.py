@@ -1,13 +1,11 @@
-"""Process-wide tokenizers for constraints, by key (a node registers its model id).
+"""The tokenizer a grammar constraint is matched against, on the node that samples.
 
-The spec travels without tokenizer data; whichever node samples looks the tokenizer up
-here. llguidance's token trie takes about a second to build, so it is built once at
-registration, off the request path.
+The spec travels without tokenizer data, naming its tokenizer by model id; the sampling
+stage holds the one it loaded and hands it to each request's sampler.
 """
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
 
 import llguidance
@@ -17,7 +15,7 @@ from .errors import ConstraintError
 
 
 @dataclass(frozen=True)
-class RegisteredTokenizer:
+class GrammarTokenizer:
     key: str
     text: TextTokenizer
     ll: llguidance.LLTokenizer
@@ -26,10 +24,6 @@ class RegisteredTokenizer:
     # The one-token spelling of each ASCII character that has one: what closing a
     # document within the token budget is built from (see TokenConstraint).
     character_tokens: dict[str, int]
-
-
-_lock = threading.Lock()
-_registry: dict[str, RegisteredTokenizer] = {}
 
 
 def build_ll_tokenizer(tokenizer: TextTokenizer) -> llguidance.LLTokenizer:
@@ -54,42 +48,15 @@ def _character_tokens(ll: llguidance.LLTokenizer) -> dict[str, int]:
     return found
 
 
-def register_tokenizer(key: str, tokenizer: TextTokenizer) -> RegisteredTokenizer:
-    """Make `tokenizer` available to constraints naming `key` (idempotent per object)."""
-    with _lock:
-        existing = _registry.get(key)
-        if existing is not None and existing.text is tokenizer:
-            return existing
-    # Built outside the lock: it takes ~1 s and other keys must stay readable.
+def grammar_tokenizer(key: str, tokenizer: TextTokenizer) -> GrammarTokenizer:
+    """The grammar tokenizer of `tokenizer`, named `key` (the model id). llguidance's token
+    trie takes about a second to build: build it once per loaded model, off the request
+    path, and hand it to the samplers that need it."""
     ll = build_ll_tokenizer(tokenizer)
-    entry = RegisteredTokenizer(
+    return GrammarTokenizer(
         key=key,
         text=tokenizer,
         ll=ll,
         eos_token_ids=tuple(sorted(tokenizer.eos_token_ids)),
         character_tokens=_character_tokens(ll),
     )
-    with _lock:
-        _registry[key] = entry
-    return entry
-
-
-def unregister_tokenizer(key: str) -> None:
-    with _lock:
-        _registry.pop(key, None)
-
-
-def get_tokenizer(key: str | None) -> RegisteredTokenizer:
-    """The tokenizer for `key`; None means the only one registered (a node serves one model)."""
-    with _lock:
-        if key is not None:
-            entry = _registry.get(key)
-            if entry is None:
-                known = ", ".join(sorted(_registry)) or "none"
-                raise ConstraintError(f"no tokenizer registered for {key!r} (registered: {known})")
-            return entry
-        if len(_registry) != 1:
-            raise ConstraintError(
-                f"the constraint names no tokenizer and {len(_registry)} are registered; name one"
-            )
-        return next(iter(_registry.values()))

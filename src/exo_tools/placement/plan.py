@@ -15,9 +15,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass, field
 
-from pydantic import BaseModel, Field
-
-from ..types import ModelLayout, Parallelism, TensorSlice
+from ..types import ModelLayout, Parallelism, Shard, TensorSlice
 
 PARALLELISM_CHOICES: tuple[str, ...] = tuple(choice.value for choice in Parallelism)
 
@@ -39,24 +37,22 @@ class NodeResources:
 
 @dataclass(frozen=True)
 class Stage:
+    """One node's part of a placement."""
+
     node_id: str
-    start_layer: int
-    end_layer: int
-    tensor: TensorSlice | None = None
+    shard: Shard
 
     @property
-    def n_layers(self) -> int:
-        return self.end_layer - self.start_layer
+    def start_layer(self) -> int:
+        return self.shard.start_layer
 
-    def share(self) -> str:
-        """What of the model this stage holds, in words."""
-        part = self.tensor
-        if part is None:
-            return f"layers [{self.start_layer}, {self.end_layer})"
-        return (
-            f"KV heads [{part.kv_head_start}, {part.kv_head_end}) and MLP columns "
-            f"[{part.mlp_start}, {part.mlp_end})"
-        )
+    @property
+    def end_layer(self) -> int:
+        return self.shard.end_layer
+
+    @property
+    def tensor(self) -> TensorSlice | None:
+        return self.shard.tensor
 
 
 @dataclass(frozen=True)
@@ -65,7 +61,7 @@ class Placement:
     model_id: str
     n_layers: int
     stages: tuple[Stage, ...]
-    parallelism: str = "pipeline"
+    parallelism: Parallelism = Parallelism.PIPELINE  # never AUTO once placed
     node_ids: tuple[str, ...] = field(default=())
 
     def __post_init__(self) -> None:
@@ -113,14 +109,11 @@ def _ordered(nodes: list[NodeResources], master_id: str) -> list[NodeResources]:
 def _misfit(layout: ModelLayout, chosen: list[NodeResources], stages: list[Stage]) -> str | None:
     """Why the first stage whose weights plus KV budget outgrow its node does not fit."""
     for node, stage in zip(chosen, stages, strict=True):
-        if stage.tensor is not None:
-            need = layout.tensor_bytes(stage.tensor)
-        else:
-            need = layout.stage_bytes(stage.start_layer, stage.end_layer)
+        need = layout.shard_bytes(stage.shard)
         have = int(node.memory_available * MEMORY_HEADROOM)
         if need > have:
             return (
-                f"node {node.node_id} would hold {stage.share()} needing {need / 2**20:.0f} MiB "
+                f"node {node.node_id} would hold {stage.shard.describe()} needing {need / 2**20:.0f} MiB "
                 f"(weights + KV budget) but has {have / 2**20:.0f} MiB usable"
             )
     return None
@@ -131,7 +124,8 @@ def _try(layout: ModelLayout, chosen: list[NodeResources]) -> tuple[list[Stage],
     stages: list[Stage] = []
     start = 0
     for node, count in zip(chosen, counts, strict=True):
-        stages.append(Stage(node.node_id, start, start + count))
+        shard = Shard(layout.model_id, start, start + count, layout.n_layers)
+        stages.append(Stage(node.node_id, shard))
         start += count
     return stages, _misfit(layout, chosen, stages)
 
@@ -195,7 +189,7 @@ def split_tensor(layout: ModelLayout, weights: list[float]) -> list[TensorSlice]
 def _try_tensor(layout: ModelLayout, chosen: list[NodeResources]) -> tuple[list[Stage], str | None]:
     slices = split_tensor(layout, _capability_weights(chosen))
     stages = [
-        Stage(node.node_id, 0, layout.n_layers, tensor=part)
+        Stage(node.node_id, Shard(layout.model_id, 0, layout.n_layers, layout.n_layers, part))
         for node, part in zip(chosen, slices, strict=True)
     ]
     return stages, _misfit(layout, chosen, stages)
@@ -207,7 +201,7 @@ def plan_placement(
     *,
     master_id: str,
     epoch: int,
-    parallelism: str = "auto",
+    parallelism: Parallelism | str = Parallelism.AUTO,
     min_nodes: int = 1,
 ) -> Placement:
     """The fewest nodes (at least `min_nodes`, the master first) whose shares all fit.
@@ -237,60 +231,10 @@ def plan_placement(
                 model_id=layout.model_id,
                 n_layers=layout.n_layers,
                 stages=tuple(stages),
-                parallelism="tensor" if as_tensor else "pipeline",
+                parallelism=Parallelism.TENSOR if as_tensor else Parallelism.PIPELINE,
             )
         problem = problem_here
     raise PlacementError(f"{layout.model_id} does not fit on {len(ordered)} node(s): {problem}")
-
-
-# ---------------------------------------------------------------- the view at GET /v1/cluster
-
-
-class StageView(BaseModel):
-    index: int
-    node_id: str
-    start_layer: int
-    end_layer: int
-    # Tensor members only: [start, end) of the KV heads and MLP columns this node holds.
-    kv_heads: list[int] | None = None
-    mlp_columns: list[int] | None = None
-    state: str = "pending"  # pending, loading, ready, failed
-    layers_loaded: int = 0
-    error: str | None = None
-    weight_bytes: int = 0
-    rss: int = 0
-    mlx_active: int = 0
-
-
-class PlacementView(BaseModel):
-    epoch: int
-    model: str
-    parallelism: str = "pipeline"
-    n_layers: int
-    state: str  # loading, ready, failed, superseded
-    stages: list[StageView] = Field(default_factory=list)
-    error: str | None = None
-
-    @classmethod
-    def of(cls, placement: Placement, state: str = "loading") -> PlacementView:
-        return cls(
-            epoch=placement.epoch,
-            model=placement.model_id,
-            parallelism=placement.parallelism,
-            n_layers=placement.n_layers,
-            state=state,
-            stages=[
-                StageView(
-                    index=i,
-                    node_id=s.node_id,
-                    start_layer=s.start_layer,
-                    end_layer=s.end_layer,
-                    kv_heads=[s.tensor.kv_head_start, s.tensor.kv_head_end] if s.tensor else None,
-                    mlp_columns=[s.tensor.mlp_start, s.tensor.mlp_end] if s.tensor else None,
-                )
-                for i, s in enumerate(placement.stages)
-            ],
-        )
 
 
 # ---------------------------------------------------------------- command line

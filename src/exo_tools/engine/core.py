@@ -1,0 +1,461 @@
+"""One stage's MLX thread: its typed inbox, its per-request caches, and the role it plays.
+
+Stages form a ring S0 → S1 → … → Sk-1 → S0. Stage 0 (the master) drives the requests
+(engine/driver.py), middle stages relay hidden states (engine/relay.py), the last stage
+samples (engine/last_stage.py), and tensor members other than rank 0 follow rank 0's
+passes (engine/follower.py). With one stage the driver runs the whole loop on this thread.
+Every message of a request travels the same ordered streams, so a release or a failure
+always arrives after the work it follows.
+
+All MLX work and all per-request state live on this one thread; other threads only put
+items into its inbox. Messages of many requests interleave, so while stage 1 computes
+request A stage 0 is free to compute request B.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import queue
+import statistics
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import mlx.core as mx
+
+from ..types import (
+    ErrorEvent,
+    Forward,
+    GenerationHandle,
+    RequestEvent,
+    SamplingParams,
+    StageMessage,
+)
+from .driver import Driver, Origin
+from .follower import TensorFollower
+from .last_stage import LastStage
+from .relay import Relay
+from .role import Role
+from .sampling import Sampler
+from .shard import ShardModel
+from .tensor_parallel import TensorCollective, TensorShardModel
+
+if TYPE_CHECKING:
+    # Only for annotations: unconstrained serving never loads llguidance.
+    from ..constraints import GrammarTokenizer
+
+log = logging.getLogger(__name__)
+
+SWEEP_INTERVAL_S = 1.0
+DEFAULT_IDLE_TIMEOUT_S = 300.0
+HOP_WINDOW = 128
+
+Send = Callable[[StageMessage], None]
+
+
+@dataclass
+class InstalledStage:
+    """What this node computes in placement `epoch`."""
+
+    epoch: int
+    model: ShardModel
+    eos_token_ids: frozenset[int]
+    n_stages: int
+    # Thread-safe: hands a message to the stream towards the next stage (None: one stage).
+    send: Send | None = None
+    # Tensor rank 0: hands each forward pass's command to every other member.
+    broadcast: Send | None = None
+    # The sampling stage's tokenizer for grammar constraints (None: it cannot constrain).
+    grammar_tokenizer: GrammarTokenizer | None = None
+
+    @property
+    def tensor_rank(self) -> int | None:
+        """This member's tensor-parallel rank; None in a pipeline."""
+        return self.model.part.rank if isinstance(self.model, TensorShardModel) else None
+
+    @property
+    def is_tensor_follower(self) -> bool:
+        rank = self.tensor_rank
+        return rank is not None and rank > 0
+
+    @property
+    def collective(self) -> TensorCollective | None:
+        return self.model.collective if isinstance(self.model, TensorShardModel) else None
+
+    @property
+    def is_first(self) -> bool:
+        return self.model.shard.is_first and not self.is_tensor_follower
+
+    @property
+    def is_last(self) -> bool:
+        return self.model.shard.is_last
+
+
+@dataclass
+class CacheEntry:
+    """One request's KV cache on this stage, and its sampler where this stage samples."""
+
+    cache: list[Any]
+    sampler: Sampler | None = None
+    last_used: float = field(default_factory=time.monotonic)
+
+    def close(self) -> None:
+        if self.sampler is not None:
+            self.sampler.close()  # a constrained sampler holds grammar state worth freeing
+
+
+# ---------------------------------------------------------------- the inbox
+
+
+@dataclass(frozen=True)
+class Start:
+    origin: Origin
+
+
+@dataclass(frozen=True)
+class Deliver:
+    message: StageMessage
+
+
+@dataclass(frozen=True)
+class Step:
+    request_id: str
+
+
+@dataclass(frozen=True)
+class Cancel:
+    request_id: str
+
+
+@dataclass(frozen=True)
+class FailAll:
+    reason: str
+
+
+@dataclass(frozen=True)
+class Install:
+    stage: InstalledStage | None
+    reason: str
+    done: threading.Event
+
+
+@dataclass(frozen=True)
+class Stop:
+    pass
+
+
+InboxItem = Start | Deliver | Step | Cancel | FailAll | Install | Stop
+
+
+class StageEngine:
+    """Lifecycle: `start()`, `install(stage)` per placement, `submit`/`deliver`, `stop()`."""
+
+    def __init__(self, *, idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S) -> None:
+        self._idle_timeout_s = idle_timeout_s
+        self._inbox: queue.SimpleQueue[InboxItem] = queue.SimpleQueue()
+        self._stage: InstalledStage | None = None
+        self._role: Role | None = None
+        self._driver: Driver | None = None
+        self._epoch = 0
+        self.caches: dict[str, CacheEntry] = {}
+        self._hops: deque[float] = deque(maxlen=HOP_WINDOW)
+        self._refused = 0
+        self.samples_batched = 0  # decode positions sampled in batches of more than one
+        # Seconds the MLX thread spent on work (not waiting): with a run's token count, what
+        # a token costs on this stage, the rest of its time being hops and wakeups.
+        self._busy_s = 0.0
+        # An inbox item taken while gathering a batch that is not part of it: next in line.
+        self._carried: InboxItem | None = None
+        self._thread = threading.Thread(target=self._run, name="exo-tools-mlx", daemon=True)
+        self._last_sweep = time.monotonic()
+
+    # ---------------------------------------------------------------- any thread
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._inbox.put(Stop())
+        self._thread.join(timeout=10)
+
+    @property
+    def epoch(self) -> int:
+        return self._epoch
+
+    @property
+    def active_requests(self) -> int:
+        driver = self._driver
+        return len(driver.origins) if driver is not None else 0
+
+    @property
+    def cached_requests(self) -> int:
+        return len(self.caches)
+
+    def stats(self) -> dict[str, Any]:
+        hops = list(self._hops)
+        stage = self._stage
+        collective = stage.collective if stage is not None else None
+        reduces = list(collective.latencies_us) if collective is not None else []
+        waits = list(collective.waits_us) if collective is not None else []
+        return {
+            "allreduce_us_median": round(statistics.median(reduces), 1) if reduces else None,
+            "allreduce_wait_us_median": round(statistics.median(waits), 1) if waits else None,
+            "allreduces_measured": len(reduces),
+            "busy_s": round(self._busy_s, 6),
+            "epoch": self._epoch,
+            "cached_requests": len(self.caches),
+            "hop_us_median": round(statistics.median(hops), 1) if hops else None,
+            "hops_measured": len(hops),
+            "refused_stale": self._refused,
+            "samples_batched": self.samples_batched,
+        }
+
+    def install(self, stage: InstalledStage | None, reason: str, timeout: float = 30.0) -> None:
+        """Switch to `stage` (None: hold nothing) between messages; blocks until done.
+
+        Requests of the old placement fail with `reason`; their caches are dropped."""
+        self._abort_collective(reason)  # the MLX thread may be waiting on an all-reduce
+        done = threading.Event()
+        self._inbox.put(Install(stage, reason, done))
+        deadline = time.monotonic() + timeout
+        while not done.wait(0.1):
+            if not self._thread.is_alive():  # stopped (shutdown): nothing will switch
+                raise RuntimeError("the MLX thread has stopped")
+            if time.monotonic() > deadline:
+                raise TimeoutError("the MLX thread did not switch placements in time")
+
+    def submit(
+        self,
+        request_id: str,
+        prompt: list[int],
+        *,
+        sampling: SamplingParams,
+        max_tokens: int,
+        loop: asyncio.AbstractEventLoop,
+    ) -> GenerationHandle:
+        """The TokenGenerator protocol: stage 0 drives the request around the ring."""
+        if not prompt:
+            raise ValueError("prompt is empty")
+        cancelled = threading.Event()
+        handle = GenerationHandle(
+            request_id, cancelled, on_cancel=lambda: self._inbox.put(Cancel(request_id))
+        )
+
+        def emit(event: RequestEvent) -> None:
+            # The loop may be gone at shutdown; the event has no one to go to then.
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(handle.events.put_nowait, event)
+
+        origin = Origin(
+            request_id=request_id,
+            epoch=self._epoch,
+            prompt=list(prompt),
+            max_tokens=max_tokens,
+            sampling=sampling,
+            emit=emit,
+            cancelled=cancelled,
+        )
+        self._inbox.put(Start(origin))
+        return handle
+
+    def deliver(self, message: StageMessage) -> None:
+        """A message from the previous stage's stream (called on the event loop)."""
+        self._inbox.put(Deliver(message))
+
+    def fail_all(self, message: str) -> None:
+        """The ring broke: every request of this stage fails with `message`."""
+        self._abort_collective(message)
+        self._inbox.put(FailAll(message))
+
+    def _abort_collective(self, reason: str) -> None:
+        stage = self._stage
+        collective = stage.collective if stage is not None else None
+        if collective is not None:
+            collective.abort(reason)
+
+    # ---------------------------------------------------------------- the MLX thread
+
+    def _run(self) -> None:
+        stream = mx.new_stream(mx.default_device())
+        with mx.stream(stream):
+            while True:
+                item: InboxItem | None
+                if self._carried is not None:
+                    item, self._carried = self._carried, None
+                else:
+                    try:
+                        item = self._inbox.get(timeout=SWEEP_INTERVAL_S)
+                    except queue.Empty:
+                        item = None
+                if isinstance(item, Stop):
+                    break
+                began = time.perf_counter()
+                if item is not None:
+                    try:
+                        self._handle(item)
+                    except Exception:  # one bad message must not stop the stage
+                        log.exception("stage failed handling %s", type(item).__name__)
+                self._busy_s += time.perf_counter() - began
+                now = time.monotonic()
+                if now - self._last_sweep >= SWEEP_INTERVAL_S:
+                    self._last_sweep = now
+                    self._sweep(now)
+        self._fail_requests("node is shutting down")
+        self.drop_all()
+
+    def _handle(self, item: InboxItem) -> None:
+        match item:
+            case Deliver(message):
+                if self._admit(message) and self._role is not None:
+                    self._role.on_message(message)
+            case Step(request_id):
+                if self._driver is not None:
+                    self._driver.step(request_id)
+            case Start(origin):
+                self._start(origin)
+            case Cancel(request_id):
+                if self._driver is not None:
+                    self._driver.cancel(request_id)
+            case FailAll(reason):
+                self._fail_requests(reason)
+                self.drop_all()
+            case Install(stage, reason, done):
+                try:
+                    self._install(stage, reason)
+                finally:
+                    done.set()
+            case Stop():
+                pass
+
+    def _start(self, origin: Origin) -> None:
+        stage = self._stage
+        if self._driver is None or stage is None:
+            origin.emit(ErrorEvent("no model placement is ready on this node; retry shortly"))
+            return
+        if origin.epoch != stage.epoch:
+            origin.emit(ErrorEvent("the placement changed while the request started; retry"))
+            return
+        self._driver.start(origin)
+
+    def _install(self, stage: InstalledStage | None, reason: str) -> None:
+        self._fail_requests(reason)
+        self.drop_all()
+        self._stage = self._role = self._driver = None
+        mx.clear_cache()  # hand the old shard's memory back before the new one grows
+        if stage is not None:
+            self._role = self._role_for(stage)
+            self._stage = stage
+            self._epoch = stage.epoch
+        self._hops.clear()
+
+    def _role_for(self, stage: InstalledStage) -> Role:
+        if stage.is_tensor_follower:
+            return TensorFollower(self, stage)
+        if stage.is_first:
+            self._driver = Driver(self, stage)
+            return self._driver
+        if stage.is_last:
+            return LastStage(self, stage)
+        return Relay(self, stage)
+
+    def _fail_requests(self, reason: str) -> None:
+        if self._driver is not None:
+            self._driver.fail_all(reason)
+
+    def _admit(self, message: StageMessage) -> bool:
+        """Whether `message` is of the epoch this stage holds (others are dropped)."""
+        if message.sent_ns:
+            self._hops.append((time.time_ns() - message.sent_ns) / 1000.0)
+        stage = self._stage
+        if stage is not None and message.epoch == stage.epoch:
+            return True
+        # The servicer refuses stale streams; this catches a switch between the two.
+        self._refused += 1
+        log.warning(
+            "dropped a message of request %s for epoch %d (this stage is at epoch %d)",
+            message.request_id,
+            message.epoch,
+            self._epoch,
+        )
+        return False
+
+    def _sweep(self, now: float) -> None:
+        """Drop caches of requests nobody has touched for the idle timeout."""
+        driving = self._driver.origins if self._driver is not None else {}
+        stale = [
+            request_id
+            for request_id, entry in self.caches.items()
+            if request_id not in driving and now - entry.last_used > self._idle_timeout_s
+        ]
+        for request_id in stale:
+            log.info("dropping idle request %s", request_id)
+            self.drop(request_id)
+
+    # ---------------------------------------------------------------- for the roles
+
+    def schedule(self, request_id: str) -> None:
+        """Run the request's next step later, so other requests' work interleaves fairly."""
+        self._inbox.put(Step(request_id))
+
+    def cache_for(
+        self, request_id: str, stage: InstalledStage, sampling: SamplingParams | None
+    ) -> CacheEntry:
+        """The request's cache (made on first use); its sampler once `sampling` is known,
+        on the stage that samples."""
+        entry = self.caches.get(request_id)
+        if entry is None:
+            entry = CacheEntry(stage.model.make_cache())
+            self.caches[request_id] = entry
+        if entry.sampler is None and sampling is not None and stage.is_last:
+            entry.sampler = Sampler(sampling, stage.grammar_tokenizer)
+        entry.last_used = time.monotonic()
+        return entry
+
+    def drop(self, request_id: str) -> None:
+        entry = self.caches.pop(request_id, None)
+        if entry is not None:
+            entry.close()
+
+    def drop_all(self) -> None:
+        for request_id in list(self.caches):
+            self.drop(request_id)
+
+    def queued_samples(self, limit: int) -> list[Forward]:
+        """Up to `limit` sampling steps of other requests queued right behind one being
+        sampled, admitted (stale ones are dropped); the first other item waits as the
+        next in line."""
+        batch: list[Forward] = []
+        while len(batch) < limit:
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if not (isinstance(item, Deliver) and isinstance(item.message, Forward)):
+                self._carried = item
+                break
+            if not item.message.sample:
+                self._carried = item
+                break
+            if self._admit(item.message):
+                batch.append(item.message)
+        return batch
+
+    def send(self, stage: InstalledStage, message: StageMessage) -> None:
+        """To the next stage of the ring."""
+        self._stamped(stage.send, message, "this stage has no next stage to send to")
+
+    def broadcast(self, stage: InstalledStage, message: StageMessage) -> None:
+        """From tensor rank 0 to every other member."""
+        self._stamped(stage.broadcast, message, "this member does not drive tensor passes")
+
+    @staticmethod
+    def _stamped(send: Send | None, message: StageMessage, missing: str) -> None:
+        if send is None:
+            raise RuntimeError(missing)
+        message.sent_ns = time.time_ns()  # for the receiver's per-hop statistics
+        send(message)

@@ -1,0 +1,43 @@
+"""A tensor member of rank > 0: run each of rank 0's passes on this member's slice."""
+
+from __future__ import annotations
+
+import logging
+
+import mlx.core as mx
+
+from ..types import Failure, Forward, Release, StageMessage
+from .role import Role
+from .tensor_parallel import CollectiveError
+from .tensors import from_wire
+
+log = logging.getLogger(__name__)
+
+
+class TensorFollower(Role):
+    def on_message(self, message: StageMessage) -> None:
+        match message:
+            case Forward():
+                self._pass(message)
+            case Release() | Failure():
+                self._engine.drop(message.request_id)
+            case _:
+                log.warning("a tensor member got an unexpected %s", type(message).__name__)
+
+    def _pass(self, message: Forward) -> None:
+        stage = self._stage
+        collective = stage.collective
+        assert collective is not None
+        entry = self._engine.cache_for(message.request_id, stage, None)
+        try:
+            collective.begin(message.request_id, message.step)
+            out = stage.model.forward(from_wire(message.hidden), entry.cache)
+            mx.eval(out, [layer_cache.state for layer_cache in entry.cache])
+        except CollectiveError as error:
+            # The placement is broken; rank 0 fails the requests and the master re-places.
+            log.warning("request %s stopped: %s", message.request_id, error)
+            self._engine.drop_all()
+        except Exception as error:
+            log.exception("request %s failed on this member", message.request_id)
+            collective.fail_peers(f"tensor member {stage.tensor_rank} failed: {error}")
+            self._engine.drop_all()

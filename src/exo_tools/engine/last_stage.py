@@ -1,0 +1,79 @@
+"""The last stage's role in a multi-stage pipeline: run its blocks and sample.
+
+Sampling steps queued together share one output-head pass: each request's blocks run on
+its own cache, then the final norm and head run once for all of them, so the head's
+weights (the whole vocabulary) are read once per batch rather than once per request.
+With several streams the last stage, which also holds the head, is the pipeline's
+slowest; one request is a batch of one.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+import mlx.core as mx
+
+from ..types import Forward, Release, SampledToken, StageMessage
+from .relay import Relay
+from .sampling import sample_token
+from .tensors import from_wire
+
+if TYPE_CHECKING:
+    from .core import CacheEntry
+
+log = logging.getLogger(__name__)
+
+# Sampling steps the last stage takes off its inbox at once to share one output-head pass.
+MAX_SAMPLE_BATCH = 16
+
+
+class LastStage(Relay):
+    def on_message(self, message: StageMessage) -> None:
+        match message:
+            case Forward(sample=True):
+                self._sample_batch([message, *self._engine.queued_samples(MAX_SAMPLE_BATCH - 1)])
+            case Forward():
+                try:
+                    self._prefill(message)
+                except Exception as error:
+                    self.fail(message, error)
+            case Release():
+                self._engine.drop(message.request_id)  # the ring ends here
+            case _:
+                super().on_message(message)
+
+    def _prefill(self, message: Forward) -> None:
+        """A prefill chunk: the cache is all it leaves."""
+        entry = self._engine.cache_for(message.request_id, self._stage, message.sampling)
+        self._stage.model.forward(from_wire(message.hidden), entry.cache)
+        mx.eval([layer_cache.state for layer_cache in entry.cache])
+
+    def _sample_batch(self, messages: list[Forward]) -> None:
+        stage = self._stage
+        finished: list[tuple[Forward, CacheEntry, mx.array]] = []
+        for message in messages:
+            try:
+                entry = self._engine.cache_for(message.request_id, stage, message.sampling)
+                hidden = stage.model.blocks(from_wire(message.hidden), entry.cache)
+                finished.append((message, entry, hidden[:, -1, :]))
+            except Exception as error:
+                self.fail(message, error)
+        if not finished:
+            return
+        if len(finished) > 1:
+            self._engine.samples_batched += len(finished)
+        try:
+            logits = stage.model.head(mx.concatenate([row for *_, row in finished], axis=0))
+        except Exception as error:
+            for message, _, _ in finished:
+                self.fail(message, error)
+            return
+        for index, (message, entry, _) in enumerate(finished):
+            try:
+                token, logprobs = sample_token(entry.sampler, logits[index : index + 1])
+                self.send(
+                    SampledToken(message.request_id, stage.epoch, message.step, token, logprobs)
+                )
+            except Exception as error:
+                self.fail(message, error)

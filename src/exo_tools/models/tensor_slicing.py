@@ -1,0 +1,154 @@
+"""Cutting a model's weights down to one tensor member's share, while loading.
+
+A member keeps the query heads of a contiguous range of KV heads (with those KV heads) and
+a contiguous range of MLP columns (exo_tools.engine.tensor_parallel runs such a model).
+Slicing is done on the loaded weights, quantized triples included (along whole quantization
+groups), before they are dequantized, so a member never holds more than its share.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import mlx.core as mx
+
+from ..types import TensorSlice
+
+
+class TensorPlanError(ValueError):
+    """The model cannot be sliced as asked; the message says why."""
+
+
+@dataclass(frozen=True)
+class AttentionShape:
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+
+    @classmethod
+    def of(cls, config: dict[str, Any]) -> AttentionShape:
+        n_heads = int(config["num_attention_heads"])
+        n_kv = int(config.get("num_key_value_heads") or n_heads)
+        head_dim = int(config.get("head_dim") or int(config["hidden_size"]) // n_heads)
+        if n_heads % n_kv:
+            raise TensorPlanError(f"{n_heads} query heads do not group over {n_kv} KV heads")
+        return cls(n_heads, n_kv, head_dim, int(config["intermediate_size"]))
+
+    @property
+    def group(self) -> int:
+        """Query heads per KV head."""
+        return self.n_heads // self.n_kv_heads
+
+
+def tensor_config(config: dict[str, Any], part: TensorSlice) -> dict[str, Any]:
+    """The config of a model whose blocks hold only `part`'s heads and MLP columns."""
+    shape = AttentionShape.of(config)
+    if not 0 <= part.kv_head_start < part.kv_head_end <= shape.n_kv_heads:
+        raise TensorPlanError(
+            f"KV heads [{part.kv_head_start}, {part.kv_head_end}) are not within the "
+            f"model's {shape.n_kv_heads}"
+        )
+    if not 0 <= part.mlp_start < part.mlp_end <= shape.intermediate_size:
+        raise TensorPlanError(
+            f"MLP columns [{part.mlp_start}, {part.mlp_end}) are not within the model's "
+            f"{shape.intermediate_size}"
+        )
+    kv_heads = part.kv_head_end - part.kv_head_start
+    local = dict(config)
+    local["num_attention_heads"] = kv_heads * shape.group
+    local["num_key_value_heads"] = kv_heads
+    local["head_dim"] = shape.head_dim  # no longer hidden_size // heads
+    local["intermediate_size"] = part.mlp_end - part.mlp_start
+    return local
+
+
+# How each block projection is cut: along its output rows or its input columns, by the
+# member's range of query heads, KV heads or MLP columns.
+_CUTS = {
+    "self_attn.q_proj": ("rows", "query"),
+    "self_attn.k_proj": ("rows", "kv"),
+    "self_attn.v_proj": ("rows", "kv"),
+    "self_attn.o_proj": ("columns", "query"),
+    "mlp.gate_proj": ("rows", "mlp"),
+    "mlp.up_proj": ("rows", "mlp"),
+    "mlp.down_proj": ("columns", "mlp"),
+}
+
+
+def _projection_of(name: str) -> tuple[str, str] | None:
+    """("model.layers.N.self_attn.q_proj", "self_attn.q_proj") for a block projection's
+    parameter, None for anything else."""
+    parts = name.split(".")
+    if len(parts) < 6 or parts[0] != "model" or parts[1] != "layers":
+        return None
+    projection = ".".join(parts[3:-1])
+    if projection not in _CUTS:
+        return None
+    return ".".join(parts[:-1]), projection
+
+
+def _copy(array: mx.array) -> mx.array:
+    # A slice can share the full tensor's buffer; a copy lets the full tensor go.
+    return mx.contiguous(array)
+
+
+def slice_weights(
+    weights: dict[str, mx.array],
+    quantization: dict[str, dict[str, int]],
+    config: dict[str, Any],
+    part: TensorSlice,
+    dequantize: Callable[[str], None],
+) -> None:
+    """Cut every block projection of `weights` (in place) down to `part`'s share.
+
+    Quantized projections are cut along whole quantization groups; one whose cut does not
+    fall on a group boundary is first made dense with `dequantize(module)`, which must
+    replace its triple by a dense weight and drop it from `quantization`.
+    """
+    shape = AttentionShape.of(config)
+    ranges = {
+        "query": (
+            part.kv_head_start * shape.group * shape.head_dim,
+            part.kv_head_end * shape.group * shape.head_dim,
+        ),
+        "kv": (part.kv_head_start * shape.head_dim, part.kv_head_end * shape.head_dim),
+        "mlp": (part.mlp_start, part.mlp_end),
+    }
+    cuts: dict[str, tuple[str, tuple[int, int]]] = {}
+    for name in weights:
+        found = _projection_of(name)
+        if found is not None:
+            module, projection = found
+            axis, by = _CUTS[projection]
+            cuts[module] = (axis, ranges[by])
+    for module, (axis, (start, end)) in cuts.items():
+        params = quantization.get(module)
+        if axis == "columns" and params is not None:
+            bits, group = params["bits"], params["group_size"]
+            aligned = start % group == 0 and end % group == 0 and (start * bits) % 32 == 0
+            if not aligned:
+                dequantize(module)
+                params = None
+        if axis == "rows":
+            for kind in ("weight", "scales", "biases", "bias"):
+                key = f"{module}.{kind}"
+                if key in weights:
+                    weights[key] = _copy(weights[key][start:end])
+            continue
+        weight = weights[f"{module}.weight"]
+        if params is not None:
+            bits, group = params["bits"], params["group_size"]
+            per_word = 32 // bits
+            weights[f"{module}.weight"] = _copy(weight[:, start // per_word : end // per_word])
+            for kind in ("scales", "biases"):
+                key = f"{module}.{kind}"
+                weights[key] = _copy(weights[key][:, start // group : end // group])
+        else:
+            weights[f"{module}.weight"] = _copy(weight[:, start:end])
+        bias = f"{module}.bias"
+        if bias in weights and not part.is_root:
+            # The output bias is added once, by rank 0; the others' partials must not repeat it.
+            weights[bias] = mx.zeros_like(weights[bias])

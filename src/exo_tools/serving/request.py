@@ -1,0 +1,43 @@
+"""What serving is asked to generate, in no API's dialect.
+
+Each API (OpenAI chat completions today) maps its request body onto a `ChatRequest`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+
+@dataclass(frozen=True)
+class ResponseFormat:
+    """The shape the answer must take: free text, any JSON object, or JSON matching `schema`."""
+
+    kind: Literal["text", "json_object", "json_schema"]
+    # For "json_schema": the schema as the client sent it (serving checks it is an object).
+    schema: object = None
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    """One assistant turn to generate.
+
+    `messages` and `tools` are in the form chat templates and `exo_tools.tools` work on:
+    messages `{"role": "system"|"user"|"assistant"|"tool", "content": str, "name"?,
+    "tool_calls"?: [{"id"?, "type": "function", "function": {"name", "arguments"}}],
+    "tool_call_id"?}` and tools `{"type": "function", "function": {"name", "description"?,
+    "parameters"?}}`. `tool_choice` is as `exo_tools.tools.normalize_tool_choice` accepts it.
+    """
+
+    messages: list[dict[str, Any]]
+    tools: list[dict[str, Any]] = field(default_factory=list)
+    tool_choice: str | dict[str, Any] | None = None  # None: "auto" with tools
+    parallel_tool_calls: bool = True
+    max_tokens: int | None = None  # None: whatever the context leaves
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    response_format: ResponseFormat | None = None
+    logprobs: bool = False
+    top_logprobs: int = 0
