@@ -99,7 +99,7 @@ def assemble(deltas: list[StreamDelta]) -> Assembled:
             else:
                 assert "id" not in tc and "name" not in tc["function"], "name/id are sent once"
                 out.calls[index]["arguments"] += tc["function"]["arguments"]
-            assert d.to_openai() == {"tool_calls": [tc]}
+            assert d.content is None and d.reasoning is None
     return out
 
 
@@ -585,9 +585,12 @@ def test_stream_emits_prose_before_call_completes() -> None:
     ]
 
 
-def test_stream_delta_to_openai_shapes() -> None:
-    assert StreamDelta(content="hi").to_openai() == {"content": "hi"}
-    assert StreamDelta(reasoning="hmm").to_openai() == {"reasoning_content": "hmm"}
+def test_stream_delta_fields() -> None:
+    assert StreamDelta(content="hi") == StreamDelta("hi", None, None)
+    assert (StreamDelta(reasoning="hmm").content, StreamDelta(reasoning="hmm").reasoning) == (
+        None,
+        "hmm",
+    )
 
 
 def test_long_argument_streams_in_reasonable_time() -> None:
@@ -670,6 +673,64 @@ _SNIPPETS: dict[str, list[str]] = {
         f"{DS_CALL_BEGIN}get_time{DS_SEP}{{}}{DS_CALL_END}",
         DS_CALLS_BEGIN,
         "<think>hm",
+    ],
+    "kimi_k2": [
+        '<|tool_calls_section_begin|><|tool_call_begin|>functions.get_weather:0<|tool_call_argument_begin|>{"city": "P"}<|tool_call_end|><|tool_calls_section_end|>',
+        "<|tool_call_begin|>get_time:1<|tool_call_argument_begin|>{}<|tool_call_end|>",
+        "<|tool_calls_section_begin|>",
+        "<think>r</think>",
+    ],
+    "glm45": [
+        "<tool_call>get_weather\n<arg_key>city</arg_key>\n<arg_value>P</arg_value>\n</tool_call>",
+        "<tool_call>get_time</tool_call>",
+        "<arg_value>",
+        "<tool_call>",
+        "<think>r</think>",
+    ],
+    "minimax_m2": [
+        '<minimax:tool_call>\n<invoke name="get_weather">\n<parameter name="city">P</parameter>\n</invoke>\n</minimax:tool_call>',
+        "<minimax:tool_call>",
+        "</think>",
+    ],
+    "deepseek_v31": [
+        f'{DS_CALLS_BEGIN}{DS_CALL_BEGIN}get_weather{DS_SEP}{{"city": "P"}}{DS_CALL_END}{DS_CALLS_END}',
+        "</think>",
+        "<\uff5cend\u2581of\u2581sentence\uff5c>",
+    ],
+    "llama4_pythonic": [
+        '<|python_start|>[get_weather(city="P")]<|python_end|>',
+        "[get_time()]",
+        "<|python_start|>",
+        "<|eot|>",
+    ],
+    "functionary_v3_2": [
+        '>>>get_weather\n{"city": "P"}',
+        ">>>all\nok",
+        ">>>",
+        "get_time\n{}",
+    ],
+    "granite": [
+        '<|tool_call|>[{"name": "get_weather", "arguments": {"city": "P"}}]',
+        "<|tool_call|>",
+    ],
+    "phi4_mini_json": [
+        'functools[{"name": "get_weather", "arguments": {"city": "P"}}]',
+        "functools",
+    ],
+    "xlam": [
+        '[{"name": "get_weather", "arguments": {"city": "P"}}]',
+        '<tool_call>[{"name": "get_time", "arguments": {}}]</tool_call>',
+        "<think>r</think>",
+    ],
+    "seed_oss": [
+        "<seed:tool_call>\n<function=get_weather>\n<parameter=city>P</parameter>\n</function>\n</seed:tool_call>",
+        "<seed:think>r</seed:think>",
+        "<seed:tool_call>",
+    ],
+    "hunyuan_a13b": [
+        '<tool_calls>[{"name": "get_weather", "arguments": {"city": "P"}}]</tool_calls>',
+        "<answer>",
+        "<think>r</think>",
     ],
 }
 

@@ -13,6 +13,8 @@ from typing import Any, Literal, cast
 
 from llguidance import LLMatcher
 
+from ..tools.format import GrammarRegex, JsonCallGrammar, XmlCallGrammar
+from ..tools.registry import REGISTRY
 from .errors import ConstraintError
 from .spec import ConstraintKind, ConstraintSpec
 
@@ -25,10 +27,6 @@ _JSON_STYLE: dict[str, Any] = {
     "item_separator": ", ",
     "key_separator": ": ",
 }
-
-# Hermes markup, as exo_tools.tools renders and parses it.
-HERMES_OPEN = "<tool_call>"
-HERMES_CLOSE = "</tool_call>"
 
 # The parameters of a tool that declares none: OpenAI reads that as "no arguments".
 _NO_PARAMETERS: dict[str, Any] = {"type": "object", "properties": {}, "additionalProperties": False}
@@ -158,76 +156,94 @@ def _chosen(
     raise ConstraintError(f"unsupported tool choice {choice!r} for a tool-call constraint")
 
 
-# Formats whose calls are plain text the grammar can spell: the separator between
-# parallel calls as each format renders it (exo_tools.tools.render_assistant_tool_calls).
-_CALL_SEPARATORS = {"hermes": "\n", "llama3_json": "; ", "qwen3_coder": "\n"}
-# Formats whose calls open with a fixed tag, the trigger of the lazy grammar.
-_LAZY_TRIGGERS = {"hermes": HERMES_OPEN, "qwen3_coder": HERMES_OPEN}
-# Endings that close a value no JSON character can: Qwen3-Coder's raw string values
-# accept every character up to the closing tag.
-_CLOSERS: dict[str, tuple[str, ...]] = {"qwen3_coder": ("\n</parameter>", "</function>")}
-TOOL_CALL_FORMATS = frozenset(_CALL_SEPARATORS)
-LAZY_TOOL_CALL_FORMATS = frozenset(_LAZY_TRIGGERS)
+# Formats whose calls a grammar can spell (each format's own `grammar` pieces), and
+# those whose calls open with a fixed text, the trigger of the lazy grammar.
+TOOL_CALL_FORMATS = frozenset(name for name, f in REGISTRY.items() if f.grammar is not None)
+LAZY_TOOL_CALL_FORMATS = frozenset(
+    name for name, f in REGISTRY.items() if f.grammar is not None and f.grammar.trigger
+)
 
 
-def _check_format(fmt: str, supported: frozenset[str] = TOOL_CALL_FORMATS) -> None:
-    if fmt not in supported:
+def _grammar_of(
+    fmt: str, supported: frozenset[str] = TOOL_CALL_FORMATS
+) -> JsonCallGrammar | XmlCallGrammar:
+    grammar = REGISTRY[fmt].grammar if fmt in supported else None
+    if grammar is None:
         raise ConstraintError(f"constrained tool calls are not supported for format {fmt!r} yet")
+    return grammar
 
 
-def _call_alternatives(
-    entries: list[tuple[str, Mapping[str, Any] | bool]], arguments_key: str
-) -> tuple[str, list[str]]:
-    """`{"name": N, "<arguments_key>": <schema>}` for each tool, and the schema rules.
+def _pieces(parts: tuple[str, ...]) -> str:
+    """Grammar text for literal and `GrammarRegex` pieces, in order."""
+    return " ".join(f"/{p}/" if isinstance(p, GrammarRegex) else _lit(p) for p in parts if p)
 
-    One alternative per tool, with the name as fixed text, so the name picks the schema.
-    """
+
+def _json_call_rules(
+    entries: list[tuple[str, Mapping[str, Any] | bool]], grammar: JsonCallGrammar
+) -> list[str]:
+    """`call_body` alternatives `head(name) <schema> tail`, one per tool, with the name
+    as fixed text so it picks the schema; `call` adds the trigger in front."""
+    trigger = grammar.trigger or ""
     alternatives: list[str] = []
     rules: list[str] = []
     for index, (name, schema) in enumerate(entries):
-        head = '{"name": ' + json.dumps(name, ensure_ascii=False) + f', "{arguments_key}": '
+        head = grammar.head(name)
+        first = head[0].removeprefix(trigger) if head and trigger else (head[0] if head else "")
         rules.append(f"args_{index}: {_schema_grammar(schema)}")
-        alternatives.append(f"{_lit(head)} args_{index} " + _lit("}"))
-    return " | ".join(alternatives), rules
+        alternatives.append(
+            f"{_pieces((first, *head[1:]))} args_{index} {_pieces((grammar.tail,))}"
+        )
+    return [
+        f"call: {_pieces((trigger,))} call_body" if trigger else "call: call_body",
+        f"call_body: {' | '.join(f'({a})' for a in alternatives)}",
+        *rules,
+    ]
 
 
-def _is_raw_string(schema: Mapping[str, Any]) -> bool:
-    """A value Qwen3-Coder writes as raw text: declared `"type": "string"` only."""
-    return schema.get("type") == "string"
+def _xml_value(
+    name: str, key: str, schema: Any, defs: dict[str, Any], rule: str, grammar: XmlCallGrammar
+) -> list[str]:
+    """Rules for one parameter block named `rule` (the value and its tags).
 
-
-def _qwen3_value(name: str, key: str, schema: Any, defs: dict[str, Any], rule: str) -> list[str]:
-    """Rules for one `<parameter=key>` block named `rule` (the value and its tags).
-
-    Strings are raw text without the format's own tags, then newline + `</parameter>` (one
-    lazy lexeme: it ends at the first closing tag; without the tag exclusion a small model
-    writes `</function>` inside the value and never closes it), string enums their literal
-    values; anything else is JSON under its
-    schema, which the parser types back through the tool's schema. String keywords other
-    than `enum` (pattern, format, lengths) cannot be enforced on raw text.
+    Strings are raw text without the format's own tags, then the closing tag (one
+    lazy lexeme: it ends at the first closing tag; without the tag exclusion a small
+    model writes the call's own closing tag inside the value and never closes it),
+    string enums their literal values; anything else is JSON under its schema, which
+    the parser types back through the tool's schema. String keywords other than
+    `enum` (pattern, format, lengths) cannot be enforced on raw text.
     """
-    head = _lit(f"<parameter={key}>\n")
-    close = _lit("\n</parameter>")
+    head = _lit(grammar.param_open(key))
+    close = _lit(grammar.param_close)
+    sep = _lit(grammar.param_sep) if grammar.param_sep else ""
     if not isinstance(schema, Mapping):
         raise ConstraintError(f"tool {name!r} parameter {key!r} has no schema object")
     values = schema.get("enum", [schema["const"]] if "const" in schema else None)
     if isinstance(values, list) and values and all(isinstance(v, str) for v in values):
         choices = " | ".join(_lit(v) for v in values)
-        return [f"{rule}: {head} ({choices}) {close} {_lit(chr(10))}"]
+        return [f"{rule}: {head} ({choices}) {close} {sep}"]
     if _is_raw_string(schema):
-        return [f"{rule}_raw[lazy]: {head} RAW {close}", f"{rule}: {rule}_raw {_lit(chr(10))}"]
+        return [f"{rule}_raw[lazy]: {head} RAW {close}", f"{rule}: {rule}_raw {sep}"]
     # `$ref`s point into the tool's root schema: carry its definitions along.
     return [
-        f"{rule}: {head} {rule}_json {close} {_lit(chr(10))}",
+        f"{rule}: {head} {rule}_json {close} {sep}",
         f"{rule}_json: {_schema_grammar({**schema, **defs})}",
     ]
 
 
-def _qwen3_call_rules(entries: list[tuple[str, Mapping[str, Any] | bool]]) -> list[str]:
-    """`<function=NAME>` then one `<parameter=KEY>` block per property, in declared order
-    (required ones mandatory), then `</function>`: Qwen3-Coder's XML-style calls."""
+def _is_raw_string(schema: Mapping[str, Any]) -> bool:
+    """A value XML-style formats write as raw text: declared `"type": "string"` only."""
+    return schema.get("type") == "string"
+
+
+def _xml_call_rules(
+    entries: list[tuple[str, Mapping[str, Any] | bool]], grammar: XmlCallGrammar
+) -> list[str]:
+    """The call head, one parameter block per property in declared order (required
+    ones mandatory), then the tail: Qwen3-Coder, GLM, MiniMax and Seed-OSS calls."""
+    trigger = grammar.trigger or ""
     alternatives: list[str] = []
-    rules = ["RAW: /(.|\\n)*/ & ~/(.|\\n)*<\\/?(function|parameter|tool_call)(.|\\n)*/"]
+    reserved = grammar.reserved.replace("/", "\\/")
+    rules = [f"RAW: /(.|\\n)*/ & ~/(.|\\n)*{reserved}(.|\\n)*/"]
     for index, (name, schema) in enumerate(entries):
         if not isinstance(schema, Mapping) or schema.get("type", "object") != "object":
             raise ConstraintError(f"tool {name!r} parameters must be an object schema")
@@ -240,33 +256,25 @@ def _qwen3_call_rules(entries: list[tuple[str, Mapping[str, Any] | bool]]) -> li
         parts: list[str] = []
         for position, (key, sub) in enumerate(properties.items()):
             rule = f"p_{index}_{position}"
-            rules += _qwen3_value(name, key, sub, defs, rule)
+            rules += _xml_value(name, key, sub, defs, rule, grammar)
             parts.append(rule if key in required else f"{rule}?")
-        body = " ".join([_lit(f"<function={name}>\n"), *parts])
-        alternatives.append(f"({body})")
-    close = _lit(f"</function>\n{HERMES_CLOSE}")
+        head = grammar.head(name).removeprefix(trigger)
+        alternatives.append(f"({' '.join([_lit(head), *parts])})")
     return [
-        f"call: {_lit(HERMES_OPEN)} call_body",
-        f"call_body: {_lit(chr(10))} ({' | '.join(alternatives)}) {close}",
+        f"call: {_lit(trigger)} call_body" if trigger else "call: call_body",
+        f"call_body: ({' | '.join(alternatives)}) {_lit(grammar.tail)}",
         *rules,
     ]
 
 
-def _call_rules(entries: list[tuple[str, Mapping[str, Any] | bool]], fmt: str) -> list[str]:
-    """`call` (one whole call in `fmt`) and, for tagged formats, `call_body` (the call
-    after its open tag, which the lazy grammar reaches through its trigger)."""
-    if fmt == "llama3_json":
-        # Llama 3.1's JSON tool calling: bare `{"name": ..., "parameters": ...}`.
-        alternatives, rules = _call_alternatives(entries, "parameters")
-        return [f"call: {alternatives}", *rules]
-    if fmt == "qwen3_coder":
-        return _qwen3_call_rules(entries)
-    alternatives, rules = _call_alternatives(entries, "arguments")
-    return [
-        f"call: {_lit(HERMES_OPEN)} call_body",
-        f"call_body: {_lit(chr(10))} ({alternatives}) {_lit(chr(10) + HERMES_CLOSE)}",
-        *rules,
-    ]
+def _call_rules(
+    entries: list[tuple[str, Mapping[str, Any] | bool]], grammar: JsonCallGrammar | XmlCallGrammar
+) -> list[str]:
+    """`call` (one whole call) and `call_body` (the call after its trigger, which the
+    lazy grammar reaches through the trigger)."""
+    if isinstance(grammar, XmlCallGrammar):
+        return _xml_call_rules(entries, grammar)
+    return _json_call_rules(entries, grammar)
 
 
 def tool_call_constraint(
@@ -282,15 +290,22 @@ def tool_call_constraint(
     """Output = one or more tool calls in `fmt` (`tool_choice` "required" or a named
     function); exactly one when `parallel` is False or a function is named, at most
     `max_calls` otherwise."""
-    _check_format(fmt)
+    grammar = _grammar_of(fmt)
     entries, named = _chosen(_tool_entries(tools), choice)
     repeat = parallel and not named
     # Bounded: small models otherwise repeat calls until max_tokens, cutting the last.
     more = max(max_calls - 1, 0)
-    separator = _lit(_CALL_SEPARATORS[fmt])
-    start = f"start: call ({separator} call){{0,{more}}}" if repeat and more else "start: call"
-    lark = "\n".join(["%llguidance {}", start, *_call_rules(entries, fmt)])
-    return _finish("tool_calls", lark, tokenizer, budget, _CLOSERS.get(fmt, ()))
+    separator = _pieces((grammar.separator,))
+    calls = f"call ({separator} call){{0,{more}}}" if repeat and more else "call"
+    start = f"start: {_pieces((grammar.group_open,))} {calls} {_pieces((grammar.group_close,))}"
+    lark = "\n".join(["%llguidance {}", start, *_call_rules(entries, grammar)])
+    return _finish("tool_calls", lark, tokenizer, budget, _closers(grammar))
+
+
+def _closers(grammar: JsonCallGrammar | XmlCallGrammar) -> tuple[str, ...]:
+    # Endings that close a value no JSON character can: raw string values accept
+    # every character up to the closing tag.
+    return grammar.closers if isinstance(grammar, XmlCallGrammar) else ()
 
 
 def lazy_tool_call_constraint(
@@ -307,10 +322,10 @@ def lazy_tool_call_constraint(
     With `parallel` the model may go on with text and further calls; without, the
     first call ends the output.
     """
-    _check_format(fmt, LAZY_TOOL_CALL_FORMATS)
+    grammar = _grammar_of(fmt, LAZY_TOOL_CALL_FORMATS)
     entries = _tool_entries(tools)
-    rules = _call_rules(entries, fmt)
-    tag = _LAZY_TRIGGERS[fmt]
+    rules = _call_rules(entries, grammar)
+    tag = grammar.trigger or ""
     lark_lines = [
         "%llguidance {}",
         # Text that never contains the trigger, so the tag always enters `call`.
@@ -325,7 +340,7 @@ def lazy_tool_call_constraint(
     else:
         lark_lines.insert(1, "start: TEXT | lazy_call")
     lark = "\n".join([*lark_lines, *rules[1:]])
-    return _finish("lazy_tool_calls", lark, tokenizer, budget, _CLOSERS.get(fmt, ()))
+    return _finish("lazy_tool_calls", lark, tokenizer, budget, _closers(grammar))
 
 
 def json_object_constraint(*, tokenizer: str | None = None, budget: int | None = None) -> str:

@@ -11,12 +11,13 @@ from .choice import (
     normalize_tool_choice,
     tools_for_choice,
 )
+from .format import ToolFormat
 from .history import flatten_content, rewrite_history
-from .parsers import FORMATS, StreamingToolParser, new_call_id, parse_tool_calls
+from .parsers import StreamingToolParser, new_call_id, parse_tool_calls
+from .registry import FORMATS, REGISTRY, get_format, infer_format, keeps_special_tokens
 from .render import (
     add_tools_system_prompt,
     fold_tool_history,
-    infer_format,
     render_assistant_tool_calls,
     render_tool_result,
     render_tools_system_prompt,
@@ -26,6 +27,7 @@ from .schema import normalize_arguments
 
 __all__ = [
     "FORMATS",
+    "REGISTRY",
     "FunctionDelta",
     "ParsedOutput",
     "StreamDelta",
@@ -34,11 +36,14 @@ __all__ = [
     "ToolCallDelta",
     "ToolChoice",
     "ToolChoiceError",
+    "ToolFormat",
     "add_tools_system_prompt",
     "flatten_content",
     "fold_tool_history",
     "forced_function",
+    "get_format",
     "infer_format",
+    "keeps_special_tokens",
     "new_call_id",
     "normalize_arguments",
     "normalize_tool_choice",

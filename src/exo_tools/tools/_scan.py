@@ -126,9 +126,30 @@ def python_end(text: str, start: int) -> int | None:
     return INCOMPLETE
 
 
+# A JSON string (skipped whole) or a bare Python literal outside strings.
+_PY_LITERAL_RE = re.compile(r'"(?:[^"\\]|\\.)*"|\b(True|False|None)\b')
+_PY_TO_JSON = {"True": "true", "False": "false", "None": "null"}
+
+
+def _first_wins(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # A repeated key keeps its first value, so a value already streamed never changes.
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        out.setdefault(key, value)
+    return out
+
+
 def loads(text: str) -> Any:
-    """``json.loads`` that accepts raw control characters (newlines) inside strings."""
-    return json.loads(text, strict=False)
+    """Lenient ``json.loads``: raw control characters (newlines) inside strings, bare
+    Python literals (``True``/``False``/``None``, written by Qwen-Coder models) outside
+    them, and a repeated key keeps its first value."""
+    try:
+        return json.loads(text, strict=False, object_pairs_hook=_first_wins)
+    except ValueError:
+        if not any(word in text for word in _PY_TO_JSON):
+            raise
+    fixed = _PY_LITERAL_RE.sub(lambda m: _PY_TO_JSON[m.group(1)] if m.group(1) else m.group(), text)
+    return json.loads(fixed, strict=False, object_pairs_hook=_first_wins)
 
 
 def decode_arguments(value: Any) -> dict[str, Any] | None:
@@ -183,8 +204,9 @@ def partial_suffix(text: str, start: int, markers: Iterable[str]) -> int:
 
 def is_partial_of(text: str, i: int, markers: Iterable[str]) -> bool:
     """True when ``text[i:]`` is non-empty and a proper prefix of one of ``markers``."""
-    tail = text[i:]
-    return bool(tail) and any(len(tail) < len(m) and m.startswith(tail) for m in markers)
+    n = len(text) - i
+    # Compare only marker-length slices: the text after ``i`` may be long.
+    return n > 0 and any(n < len(m) and m.startswith(text[i : i + n]) for m in markers)
 
 
 def at_line_start(text: str, i: int) -> bool:

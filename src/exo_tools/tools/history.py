@@ -3,18 +3,10 @@
 from __future__ import annotations
 
 import copy
-import hashlib
 from typing import Any
 
 from ._scan import decode_arguments, dumps
-from .parsers import check_format
-
-_ALNUM = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
-_TOOL_ROLES = ("tool", "ipython")
-
-# Formats whose templates splice ``function.arguments`` into the prompt as a string
-# (``'```json\n' + arguments``); every other template wants a dict it can ``tojson``.
-_STRING_ARGUMENT_FORMATS = frozenset({"deepseek_v3"})
+from .registry import get_format
 
 
 def flatten_content(content: Any) -> Any:
@@ -48,16 +40,12 @@ def rewrite_history(messages: list[dict[str, Any]], fmt: str) -> list[dict[str, 
     ids are mapped deterministically to the 9-alphanumeric form its template
     requires. The input is never mutated.
     """
-    check_format(fmt)
-    out = [_clean(m, fmt) for m in messages]
-    if fmt == "mistral":
-        out = _mistral_ids(out)
-    if fmt == "llama3_json":
-        out = _split_parallel_calls(out)
-    return out
+    spec = get_format(fmt)
+    string_arguments = spec.string_arguments_in_history
+    return spec.fix_history([_clean(m, string_arguments) for m in messages])
 
 
-def _clean(message: dict[str, Any], fmt: str) -> dict[str, Any]:
+def _clean(message: dict[str, Any], string_arguments: bool) -> dict[str, Any]:
     m = copy.deepcopy(message)
     if "content" in m:
         m["content"] = flatten_content(m["content"])
@@ -66,13 +54,13 @@ def _clean(message: dict[str, Any], fmt: str) -> dict[str, Any]:
         if not calls:
             del m["tool_calls"]
         else:
-            m["tool_calls"] = [_clean_call(c, fmt) for c in calls]
+            m["tool_calls"] = [_clean_call(c, string_arguments) for c in calls]
     if m.get("role") == "assistant" and m.get("content") is None:
         m["content"] = ""  # templates concatenate content; None would raise
     return m
 
 
-def _clean_call(call: Any, fmt: str) -> Any:
+def _clean_call(call: Any, string_arguments: bool) -> Any:
     if not isinstance(call, dict):
         return call
     fn = call.get("function")
@@ -80,7 +68,7 @@ def _clean_call(call: Any, fmt: str) -> Any:
         return call
     call.setdefault("type", "function")
     args = fn.get("arguments")
-    if fmt in _STRING_ARGUMENT_FORMATS:
+    if string_arguments:
         if not isinstance(args, str):
             fn["arguments"] = dumps(args if args is not None else {})
     else:
@@ -89,70 +77,3 @@ def _clean_call(call: Any, fmt: str) -> Any:
         if decoded is not None:
             fn["arguments"] = decoded
     return call
-
-
-def mistral_id(call_id: str) -> str:
-    """A 9-alphanumeric id derived from ``call_id`` (unchanged if already valid)."""
-    if len(call_id) == 9 and call_id.isascii() and call_id.isalnum():
-        return call_id
-    digest = int.from_bytes(hashlib.sha256(call_id.encode()).digest()[:8], "big")
-    chars = []
-    for _ in range(9):
-        digest, r = divmod(digest, len(_ALNUM))
-        chars.append(_ALNUM[r])
-    return "".join(chars)
-
-
-def _mistral_ids(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    for m in messages:
-        for call in m.get("tool_calls") or []:
-            if isinstance(call, dict) and isinstance(call.get("id"), str):
-                call["id"] = mistral_id(call["id"])
-        if isinstance(m.get("tool_call_id"), str):
-            m["tool_call_id"] = mistral_id(m["tool_call_id"])
-    return messages
-
-
-def _split_parallel_calls(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    out: list[dict[str, Any]] = []
-    i = 0
-    while i < len(messages):
-        m = messages[i]
-        calls = m.get("tool_calls") if m.get("role") == "assistant" else None
-        if not calls:
-            out.append(m)
-            i += 1
-            continue
-        j = i + 1
-        while j < len(messages) and messages[j].get("role") in _TOOL_ROLES:
-            j += 1
-        results = messages[i + 1 : j]
-        base = {k: v for k, v in m.items() if k not in ("tool_calls", "content")}
-        text = m.get("content")
-        if isinstance(text, str) and text.strip():
-            out.append({**base, "content": text})
-        matched = _match_results(calls, results)
-        used = {id(r) for r in matched if r is not None}
-        for call, result in zip(calls, matched, strict=True):
-            out.append({**base, "content": "", "tool_calls": [call]})
-            if result is not None:
-                out.append(result)
-        out.extend(r for r in results if id(r) not in used)
-        i = j
-    return out
-
-
-def _match_results(calls: list[Any], results: list[dict[str, Any]]) -> list[dict[str, Any] | None]:
-    """Result for each call: same ``tool_call_id`` first, then leftovers in order."""
-    free = list(range(len(results)))
-    picked: list[int | None] = []
-    for call in calls:
-        call_id = call.get("id") if isinstance(call, dict) else None
-        hit = next((k for k in free if call_id and results[k].get("tool_call_id") == call_id), None)
-        if hit is not None:
-            free.remove(hit)
-        picked.append(hit)
-    for idx, hit in enumerate(picked):
-        if hit is None and free:
-            picked[idx] = free.pop(0)
-    return [None if k is None else results[k] for k in picked]

@@ -14,24 +14,17 @@ from typing import Any
 
 from ._scan import decode_arguments, dumps
 from .history import flatten_content
-from .parsers import (
-    DS_CALL_BEGIN,
-    DS_CALL_END,
-    DS_CALLS_BEGIN,
-    DS_CALLS_END,
-    DS_OUTPUT_BEGIN,
-    DS_OUTPUT_END,
-    DS_SEP,
-    FUNCTION_CLOSE,
-    FUNCTION_OPEN,
-    MISTRAL_CALLS,
-    PARAMETER_CLOSE,
-    PARAMETER_OPEN,
-    TOOL_CALL_CLOSE,
-    TOOL_CALL_OPEN,
-    check_format,
-)
+from .registry import check_format, get_format, infer_format
 from .schema import tool_name, tool_spec
+
+__all__ = [
+    "add_tools_system_prompt",
+    "fold_tool_history",
+    "infer_format",
+    "render_assistant_tool_calls",
+    "render_tool_result",
+    "render_tools_system_prompt",
+]
 
 _DESCRIPTION_LIMIT = 160  # the default model has 8k context; keep each tool to a line
 
@@ -44,77 +37,20 @@ def _name_and_arguments(call: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
     return (name if isinstance(name, str) else ""), (args if args is not None else {})
 
 
-def _py_literal(value: Any) -> str:
-    if isinstance(value, dict):
-        return (
-            "{" + ", ".join(f"{_py_literal(k)}: {_py_literal(v)}" for k, v in value.items()) + "}"
-        )
-    if isinstance(value, list):
-        return "[" + ", ".join(_py_literal(v) for v in value) + "]"
-    return repr(value)
-
-
 def render_assistant_tool_calls(tool_calls: list[dict[str, Any]], fmt: str) -> str:
     """OpenAI ``tool_calls`` as the text the model would generate in ``fmt``.
 
     ``parse_tool_calls`` reads the result back to the same names and arguments.
     """
-    check_format(fmt)
-    calls = [_name_and_arguments(c) for c in tool_calls]
-    if fmt == "hermes":
-        return "\n".join(
-            f"{TOOL_CALL_OPEN}\n{dumps({'name': n, 'arguments': a})}\n{TOOL_CALL_CLOSE}"
-            for n, a in calls
-        )
-    if fmt == "qwen3_coder":
-        blocks = []
-        for name, args in calls:
-            params = "".join(
-                f"{PARAMETER_OPEN}{k}>\n{v if isinstance(v, str) else dumps(v)}\n{PARAMETER_CLOSE}\n"
-                for k, v in args.items()
-            )
-            blocks.append(
-                f"{TOOL_CALL_OPEN}\n{FUNCTION_OPEN}{name}>\n{params}{FUNCTION_CLOSE}\n{TOOL_CALL_CLOSE}"
-            )
-        return "\n".join(blocks)
-    if fmt == "llama3_json":
-        return "; ".join(dumps({"name": n, "parameters": a}) for n, a in calls)
-    if fmt == "pythonic":
-        inner = ", ".join(
-            f"{n}({', '.join(f'{k}={_py_literal(v)}' for k, v in a.items())})" for n, a in calls
-        )
-        return f"[{inner}]"
-    if fmt == "mistral":
-        return MISTRAL_CALLS + dumps([{"name": n, "arguments": a} for n, a in calls])
-    if fmt == "gpt_oss":
-        return "".join(
-            f"<|start|>assistant<|channel|>commentary to=functions.{n} <|constrain|>json"
-            f"<|message|>{dumps(a)}<|call|>"
-            for n, a in calls
-        )
-    body = "".join(
-        f"{DS_CALL_BEGIN}function{DS_SEP}{n}\n```json\n{dumps(a)}\n```{DS_CALL_END}"
-        for n, a in calls
-    )
-    return f"{DS_CALLS_BEGIN}{body}{DS_CALLS_END}"
+    return get_format(fmt).render_calls([_name_and_arguments(c) for c in tool_calls])
 
 
 def render_tool_result(content: Any, fmt: str, *, name: str | None = None) -> str:
     """One tool result as text in ``fmt``'s own result markup (for a user turn)."""
-    check_format(fmt)
+    spec = get_format(fmt)
     text = flatten_content(content)
     text = "" if text is None else text if isinstance(text, str) else dumps(text)
-    if fmt in ("hermes", "qwen3_coder"):
-        return f"<tool_response>\n{text}\n</tool_response>"
-    if fmt == "pythonic":
-        return f"<|tool_response_start|>{text}<|tool_response_end|>"
-    if fmt == "mistral":
-        return f"[TOOL_RESULTS]{text}[/TOOL_RESULTS]"
-    if fmt == "gpt_oss":
-        return f"<|start|>functions.{name or 'tool'} to=assistant<|channel|>commentary<|message|>{text}<|end|>"
-    if fmt == "deepseek_v3":
-        return f"{DS_OUTPUT_BEGIN}{text}{DS_OUTPUT_END}"
-    return text  # llama3_json: the ipython turn body is the bare output
+    return spec.render_result(text, name)
 
 
 def fold_tool_history(messages: list[dict[str, Any]], fmt: str) -> list[dict[str, Any]]:
@@ -256,29 +192,3 @@ def add_tools_system_prompt(
     else:
         out.insert(0, {"role": "system", "content": prompt})
     return out
-
-
-def infer_format(chat_template: str | None) -> str | None:
-    """The tool-call format a chat template teaches, or ``None`` if it shows none.
-
-    More specific markers are checked first: Qwen3-Coder templates also contain
-    ``<tool_call>``, and harmony templates mention many tokens.
-    """
-    if not chat_template:
-        return None
-    t = chat_template
-    if "<|channel|>" in t:
-        return "gpt_oss"
-    if DS_CALLS_BEGIN in t or "tool_calls_begin" in t:
-        return "deepseek_v3"
-    if "<function=" in t and "<parameter=" in t:
-        return "qwen3_coder"
-    if TOOL_CALL_OPEN in t:
-        return "hermes"
-    if "[TOOL_CALLS]" in t:
-        return "mistral"
-    if "<|tool_call_start|>" in t or "<|python_start|>" in t:
-        return "pythonic"
-    if "<|python_tag|>" in t or "ipython" in t:
-        return "llama3_json"
-    return None

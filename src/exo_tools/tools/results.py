@@ -64,14 +64,3 @@ class StreamDelta:
     content: str | None = None
     reasoning: str | None = None
     tool_call: ToolCallDelta | None = None
-
-    def to_openai(self) -> dict[str, Any]:
-        """The ``delta`` object of a streamed choice.
-
-        Reasoning goes out as ``reasoning_content`` (the field DeepSeek/vLLM clients read).
-        """
-        if self.tool_call is not None:
-            return {"tool_calls": [self.tool_call]}
-        if self.reasoning is not None:
-            return {"reasoning_content": self.reasoning}
-        return {"content": self.content or ""}

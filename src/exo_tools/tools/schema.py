@@ -119,7 +119,7 @@ class _Normalizer:
     def __init__(self, root: Mapping[str, Any]) -> None:
         self.root = root
 
-    def _deref(self, schema: Any, depth: int) -> Mapping[str, Any]:
+    def deref(self, schema: Any, depth: int) -> Mapping[str, Any]:
         """Follow local ``$ref`` pointers (``#/$defs/X``), as pydantic emits them."""
         while (
             isinstance(schema, Mapping)
@@ -139,7 +139,7 @@ class _Normalizer:
     def coerce(self, value: Any, schema: Any, depth: int) -> Any:
         if depth > _MAX_DEPTH:
             return value
-        s = self._deref(schema, depth)
+        s = self.deref(schema, depth)
         if not s:
             return value
         for sub in s.get("allOf") or []:
@@ -158,7 +158,7 @@ class _Normalizer:
         return self._coerce_enum(value, s)
 
     def _coerce_union(self, value: Any, branches: list[Any], depth: int) -> Any:
-        resolved = [self._deref(b, depth) for b in branches]
+        resolved = [self.deref(b, depth) for b in branches]
         # Prefer a branch the value already satisfies, so valid input is never rewritten
         # into another branch's type.
         for branch in resolved:
@@ -229,7 +229,7 @@ class _Normalizer:
         for key, sub in props.items():
             if key in out:
                 continue
-            sub_s = self._deref(sub, depth)
+            sub_s = self.deref(sub, depth)
             if "default" in sub_s:
                 out[key] = copy.deepcopy(sub_s["default"])
         required = s.get("required")
@@ -238,7 +238,7 @@ class _Normalizer:
                 continue
             # The only sound fill for a missing required field: the schema admits exactly
             # one value (``const`` or a one-element ``enum``).
-            sub_s = self._deref(props[key], depth)
+            sub_s = self.deref(props[key], depth)
             if "const" in sub_s:
                 out[key] = copy.deepcopy(sub_s["const"])
             elif isinstance(sub_s.get("enum"), list) and len(sub_s["enum"]) == 1:
@@ -299,3 +299,33 @@ def _to_number(value: Any, *, integer: bool) -> Any:
     if integer and isinstance(value, float) and value.is_integer():
         return int(value)
     return value
+
+
+def object_properties(parameters_schema: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    """The properties of a plain object schema, where each member normalizes on its
+    own (no root-level combinators or references); ``None`` otherwise."""
+    if any(k in parameters_schema for k in ("allOf", "anyOf", "oneOf", "$ref", "not")):
+        return None
+    if parameters_schema.get("type", "object") != "object":
+        return None
+    props = parameters_schema.get("properties")
+    return props if isinstance(props, Mapping) else {}
+
+
+def normalize_property(parameters_schema: dict[str, Any], key: str, value: Any) -> Any:
+    """``value`` normalized as the declared property ``key`` of a plain object schema,
+    exactly as ``normalize_arguments`` normalizes that member."""
+    props = object_properties(parameters_schema) or {}
+    return _Normalizer(parameters_schema).coerce(copy.deepcopy(value), props.get(key), 1)
+
+
+def is_verbatim_string(parameters_schema: dict[str, Any], key: str) -> bool:
+    """Whether normalization keeps any string value of property ``key`` unchanged, so
+    its characters can be streamed before the value is complete."""
+    props = object_properties(parameters_schema)
+    if props is None or key not in props:
+        return False
+    s = _Normalizer(parameters_schema).deref(props[key], 1)
+    if any(k in s for k in ("enum", "allOf", "anyOf", "oneOf", "properties")):
+        return False
+    return _types_of(s) in ([], ["string"])
