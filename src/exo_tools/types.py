@@ -64,8 +64,8 @@ class Shard:
             )
 
     @classmethod
-    def full(cls, model_id: str, n_layers: int) -> Shard:
-        return cls(model_id, 0, n_layers, n_layers)
+    def full(cls, model_id: str, n_layers: int, tensor: TensorSlice | None = None) -> Shard:
+        return cls(model_id, 0, n_layers, n_layers, tensor)
 
     @property
     def is_first(self) -> bool:
@@ -111,10 +111,23 @@ class ModelLayout:
     intermediate_size: int = 0
     attention_bytes: int = 0
     mlp_bytes: int = 0
+    # Each layer's own weights when they differ (MoE and dense layers in one model); empty
+    # means every layer weighs `layer_bytes`.
+    per_layer_bytes: tuple[int, ...] = ()
+    # Why the model's blocks cannot be tensor-split ("" when they can), with its type.
+    model_type: str = ""
+    tensor_refusal: str = ""
+
+    def layer_weights(self, start: int, end: int) -> int:
+        """The weights of layers [start, end)."""
+        if self.per_layer_bytes:
+            return sum(self.per_layer_bytes[start:end])
+        return (end - start) * self.layer_bytes
 
     def stage_bytes(self, start: int, end: int) -> int:
         """Weights plus the KV budget of a stage holding layers [start, end)."""
-        total = (end - start) * (self.layer_bytes + self.kv_bytes_per_token * self.kv_budget_tokens)
+        kv = (end - start) * self.kv_bytes_per_token * self.kv_budget_tokens
+        total = self.layer_weights(start, end) + kv
         if start == 0:
             total += self.embed_bytes
         if end == self.n_layers:

@@ -4,6 +4,7 @@ logic)."""
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 
 import pytest
 
@@ -13,6 +14,7 @@ from exo_tools.placement.plan import (
     plan_placement,
     split_layers,
     split_tensor,
+    split_weighted_layers,
 )
 from exo_tools.types import ModelLayout, TensorSlice
 
@@ -182,3 +184,40 @@ def test_tensor_bytes_count_slices_and_root_extras() -> None:
     both = SMOL.tensor_weight_bytes(root) + SMOL.tensor_weight_bytes(member)
     # The blocks are split, not copied; the norms are in both; the head only on rank 0.
     assert both == SMOL.n_layers * (SMOL.layer_bytes + norms) + SMOL.embed_bytes + SMOL.head_bytes
+
+
+def test_layers_of_unequal_weight_split_by_bytes() -> None:
+    # A dense first layer, then mixture-of-experts layers four times as heavy.
+    layers = (10, 40, 40, 40, 40, 40, 40)
+    assert split_weighted_layers(layers, [1.0, 1.0]) == [4, 3]  # 130 / 120 bytes
+    assert split_weighted_layers(layers, [3.0, 1.0]) == [5, 2]  # 170 / 80
+    assert split_weighted_layers(layers, [1.0, 1.0, 1.0]) == [3, 2, 2]
+    assert sum(split_weighted_layers(layers, [0.0, 0.0])) == len(layers)
+    with pytest.raises(PlacementError, match="each needs one"):
+        split_weighted_layers((1, 1), [1.0, 1.0, 1.0])
+
+
+def test_placement_uses_per_layer_bytes() -> None:
+    heavy = ModelLayout(
+        model_id="moe",
+        n_layers=4,
+        layer_bytes=400,
+        embed_bytes=0,
+        head_bytes=0,
+        tied_embeddings=False,
+        kv_bytes_per_token=0,
+        kv_budget_tokens=0,
+        per_layer_bytes=(100, 100, 100, 700),
+    )
+    placement = plan_placement(heavy, nodes(1, 1), master_id="n0", epoch=1, min_nodes=2)
+    # Two layers each would give the first node 200 bytes and the second 800.
+    assert [(s.start_layer, s.end_layer) for s in placement.stages] == [(0, 3), (3, 4)]
+
+
+def test_a_model_that_cannot_be_tensor_split_is_refused_by_name() -> None:
+    moe = replace(SMOL, model_type="qwen3_moe", tensor_refusal="block 0's feed-forward is MoE")
+    with pytest.raises(PlacementError, match=r"\(qwen3_moe\) cannot be tensor-split: block 0"):
+        plan_placement(moe, nodes(8, 8), master_id="n0", epoch=1, parallelism="tensor", min_nodes=2)
+    # One node is no split: it serves as it is.
+    single = plan_placement(moe, nodes(8), master_id="n0", epoch=1, parallelism="tensor")
+    assert len(single.stages) == 1

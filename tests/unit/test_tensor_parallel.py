@@ -6,6 +6,7 @@ sum of their outputs must be the full model's (to float32 rounding), dense and q
 
 from __future__ import annotations
 
+import queue
 import threading
 from typing import Any, cast
 
@@ -16,7 +17,12 @@ from mlx.utils import tree_flatten
 from mlx_lm.models import llama
 
 from exo_tools.engine.tensor_parallel import CollectiveError, TensorCollective, TensorShardModel
-from exo_tools.models.tensor_slicing import TensorPlanError, slice_weights, tensor_config
+from exo_tools.models.tensor_slicing import (
+    TensorPlanError,
+    check_tensor_slice,
+    narrow_attention,
+    slice_weights,
+)
 from exo_tools.types import Partial, Shard, TensorSlice
 
 CONFIG: dict[str, Any] = {
@@ -65,11 +71,15 @@ def member_model(
         )
 
     slice_weights(weights, block_quant, CONFIG, part, dense)
-    model = llama.Model(llama.ModelArgs.from_dict(tensor_config(CONFIG, part)))
+    # Built from the whole config, its attention narrowed to the member's heads, as the
+    # loader does; the cut weights replace the whole ones.
+    model = llama.Model(llama.ModelArgs.from_dict(CONFIG))
+    narrow_attention(model.model.layers, CONFIG, part)
     if quantized:
         kept = {**block_quant, **{m: q for m, q in quant.items() if ".layers." not in m}}
         nn.quantize(model, class_predicate=lambda path, _module: kept.get(path, False))
-    model.load_weights(list(weights.items()), strict=True)
+    assert {name for name, _ in tree_flatten(model.parameters())} == set(weights)
+    model.load_weights(list(weights.items()), strict=False)
     mx.eval(model.parameters())  # on this thread's stream, before members run on theirs
     return model, block_quant
 
@@ -87,16 +97,28 @@ def run_members(
         collective = TensorCollective(rank=part.rank, size=len(parts), epoch=1, send=send_to)
         collectives.append(collective)
         model, _ = member_model(full, part, quantized)
-        members.append(TensorShardModel(model, Shard.full("tiny", 2), part, collective))
-    hidden = members[0].embed(tokens)
-    mx.eval(hidden)
+        members.append(
+            TensorShardModel(
+                model, Shard.full("tiny", CONFIG["num_hidden_layers"]), part, collective
+            )
+        )
     outputs: list[Any] = [None] * len(parts)
+    # Rank 0 embeds and hands the first block's input on, as its driver does.
+    handed: queue.SimpleQueue[Any] = queue.SimpleQueue()
+
+    def hand_on(hidden: mx.array) -> None:
+        mx.eval(hidden)
+        for _ in parts[1:]:
+            handed.put(hidden)
 
     def run(rank: int) -> None:
         member = members[rank]
         member.collective.begin("request", 1)
         with mx.stream(mx.new_stream(mx.cpu)):
-            out = member.forward(hidden, member.make_cache())
+            if rank == 0:
+                out = member.forward(tokens, member.make_cache(), input_tap=hand_on)
+            else:
+                out = member.forward(handed.get(timeout=60), member.make_cache())
             mx.eval(out)
         outputs[rank] = out
 
@@ -164,9 +186,9 @@ def test_quantized_cut_off_a_group_boundary_is_made_dense_first() -> None:
 
 def test_impossible_slices_are_refused() -> None:
     with pytest.raises(TensorPlanError, match="KV heads"):
-        tensor_config(CONFIG, TensorSlice(0, 2, 0, 4, 0, 64))
+        check_tensor_slice(CONFIG, TensorSlice(0, 2, 0, 4, 0, 64))
     with pytest.raises(TensorPlanError, match="MLP columns"):
-        tensor_config(CONFIG, TensorSlice(0, 2, 0, 1, 0, 512))
+        check_tensor_slice(CONFIG, TensorSlice(0, 2, 0, 1, 0, 512))
 
 
 def test_an_aborted_collective_wakes_its_waiter() -> None:

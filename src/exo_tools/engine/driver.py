@@ -152,7 +152,7 @@ class Driver(Role):
                 token, logprobs = sample_token(entry.sampler, out[:, -1, :])
                 self._on_token(origin, token, logprobs)
             else:
-                mx.eval([layer_cache.state for layer_cache in entry.cache])
+                mx.eval(stage.model.cache_state(entry.cache))
                 self._engine.schedule(origin.request_id)
             return
         message = Forward(
@@ -194,13 +194,16 @@ class Driver(Role):
         collective = stage.collective
         if collective is None or stage.broadcast is None:
             return stage.model.forward(ids, cache)
-        # Tensor rank 0: every member runs this pass on the same embedded input.
+        # Tensor rank 0: every member runs this pass on the same embedded input, handed
+        # on before the first block's all-reduce needs them.
         origin.passes += 1
-        hidden = stage.model.embed(ids)
-        command = Forward(origin.request_id, stage.epoch, origin.passes, to_wire(hidden))
-        self._broadcast(command)
-        collective.begin(origin.request_id, origin.passes)
-        return stage.model.forward(hidden, cache)
+        passes = origin.passes
+
+        def hand_on(hidden: mx.array) -> None:
+            self._broadcast(Forward(origin.request_id, stage.epoch, passes, to_wire(hidden)))
+
+        collective.begin(origin.request_id, passes)
+        return stage.model.forward(ids, cache, input_tap=hand_on)
 
     def _send(self, message: StageMessage) -> None:
         self._engine.send(self._stage, message)

@@ -32,7 +32,7 @@ class TensorFollower(Role):
         try:
             collective.begin(message.request_id, message.step)
             out = stage.model.forward(from_wire(message.hidden), entry.cache)
-            mx.eval(out, [layer_cache.state for layer_cache in entry.cache])
+            mx.eval(out, stage.model.cache_state(entry.cache))
         except CollectiveError as error:
             # The placement is broken; rank 0 fails the requests and the master re-places.
             log.warning("request %s stopped: %s", message.request_id, error)

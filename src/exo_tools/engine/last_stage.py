@@ -47,7 +47,7 @@ class LastStage(Relay):
         """A prefill chunk: the cache is all it leaves."""
         entry = self._engine.cache_for(message.request_id, self._stage, message.sampling)
         self._stage.model.forward(from_wire(message.hidden), entry.cache)
-        mx.eval([layer_cache.state for layer_cache in entry.cache])
+        mx.eval(self._stage.model.cache_state(entry.cache))
 
     def _sample_batch(self, messages: list[Forward]) -> None:
         stage = self._stage

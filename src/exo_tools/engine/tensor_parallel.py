@@ -15,6 +15,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import mlx.core as mx
@@ -158,26 +159,22 @@ class TensorCollective:
 class TensorShardModel(ShardModel):
     """An mlx-lm model sliced for one member; its blocks sum partials through `collective`.
 
-    Rank 0 embeds (`embed`) and runs the head; every member runs `forward` on the same
-    embedded input, in the same order of passes.
+    Rank 0 embeds and runs the head, and hands each pass's embedded input on (the
+    driver's input tap); every member runs its blocks on that input, in the same order of
+    passes.
     """
 
     def __init__(
         self, model: nn.Module, shard: Shard, part: TensorSlice, collective: TensorCollective
     ) -> None:
-        super().__init__(model, shard)
+        super().__init__(model, replace(shard, tensor=part))
         self.part = part
         self.collective = collective
-        for index, layer in enumerate(self._layers):
-            layer.self_attn = _AllReduced(
-                layer.self_attn, _reducer(collective, index, PHASE_ATTENTION)
+        for index, block in enumerate(self.own_blocks):
+            block.self_attn = _AllReduced(
+                block.self_attn, _reducer(collective, index, PHASE_ATTENTION)
             )
-            layer.mlp = _AllReduced(layer.mlp, _reducer(collective, index, PHASE_MLP))
-
-    def forward(self, inputs: mx.array, cache: list[Any]) -> mx.array:
-        """Embedded hidden states in; logits out on rank 0, the final hidden state elsewhere."""
-        hidden = self.blocks(inputs, cache)
-        return self.head(hidden) if self.part.is_root else hidden
+            block.mlp = _AllReduced(block.mlp, _reducer(collective, index, PHASE_MLP))
 
 
 def _reducer(

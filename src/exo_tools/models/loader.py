@@ -11,18 +11,27 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten
 from mlx_lm.utils import _get_classes
 from tqdm import tqdm
 
 from ..types import ModelLayout, Shard, TensorSlice
 from .catalog import DTYPES, GGUFFileSource, ModelCard, PyPIGGUFSource
-from .gguf import layer_index, load_gguf
-from .tensor_slicing import TensorPlanError, slice_weights, tensor_config
+from .gguf import load_gguf
+from .pruning import (
+    Holding,
+    embedding_key,
+    is_output_head,
+    layer_position,
+    layers_path,
+    module_at,
+    parameter_arrays,
+    stand_in,
+)
+from .tensor_slicing import TensorPlanError, narrow_attention, slice_weights, tensor_refusal
 from .tokenizer import TextTokenizer
 
 log = logging.getLogger(__name__)
@@ -46,7 +55,14 @@ class LoadedModel:
 
     @property
     def context_length(self) -> int:
-        return int(self.config.get("max_position_embeddings") or 4096)
+        return int(text_config(self.config).get("max_position_embeddings") or 4096)
+
+
+def text_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The language model's settings: nested under `text_config` in the configs of
+    multimodal families (Llama 4), at the top elsewhere."""
+    nested = config.get("text_config")
+    return {**config, **nested} if isinstance(nested, dict) else config
 
 
 def fast_blas_active() -> bool:
@@ -67,57 +83,6 @@ def resolve_dtype(requested: str) -> str:
     if mx.default_device() == mx.gpu:
         return "native"
     return "float32" if fast_blas_active() else "native"
-
-
-def _layer_types(config: dict[str, Any], shard: Shard) -> list[str] | None:
-    types = config.get("layer_types")
-    return list(types[shard.start_layer : shard.end_layer]) if types else None
-
-
-def _shard_config(config: dict[str, Any], shard: Shard) -> dict[str, Any]:
-    """The config of a model that holds only the shard's blocks."""
-    local = dict(config)
-    local["num_hidden_layers"] = shard.n_local_layers
-    if (types := _layer_types(config, shard)) is not None:
-        local["layer_types"] = types
-    return local
-
-
-@dataclass(frozen=True)
-class _Keep:
-    """Which parts of the model a node holds: its shard's blocks, and maybe the embedding
-    and the final norm + output head."""
-
-    shard: Shard
-    embedding: bool
-    head: bool
-
-    @classmethod
-    def of(cls, shard: Shard, tied: bool, tensor: TensorSlice | None) -> _Keep:
-        # Tensor members other than rank 0 neither embed nor sample.
-        bare = tensor is not None and not tensor.is_root
-        embedding = not bare and (shard.is_first or (tied and shard.is_last))
-        return cls(shard, embedding, not bare and shard.is_last)
-
-    def name(self, name: str) -> str | None:
-        """The parameter's name inside the node's model, or None when it doesn't need it."""
-        index = layer_index(name)
-        if index is not None:
-            if not self.shard.contains(index):
-                return None
-            suffix = name.split(".", 3)[3]
-            return f"model.layers.{index - self.shard.start_layer}.{suffix}"
-        if name.startswith("model.embed_tokens."):
-            return name if self.embedding else None
-        if name.startswith(("model.norm.", "lm_head.")):
-            return name if self.head else None
-        return name
-
-
-def parameter_arrays(module: nn.Module) -> list[tuple[str, mx.array]]:
-    """Every parameter of a module, by dotted name."""
-    flat = cast(list[tuple[str, Any]], tree_flatten(module.parameters()))
-    return [(name, value) for name, value in flat if isinstance(value, mx.array)]
 
 
 def _dequantize(
@@ -234,39 +199,26 @@ def _load(
                 chat_template=chat_template,
             )
 
-    n_layers = int(config["num_hidden_layers"])
-    shard = shard or Shard.full(card.id, n_layers)
+    n_layers = int(text_config(config)["num_hidden_layers"])
+    shard = shard or Shard.full(card.id, n_layers, tensor)
     if shard.n_layers != n_layers:
         raise ModelLoadError(f"shard is for {shard.n_layers} layers, model has {n_layers}")
-    try:
-        model_class, args_class = _get_classes(config)
-    except ValueError as error:
-        raise ModelLoadError(str(error)) from error
-    model_config = _shard_config(config, shard)
+    if tensor is not None and shard.n_local_layers != n_layers:
+        raise ModelLoadError("a tensor-parallel member holds every layer")
+    model = _skeleton(config)
     if tensor is not None:
-        if shard.n_local_layers != n_layers:
-            raise ModelLoadError("a tensor-parallel member holds every layer")
-        try:
-            model_config = tensor_config(model_config, tensor)
-        except TensorPlanError as error:
-            raise ModelLoadError(str(error)) from error
-    model: Any = model_class(args_class.from_dict(model_config))
-    tied = bool(getattr(model.args, "tie_word_embeddings", False))
+        _narrow(model, config, tensor)
     if hasattr(model, "sanitize"):
         weights = model.sanitize(weights)
-    keep = _Keep.of(shard, tied, tensor)
+    holding = _holding(model, shard, tensor)
 
-    local: dict[str, mx.array] = {}
-    for name, value in weights.items():
-        target = keep.name(name)
-        if target is not None:
-            local[target] = value
+    local = {name: value for name, value in weights.items() if holding.holds(name)}
     del weights
-    local_quant: dict[str, dict[str, int]] = {}
-    for module, params in quantization.items():
-        kept = keep.name(f"{module}.weight")
-        if kept is not None:
-            local_quant[kept.removesuffix(".weight")] = params
+    local_quant = {
+        module: params
+        for module, params in quantization.items()
+        if holding.holds(f"{module}.weight")
+    }
     if tensor is not None:
 
         def dense(
@@ -297,22 +249,21 @@ def _load(
             model,
             class_predicate=lambda module_path, _module: local_quant.get(module_path, False),
         )
-    # Modules the shard does not need are dropped so they never take memory.
-    inner = model.model
-    if not keep.embedding:
-        inner.pop("embed_tokens", None)
-    if not keep.head:
-        inner.pop("norm", None)
-        model.pop("lm_head", None)
-    try:
-        model.load_weights(list(local.items()), strict=True)
-    except ValueError as error:
-        raise ModelLoadError(f"weights do not match the model: {error}") from error
+    _check_weights(model, holding, local)
+    # Only what this node holds is loaded; the rest stays unevaluated (no memory) until the
+    # stand-ins replace it.
+    model.load_weights(list(local.items()), strict=False)
     del local
+    stand_in(model, holding)
 
     # Evaluate block by block so the progress bar moves and peak memory stays low.
-    blocks = list(inner.layers)
-    others = [value for name, value in parameter_arrays(model) if ".layers." not in name]
+    layers: list[Any] = module_at(model, holding.inner)["layers"]
+    blocks = [layers[position] for position in range(shard.start_layer, shard.end_layer)]
+    others = [
+        value
+        for name, value in parameter_arrays(model)
+        if layer_position(name, holding.inner) is None
+    ]
     with tqdm(
         total=len(blocks) + 1,
         desc=f"load {card.id}",
@@ -349,6 +300,65 @@ def _load(
     )
 
 
+def _skeleton(config: dict[str, Any]) -> Any:
+    """The whole model as mlx-lm builds it, unevaluated: no parameter takes memory yet."""
+    try:
+        model_class, args_class = _get_classes(config)
+    except ValueError as error:
+        raise ModelLoadError(str(error)) from error
+    model: Any = model_class(args_class.from_dict(config))
+    if layers_path(model) is None:
+        model_type = config.get("model_type", "?")
+        raise ModelLoadError(f"{model_type}: found no list of layers in the model to split")
+    return model
+
+
+def _narrow(model: Any, config: dict[str, Any], tensor: TensorSlice) -> None:
+    """A tensor member's model: refused where the blocks cannot be cut, else its attention
+    narrowed to the member's heads."""
+    inner_path = layers_path(model)
+    assert inner_path is not None  # _skeleton checked
+    layers = module_at(model, inner_path)["layers"]
+    settings = text_config(config)
+    refusal = tensor_refusal(module_at(model, inner_path), settings)
+    if refusal is not None:
+        raise ModelLoadError(f"{config.get('model_type', '?')} cannot be tensor-split: {refusal}")
+    try:
+        narrow_attention(layers, settings, tensor)
+    except TensorPlanError as error:
+        raise ModelLoadError(str(error)) from error
+
+
+def tied_embeddings(model: nn.Module) -> bool:
+    """Whether the output head is the token embedding (the model has no lm_head)."""
+    return not any(is_output_head(name) for name, _ in parameter_arrays(model))
+
+
+def _holding(model: Any, shard: Shard, tensor: TensorSlice | None) -> Holding:
+    inner = layers_path(model)
+    assert inner is not None  # _skeleton checked
+    key = embedding_key(module_at(model, inner))
+    prefix = f"{inner}.{key}." if key is not None else f"{inner}.embed_tokens."
+    return Holding.of(shard, inner, prefix, tied_embeddings(model), tensor)
+
+
+def _check_weights(model: nn.Module, holding: Holding, weights: dict[str, mx.array]) -> None:
+    """Every parameter the node holds has a weight, and every weight a parameter: a model
+    whose weights do not match is refused, never run with random parts."""
+    names = {name for name, _ in parameter_arrays(model)}
+    missing = sorted(name for name in names if holding.holds(name) and name not in weights)
+    unexpected = sorted(name for name in weights if name not in names)
+    if missing or unexpected:
+        shown = [f"missing {name}" for name in missing[:5]]
+        shown += [f"unexpected {name}" for name in unexpected[:5]]
+        more = len(missing) + len(unexpected) - len(shown)
+        raise ModelLoadError(
+            "weights do not match the model: "
+            + ", ".join(shown)
+            + (f" (and {more} more)" if more > 0 else "")
+        )
+
+
 def _module_bytes(module: Any) -> int:
     # Shapes are known without evaluating anything, so this never allocates weights.
     return sum(value.nbytes for _, value in parameter_arrays(module))
@@ -370,11 +380,7 @@ def model_layout(
         if isinstance(default, dict) and "bits" in default:
             bits, group = int(default["bits"]), int(default["group_size"])
             quantization = {"*": {"bits": bits, "group_size": group}}
-    try:
-        model_class, args_class = _get_classes(config)
-    except ValueError as error:
-        raise ModelLoadError(str(error)) from error
-    model: Any = model_class(args_class.from_dict(config))
+    model = _skeleton(config)
     chosen = resolve_dtype(dtype)
     itemsize = 4
     if chosen in _MX_DTYPES:
@@ -389,30 +395,40 @@ def model_layout(
 
         nn.quantize(model, class_predicate=predicate)
     scale = itemsize / 4 if chosen in _MX_DTYPES else 1.0
-    inner = model.model
-    tied = bool(getattr(model.args, "tie_word_embeddings", False))
-    layer_bytes = int(_module_bytes(inner.layers[0]) * scale)
-    embed_bytes = int(_module_bytes(inner.embed_tokens) * scale)
-    head_bytes = int(_module_bytes(inner.norm) * scale)
-    if not tied and "lm_head" in model:
-        head_bytes += int(_module_bytes(model.lm_head) * scale)
-    n_kv = int(config.get("num_key_value_heads") or config["num_attention_heads"])
-    head_dim = int(config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"])
-    context = int(config.get("max_position_embeddings") or 4096)
+    inner_path = layers_path(model)
+    if inner_path is None:
+        raise ModelLoadError(f"{config.get('model_type')}: found no list of layers to split")
+    inner = module_at(model, inner_path)
+    settings = text_config(config)
+    tied = tied_embeddings(model)
+    per_layer = tuple(int(_module_bytes(layer) * scale) for layer in inner.layers)
+    key = embedding_key(inner)
+    embed_bytes = int(_module_bytes(inner[key]) * scale) if key is not None else 0
+    # The rest: final norm and output head (the last stage's), small top-level modules.
+    all_bytes = int(_module_bytes(model) * scale)
+    head_bytes = all_bytes - sum(per_layer) - embed_bytes
+    n_heads = int(settings["num_attention_heads"])
+    n_kv = int(settings.get("num_key_value_heads") or n_heads)
+    head_dim = int(settings.get("head_dim") or settings["hidden_size"] // n_heads)
+    context = int(settings.get("max_position_embeddings") or 4096)
     block = inner.layers[0]
     attention = getattr(block, "self_attn", None)
     mlp = getattr(block, "mlp", None)
+    refusal = tensor_refusal(inner, settings) if n_heads else "it has no attention heads"
     return ModelLayout(
         model_id=card.id,
-        n_layers=int(config["num_hidden_layers"]),
-        layer_bytes=layer_bytes,
+        n_layers=len(per_layer),
+        layer_bytes=max(per_layer),
+        per_layer_bytes=per_layer,
+        model_type=str(config.get("model_type", "")),
+        tensor_refusal=refusal or "",
         embed_bytes=embed_bytes,
         head_bytes=head_bytes,
         tied_embeddings=tied,
         kv_bytes_per_token=2 * n_kv * head_dim * itemsize,
         kv_budget_tokens=kv_budget_tokens or context,
         n_kv_heads=n_kv,
-        intermediate_size=int(config.get("intermediate_size") or 0),
+        intermediate_size=int(settings.get("intermediate_size") or 0),
         attention_bytes=int(_module_bytes(attention) * scale) if attention is not None else 0,
         mlp_bytes=int(_module_bytes(mlp) * scale) if mlp is not None else 0,
     )

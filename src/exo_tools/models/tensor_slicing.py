@@ -43,8 +43,8 @@ class AttentionShape:
         return self.n_heads // self.n_kv_heads
 
 
-def tensor_config(config: dict[str, Any], part: TensorSlice) -> dict[str, Any]:
-    """The config of a model whose blocks hold only `part`'s heads and MLP columns."""
+def check_tensor_slice(config: dict[str, Any], part: TensorSlice) -> AttentionShape:
+    """The model's attention shape, once `part` is known to lie within it."""
     shape = AttentionShape.of(config)
     if not 0 <= part.kv_head_start < part.kv_head_end <= shape.n_kv_heads:
         raise TensorPlanError(
@@ -56,13 +56,28 @@ def tensor_config(config: dict[str, Any], part: TensorSlice) -> dict[str, Any]:
             f"MLP columns [{part.mlp_start}, {part.mlp_end}) are not within the model's "
             f"{shape.intermediate_size}"
         )
-    kv_heads = part.kv_head_end - part.kv_head_start
-    local = dict(config)
-    local["num_attention_heads"] = kv_heads * shape.group
-    local["num_key_value_heads"] = kv_heads
-    local["head_dim"] = shape.head_dim  # no longer hidden_size // heads
-    local["intermediate_size"] = part.mlp_end - part.mlp_start
-    return local
+    return shape
+
+
+def narrow_attention(layers: list[Any], config: dict[str, Any], part: TensorSlice) -> None:
+    """Tell each block's attention how many heads it now holds.
+
+    The model is built from its own full config, so everything derived from the whole
+    model (head size, rotary dimensions, scales) stays as the model defines it; only the
+    head counts its forward pass reshapes by change to the member's share. The weights,
+    cut by `slice_weights`, carry the narrower projections and MLP."""
+    shape = check_tensor_slice(config, part)
+    kv_heads = part.n_kv_heads
+    for block in layers:
+        attention = block.self_attn
+        for name, value in list(vars(attention).items()):
+            if not isinstance(value, int) or isinstance(value, bool) or "head" not in name:
+                continue
+            is_kv = "kv" in name or "key_value" in name
+            if is_kv and value == shape.n_kv_heads:
+                setattr(attention, name, kv_heads)
+            elif not is_kv and value == shape.n_heads:
+                setattr(attention, name, kv_heads * shape.group)
 
 
 # How each block projection is cut: along its output rows or its input columns, by the
@@ -152,3 +167,38 @@ def slice_weights(
         if bias in weights and not part.is_root:
             # The output bias is added once, by rank 0; the others' partials must not repeat it.
             weights[bias] = mx.zeros_like(weights[bias])
+
+
+_ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+_MLP = ("gate_proj", "up_proj", "down_proj")
+
+
+def tensor_refusal(model: Any, config: dict[str, Any]) -> str | None:
+    """Why this model's blocks cannot be tensor-split, or None when they can.
+
+    Read from the model's own blocks (an unevaluated skeleton is enough): every block must
+    have separate query/key/value/output projections cut by heads, with any norm inside
+    attention per head, and a dense gated MLP cut by columns.
+    """
+    shape = AttentionShape.of(config)
+    for position, block in enumerate(model.layers):
+        attention = getattr(block, "self_attn", None)
+        mlp = getattr(block, "mlp", None)
+        where = f"block {position}"
+        if attention is None or any(getattr(attention, name, None) is None for name in _ATTENTION):
+            found = sorted(k for k, v in (attention or {}).items() if hasattr(v, "parameters"))
+            return (
+                f"{where}'s attention has no separate q/k/v/o projections to cut by heads "
+                f"(it has {', '.join(found) or 'none'})"
+            )
+        for name, value in attention.items():
+            weight = getattr(value, "weight", None)
+            per_head = weight is None or weight.ndim != 1 or weight.shape[0] == shape.head_dim
+            if "norm" in name and not per_head:
+                return f"{where}'s {name} normalizes across all heads, not per head"
+            if "sink" in name:
+                return f"{where}'s attention has per-head sinks ({name})"
+        if mlp is None or any(getattr(mlp, name, None) is None for name in _MLP):
+            kind = type(mlp).__name__ if mlp is not None else "no mlp"
+            return f"{where}'s feed-forward ({kind}) is not a dense gated MLP to cut by columns"
+    return None

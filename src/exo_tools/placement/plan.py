@@ -119,8 +119,40 @@ def _misfit(layout: ModelLayout, chosen: list[NodeResources], stages: list[Stage
     return None
 
 
+def split_weighted_layers(layer_bytes: tuple[int, ...], weights: list[float]) -> list[int]:
+    """Counts of consecutive layers whose bytes are in proportion to `weights` (layers weigh
+    differently in mixtures of experts with dense first layers), each at least one: stage
+    i ends at the layer where the running bytes come closest to its running share."""
+    count, n_layers = len(weights), len(layer_bytes)
+    if count == 0:
+        raise PlacementError("no nodes to place on")
+    if count > n_layers:
+        raise PlacementError(f"{count} nodes but only {n_layers} layers: each needs one")
+    positive = [max(w, 0.0) for w in weights]
+    total_weight = sum(positive)
+    shares = [w / total_weight for w in positive] if total_weight > 0 else [1 / count] * count
+    total_bytes = sum(layer_bytes)
+    running = [0]
+    for size in layer_bytes:
+        running.append(running[-1] + size)
+    ends: list[int] = []
+    target = 0.0
+    for index in range(count - 1):
+        target += shares[index] * total_bytes
+        low = (ends[-1] if ends else 0) + 1  # at least one layer for this stage
+        high = n_layers - (count - 1 - index)  # and one for each stage after it
+        ends.append(min(range(low, high + 1), key=lambda end: abs(running[end] - target)))
+    ends.append(n_layers)
+    return [end - start for start, end in zip([0, *ends[:-1]], ends, strict=True)]
+
+
 def _try(layout: ModelLayout, chosen: list[NodeResources]) -> tuple[list[Stage], str | None]:
-    counts = split_layers(layout.n_layers, [n.memory_available for n in chosen])
+    memory = [float(n.memory_available) for n in chosen]
+    uniform = len(set(layout.per_layer_bytes)) <= 1
+    if uniform:
+        counts = split_layers(layout.n_layers, memory)
+    else:
+        counts = split_weighted_layers(layout.per_layer_bytes, memory)
     stages: list[Stage] = []
     start = 0
     for node, count in zip(chosen, counts, strict=True):
@@ -215,7 +247,7 @@ def plan_placement(
     ordered = _ordered(nodes, master_id)
     if min_nodes > len(ordered):
         raise PlacementError(f"--min-nodes {min_nodes} but only {len(ordered)} node(s) are healthy")
-    tensor = parallelism == "tensor"
+    tensor = parallelism == Parallelism.TENSOR
     if tensor and min_nodes > layout.n_kv_heads:
         split_tensor(layout, [1.0] * min_nodes)  # raises the error that explains why
     most = min(len(ordered), layout.n_kv_heads if tensor else layout.n_layers)
@@ -224,6 +256,11 @@ def plan_placement(
         chosen = ordered[:count]
         # One node is the same computation either way; a 1-stage pipeline needs no peers.
         as_tensor = tensor and count > 1
+        if as_tensor and layout.tensor_refusal:
+            raise PlacementError(
+                f"{layout.model_id} ({layout.model_type}) cannot be tensor-split: "
+                f"{layout.tensor_refusal}; use --parallelism pipeline"
+            )
         stages, problem_here = _try_tensor(layout, chosen) if as_tensor else _try(layout, chosen)
         if problem_here is None:
             return Placement(
