@@ -117,7 +117,16 @@ def test_split_model_matches_mlx_lm(
 
 # Tensor parallelism: the families whose blocks cut by heads and MLP columns, 2 members
 # with uneven shares (the head dimension and MLP widths above: 2 KV heads, 128 columns).
-TENSOR_FAMILIES = ["cohere2", "gemma3_text", "granite", "llama", "qwen2", "qwen3"]
+TENSOR_FAMILIES = [
+    "cohere2",
+    "gemma3_text",
+    "granite",
+    "llama",
+    "phi3",
+    "qwen2",
+    "qwen3",
+    "qwen3_moe",
+]
 TENSOR_PARTS = [TensorSlice(0, 2, 0, 1, 0, 64), TensorSlice(1, 2, 1, 2, 64, 128)]
 # Members add partial sums in another order than one matmul (float32 rounding).
 TENSOR_TOLERANCE = 2e-4

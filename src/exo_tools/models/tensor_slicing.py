@@ -81,15 +81,23 @@ def narrow_attention(layers: list[Any], config: dict[str, Any], part: TensorSlic
 
 
 # How each block projection is cut: along its output rows or its input columns, by the
-# member's range of query heads, KV heads or MLP columns.
-_CUTS = {
-    "self_attn.q_proj": ("rows", "query"),
-    "self_attn.k_proj": ("rows", "kv"),
-    "self_attn.v_proj": ("rows", "kv"),
-    "self_attn.o_proj": ("columns", "query"),
-    "mlp.gate_proj": ("rows", "mlp"),
-    "mlp.up_proj": ("rows", "mlp"),
-    "mlp.down_proj": ("columns", "mlp"),
+# member's range of query heads, KV heads, MLP columns or experts' MLP columns. A fused
+# projection (Phi-3's qkv_proj, gate_up_proj) is cut in each of its pieces, in order.
+_CUTS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "self_attn.q_proj": ("rows", ("query",)),
+    "self_attn.k_proj": ("rows", ("kv",)),
+    "self_attn.v_proj": ("rows", ("kv",)),
+    "self_attn.qkv_proj": ("rows", ("query", "kv after query", "kv after query and kv")),
+    "self_attn.o_proj": ("columns", ("query",)),
+    "mlp.gate_proj": ("rows", ("mlp",)),
+    "mlp.up_proj": ("rows", ("mlp",)),
+    "mlp.gate_up_proj": ("rows", ("mlp", "mlp after mlp")),
+    "mlp.down_proj": ("columns", ("mlp",)),
+    # Mixture of experts: every expert keeps the same share of its columns; the router
+    # ("mlp.gate") is whole on every member.
+    "mlp.switch_mlp.gate_proj": ("rows", ("experts",)),
+    "mlp.switch_mlp.up_proj": ("rows", ("experts",)),
+    "mlp.switch_mlp.down_proj": ("columns", ("experts",)),
 }
 
 
@@ -110,6 +118,35 @@ def _copy(array: mx.array) -> mx.array:
     return mx.contiguous(array)
 
 
+def _ranges(config: dict[str, Any], part: TensorSlice) -> dict[str, tuple[int, int]]:
+    """Each cut's [start, end) in the full projection's dimension."""
+    shape = AttentionShape.of(config)
+    query = (
+        part.kv_head_start * shape.group * shape.head_dim,
+        part.kv_head_end * shape.group * shape.head_dim,
+    )
+    kv = (part.kv_head_start * shape.head_dim, part.kv_head_end * shape.head_dim)
+    all_query = shape.n_heads * shape.head_dim
+    all_kv = shape.n_kv_heads * shape.head_dim
+    width = shape.intermediate_size
+    experts = int(config.get("moe_intermediate_size") or 0)
+    return {
+        "query": query,
+        "kv": kv,
+        "kv after query": (all_query + kv[0], all_query + kv[1]),
+        "kv after query and kv": (all_query + all_kv + kv[0], all_query + all_kv + kv[1]),
+        "mlp": (part.mlp_start, part.mlp_end),
+        "mlp after mlp": (width + part.mlp_start, width + part.mlp_end),
+        # The same fraction of every expert's columns as of the dense MLP's.
+        "experts": (part.mlp_start * experts // width, part.mlp_end * experts // width),
+    }
+
+
+def _take(array: mx.array, axis: int, pieces: list[tuple[int, int]]) -> mx.array:
+    taken = [mx.take(array, mx.arange(start, end), axis=axis) for start, end in pieces]
+    return _copy(taken[0] if len(taken) == 1 else mx.concatenate(taken, axis=axis))
+
+
 def slice_weights(
     weights: dict[str, mx.array],
     quantization: dict[str, dict[str, int]],
@@ -119,31 +156,28 @@ def slice_weights(
 ) -> None:
     """Cut every block projection of `weights` (in place) down to `part`'s share.
 
-    Quantized projections are cut along whole quantization groups; one whose cut does not
-    fall on a group boundary is first made dense with `dequantize(module)`, which must
-    replace its triple by a dense weight and drop it from `quantization`.
+    Rows are a weight's second-to-last axis (its last for a bias), columns its last, so
+    experts' stacked weights cut like plain ones. Quantized projections are cut along
+    whole quantization groups; one whose cut does not fall on a group boundary is first
+    made dense with `dequantize(module)`, which must replace its triple by a dense weight
+    and drop it from `quantization`.
     """
-    shape = AttentionShape.of(config)
-    ranges = {
-        "query": (
-            part.kv_head_start * shape.group * shape.head_dim,
-            part.kv_head_end * shape.group * shape.head_dim,
-        ),
-        "kv": (part.kv_head_start * shape.head_dim, part.kv_head_end * shape.head_dim),
-        "mlp": (part.mlp_start, part.mlp_end),
-    }
-    cuts: dict[str, tuple[str, tuple[int, int]]] = {}
+    ranges = _ranges(config, part)
+    cuts: dict[str, tuple[str, list[tuple[int, int]]]] = {}
     for name in weights:
         found = _projection_of(name)
         if found is not None:
             module, projection = found
-            axis, by = _CUTS[projection]
-            cuts[module] = (axis, ranges[by])
-    for module, (axis, (start, end)) in cuts.items():
+            axis, pieces = _CUTS[projection]
+            cuts[module] = (axis, [ranges[piece] for piece in pieces])
+    for module, (axis, pieces) in cuts.items():
         params = quantization.get(module)
         if axis == "columns" and params is not None:
             bits, group = params["bits"], params["group_size"]
-            aligned = start % group == 0 and end % group == 0 and (start * bits) % 32 == 0
+            aligned = all(
+                start % group == 0 and end % group == 0 and (start * bits) % 32 == 0
+                for start, end in pieces
+            )
             if not aligned:
                 dequantize(module)
                 params = None
@@ -151,44 +185,63 @@ def slice_weights(
             for kind in ("weight", "scales", "biases", "bias"):
                 key = f"{module}.{kind}"
                 if key in weights:
-                    weights[key] = _copy(weights[key][start:end])
+                    rows_axis = -1 if kind == "bias" else -2
+                    weights[key] = _take(weights[key], rows_axis, pieces)
             continue
-        weight = weights[f"{module}.weight"]
         if params is not None:
             bits, group = params["bits"], params["group_size"]
             per_word = 32 // bits
-            weights[f"{module}.weight"] = _copy(weight[:, start // per_word : end // per_word])
+            packed = [(start // per_word, end // per_word) for start, end in pieces]
+            grouped = [(start // group, end // group) for start, end in pieces]
+            weights[f"{module}.weight"] = _take(weights[f"{module}.weight"], -1, packed)
             for kind in ("scales", "biases"):
                 key = f"{module}.{kind}"
-                weights[key] = _copy(weights[key][:, start // group : end // group])
+                weights[key] = _take(weights[key], -1, grouped)
         else:
-            weights[f"{module}.weight"] = _copy(weight[:, start:end])
+            weights[f"{module}.weight"] = _take(weights[f"{module}.weight"], -1, pieces)
         bias = f"{module}.bias"
         if bias in weights and not part.is_root:
             # The output bias is added once, by rank 0; the others' partials must not repeat it.
             weights[bias] = mx.zeros_like(weights[bias])
 
 
-_ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
-_MLP = ("gate_proj", "up_proj", "down_proj")
+_ATTENTION = (("q_proj", "k_proj", "v_proj", "o_proj"), ("qkv_proj", "o_proj"))
+_DENSE_MLP = (("gate_proj", "up_proj", "down_proj"), ("gate_up_proj", "down_proj"))
+_EXPERTS = ("gate_proj", "up_proj", "down_proj")
+
+
+def _has_all(module: Any, names: tuple[str, ...]) -> bool:
+    return module is not None and all(getattr(module, name, None) is not None for name in names)
+
+
+def _is_cut_mlp(mlp: Any) -> bool:
+    """A dense gated MLP, or a mixture of experts whose only other part is its router."""
+    if any(_has_all(mlp, names) for names in _DENSE_MLP):
+        return True
+    experts = getattr(mlp, "switch_mlp", None)
+    if mlp is None or not _has_all(experts, _EXPERTS):
+        return False
+    others = {key for key, value in mlp.items() if hasattr(value, "parameters")}
+    return others <= {"switch_mlp", "gate"}
 
 
 def tensor_refusal(model: Any, config: dict[str, Any]) -> str | None:
     """Why this model's blocks cannot be tensor-split, or None when they can.
 
     Read from the model's own blocks (an unevaluated skeleton is enough): every block must
-    have separate query/key/value/output projections cut by heads, with any norm inside
-    attention per head, and a dense gated MLP cut by columns.
+    have query/key/value/output projections cut by heads (separate or fused), with any norm
+    inside attention per head, and a gated MLP (or experts with only a router) cut by
+    columns.
     """
     shape = AttentionShape.of(config)
     for position, block in enumerate(model.layers):
-        attention = getattr(block, "self_attn", None)
+        attention: Any = getattr(block, "self_attn", None) or {}
         mlp = getattr(block, "mlp", None)
         where = f"block {position}"
-        if attention is None or any(getattr(attention, name, None) is None for name in _ATTENTION):
-            found = sorted(k for k, v in (attention or {}).items() if hasattr(v, "parameters"))
+        if not any(_has_all(attention, names) for names in _ATTENTION):
+            found = sorted(k for k, v in attention.items() if hasattr(v, "parameters"))
             return (
-                f"{where}'s attention has no separate q/k/v/o projections to cut by heads "
+                f"{where}'s attention has no q/k/v/o projections to cut by heads "
                 f"(it has {', '.join(found) or 'none'})"
             )
         for name, value in attention.items():
@@ -198,7 +251,10 @@ def tensor_refusal(model: Any, config: dict[str, Any]) -> str | None:
                 return f"{where}'s {name} normalizes across all heads, not per head"
             if "sink" in name:
                 return f"{where}'s attention has per-head sinks ({name})"
-        if mlp is None or any(getattr(mlp, name, None) is None for name in _MLP):
+        if not _is_cut_mlp(mlp):
             kind = type(mlp).__name__ if mlp is not None else "no mlp"
-            return f"{where}'s feed-forward ({kind}) is not a dense gated MLP to cut by columns"
+            return (
+                f"{where}'s feed-forward ({kind}) is neither a gated MLP nor experts with a "
+                "router alone to cut by columns"
+            )
     return None
