@@ -28,12 +28,12 @@ from typing import Any, Literal, TypeVar
 from ._json import JsonScan, ObjectTrack, decode_span
 from ._scan import (
     MALFORMED,
+    PythonScan,
     at_line_start,
     decode_arguments,
     is_partial_of,
     loads,
     partial_suffix,
-    python_end,
     skip_ws,
 )
 from ._xml import XmlScan, XmlSyntax
@@ -476,15 +476,15 @@ class Engine:
         if name is not None:
             return self._track_partial(text, scan, root, start, name, len(text), scan.start)
         # An envelope: its name member first, then the arguments object being written.
-        name_at, found = -1, None
-        for key, a, b in root.pairs:
-            if key == "name":
-                try:
-                    found = decode_span(text, a, b)
-                except ValueError:
-                    return None
-                name_at = b
-                break
+        span = next(((a, b) for key, a, b in root.pairs if key == "name"), None)
+        if span is None:
+            return None
+        name_at = span[1]
+        try:
+            # Decoded once: the envelope is revisited on every feed.
+            found = self.cached(("name", span[0]), lambda: decode_span(text, *span))
+        except ValueError:
+            return None
         if not isinstance(found, str) or not found.strip():
             return None
         if declared_only and self.tools.resolve(found.strip()) is None:
@@ -582,13 +582,17 @@ class Engine:
             if not eos and _CALL_START_PREFIX_RE.fullmatch(text, j):
                 return None
             return NOT
-        end = python_end(text, i)
+        end = self.python_end(text, i)
         if end is None:
             return self.need(eos)
         if end == MALFORMED:
             return NOT
         calls = self.pythonic(text[i:end], declared_only=declared_only)
         return NOT if calls is None else (calls, end)
+
+    def python_end(self, text: str, i: int) -> int | None:
+        """Where the bracketed Python expression at ``text[i]`` ends (``PythonScan``)."""
+        return self.cached(("python", i), lambda: PythonScan(i)).advance(text)
 
     def pythonic(self, source: str, *, declared_only: bool) -> list[ToolCall] | None:
         parsed = parse_python_calls(source)

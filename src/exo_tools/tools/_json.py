@@ -114,16 +114,20 @@ class JsonScan:
     ``end`` is the index just past it once it closed, ``failed`` is set (with
     ``fail_at``) when brackets mismatch. With ``track`` > 0 the members of the root
     object are recorded (``root``), with ``track`` = 2 also those of object values of
-    the root (``root.children``): a call envelope and its arguments.
+    the root (``root.children``): a call envelope and its arguments. With ``track`` =
+    2 a root array's first item, when it is an object, counts as the root: the first
+    call of a list of envelopes.
     """
 
     __slots__ = (
         "end",
         "fail_at",
         "failed",
+        "first_item",
         "i",
         "in_string",
         "root",
+        "root_depth",
         "stack",
         "start",
         "track",
@@ -140,6 +144,8 @@ class JsonScan:
         self.failed = False
         self.fail_at = -1
         self.root: ObjectTrack | None = None
+        self.root_depth = 1  # nesting depth inside the root object (2: a root array's item)
+        self.first_item = True  # no item of a root array has started yet
         self.tracks: dict[int, ObjectTrack] = {}
 
     @property
@@ -175,7 +181,7 @@ class JsonScan:
                     track.string_open(i)  # pyright: ignore[reportOptionalMemberAccess]
                 i += 1
             elif c in "{[":
-                self._open(c, i, track if live else None)
+                self._open(text, c, i, track if live else None)
                 i += 1
             elif c in "}]":
                 if not stack or stack.pop() != c:
@@ -204,14 +210,21 @@ class JsonScan:
                     i += 1
         self.i = i
 
-    def _open(self, c: str, i: int, parent: ObjectTrack | None) -> None:
+    def _open(self, text: str, c: str, i: int, parent: ObjectTrack | None) -> None:
         depth = len(self.stack)
         self.stack.append(_CLOSERS[c])
         if depth == 0:
             if c == "{" and self.track:
                 self.root = self.tracks[1] = ObjectTrack()
             return
-        if parent is not None and parent.nested_open(i) and c == "{" and depth < self.track:
+        if depth == 1 and self.first_item and self.stack[0] == "]":
+            self.first_item = False
+            if c == "{" and self.track == 2 and text[self.start + 1 : i].strip() == "":
+                self.root_depth = 2
+                self.root = self.tracks[2] = ObjectTrack()
+            return
+        nested = depth - self.root_depth + 1  # the new object's level below the root
+        if parent is not None and parent.nested_open(i) and c == "{" and nested < self.track:
             child = self.tracks[depth + 1] = ObjectTrack()
             parent.children.setdefault(parent.key, child)
 

@@ -20,11 +20,14 @@ MALFORMED = -1
 
 _ALNUM = string.ascii_letters + string.digits
 
-# Runs of characters that cannot change the JSON scanner's state; skipping them
-# with a regex keeps the pure-Python loop off the hot path.
-_JSON_PLAIN = re.compile(r'[^"{}\[\]]+')
-_JSON_STR_PLAIN = re.compile(r'[^"\\]+')
+# Runs of characters that cannot change the Python scanner's state (outside and
+# inside each kind of string); skipping them with a regex keeps the pure-Python
+# loop off the hot path.
 _PY_PLAIN = re.compile(r"[^\"'(){}\[\]#]+")
+_PY_STRING_PLAIN = {
+    quote: re.compile(rf"[^{quote[0]}\\\n]+" if len(quote) == 1 else rf"[^{quote[0]}\\]+")
+    for quote in ("'", '"', "'''", '"""')
+}
 _CLOSERS = {"{": "}", "[": "]", "(": ")"}
 
 
@@ -41,89 +44,85 @@ def mistral_call_id() -> str:
     return random_alnum(9)
 
 
-def json_end(text: str, start: int) -> int | None:
-    """Index just past the JSON object/array opening at ``text[start]``.
+class PythonScan:
+    """Resumable bracket match of the Python expression opening at ``text[start]``.
 
-    Braces inside strings are ignored, so an end tag inside a string value cannot
-    close a call. Raw newlines inside strings are tolerated (decoded leniently later).
+    ``advance`` returns the index just past it, ``INCOMPLETE`` or ``MALFORMED``,
+    scanning only the text added since the last call (a call list grows one token at
+    a time; rescanning it from the start would cost quadratic time). Understands
+    single/double/triple-quoted strings and backslash escapes.
     """
-    stack: list[str] = []
-    i, n = start, len(text)
-    while i < n:
-        c = text[i]
-        if c == '"':
-            i += 1
-            while True:
-                m = _JSON_STR_PLAIN.match(text, i)
-                if m:
-                    i = m.end()
-                if i >= n:
-                    return INCOMPLETE
-                if text[i] == "\\":
-                    i += 2
-                    continue
-                i += 1  # closing quote
-                break
-            continue
-        if c in "{[":
-            stack.append(_CLOSERS[c])
-        elif c in "}]":
-            if not stack or stack.pop() != c:
-                return MALFORMED
-            if not stack:
-                return i + 1
-        else:
-            m = _JSON_PLAIN.match(text, i)
-            i = m.end() if m else i + 1
-            continue
-        i += 1
-    return INCOMPLETE
 
+    __slots__ = ("i", "quote", "result", "stack")
 
-def python_end(text: str, start: int) -> int | None:
-    """Index just past the bracketed Python expression opening at ``text[start]``.
+    def __init__(self, start: int) -> None:
+        self.i = start
+        self.stack: list[str] = []
+        self.quote = ""  # the open string's quote, "" outside strings
+        self.result: int | None = INCOMPLETE
 
-    Understands single/double/triple-quoted strings and backslash escapes.
-    """
-    stack: list[str] = []
-    i, n = start, len(text)
-    while i < n:
-        c = text[i]
-        if c in "\"'":
-            if n - i < 3 and text[i:] == c * (n - i):
-                return INCOMPLETE  # cannot tell "" (empty string) from the start of """
-            quote = c * 3 if text.startswith(c * 3, i) else c
-            j = i + len(quote)
-            while True:
-                if j >= n:
-                    return INCOMPLETE
-                ch = text[j]
-                if ch == "\\":
-                    j += 2
-                elif text.startswith(quote, j):
-                    j += len(quote)
+    def advance(self, text: str) -> int | None:
+        if self.result is not INCOMPLETE:
+            return self.result
+        i, n, stack = self.i, len(text), self.stack
+        while i < n:
+            if self.quote:
+                i = self._in_string(text, i)
+                if self.quote or self.result is not INCOMPLETE:
                     break
-                elif ch == "\n" and len(quote) == 1:
-                    return MALFORMED
-                else:
-                    j += 1
-            i = j
-            continue
-        if c == "#":
-            return MALFORMED  # comments never appear in a call list; treat as prose
-        if c in "([{":
-            stack.append(_CLOSERS[c])
-        elif c in ")]}":
-            if not stack or stack.pop() != c:
-                return MALFORMED
-            if not stack:
-                return i + 1
-        else:
-            m = _PY_PLAIN.match(text, i)
-            i = m.end() if m else i + 1
-            continue
-        i += 1
-    return INCOMPLETE
+                continue
+            c = text[i]
+            if c in "\"'":
+                if n - i < 3 and text[i:] == c * (n - i):
+                    break  # cannot tell "" (empty string) from the start of """
+                self.quote = c * 3 if text.startswith(c * 3, i) else c
+                i += len(self.quote)
+                continue
+            if c == "#":
+                self.result = MALFORMED  # comments never appear in a call list: prose
+                break
+            if c in "([{":
+                stack.append(_CLOSERS[c])
+            elif c in ")]}":
+                if not stack or stack.pop() != c:
+                    self.result = MALFORMED
+                    break
+                if not stack:
+                    self.result = i + 1
+                    break
+            else:
+                m = _PY_PLAIN.match(text, i)
+                i = m.end() if m else i + 1
+                continue
+            i += 1
+        self.i = i
+        return self.result
+
+    def _in_string(self, text: str, i: int) -> int:
+        """Scan the open string from ``i``; clears ``quote`` once it closes."""
+        quote, n = self.quote, len(text)
+        plain = _PY_STRING_PLAIN[quote]
+        while i < n:
+            m = plain.match(text, i)
+            if m:
+                i = m.end()
+                if i >= n:
+                    break
+            ch = text[i]
+            if ch == "\\":
+                i += 2
+            elif ch == "\n":
+                self.result = MALFORMED  # only triple-quoted strings span lines
+                self.quote = ""
+                return i
+            elif text.startswith(quote, i):
+                self.quote = ""
+                return i + len(quote)
+            elif len(quote) == 3 and n - i < 3 and quote.startswith(text[i:]):
+                break  # a closing quote still being written
+            else:
+                i += 1
+        return i
 
 
 # A JSON string (skipped whole) or a bare Python literal outside strings.
@@ -139,17 +138,22 @@ def _first_wins(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
+# One decoder for every call: ``json.loads`` with options builds a new one each time,
+# which costs more than decoding the short spans streaming decodes per feed.
+_DECODER = json.JSONDecoder(strict=False, object_pairs_hook=_first_wins)
+
+
 def loads(text: str) -> Any:
     """Lenient ``json.loads``: raw control characters (newlines) inside strings, bare
     Python literals (``True``/``False``/``None``, written by Qwen-Coder models) outside
     them, and a repeated key keeps its first value."""
     try:
-        return json.loads(text, strict=False, object_pairs_hook=_first_wins)
+        return _DECODER.decode(text)
     except ValueError:
         if not any(word in text for word in _PY_TO_JSON):
             raise
     fixed = _PY_LITERAL_RE.sub(lambda m: _PY_TO_JSON[m.group(1)] if m.group(1) else m.group(), text)
-    return json.loads(fixed, strict=False, object_pairs_hook=_first_wins)
+    return _DECODER.decode(fixed)
 
 
 def decode_arguments(value: Any) -> dict[str, Any] | None:
@@ -192,13 +196,19 @@ def partial_suffix(text: str, start: int, markers: Iterable[str]) -> int:
     Streaming holds that many characters back, so a tag split across deltas never
     leaks into content.
     """
-    best = 0
-    avail = len(text) - start
+    best, n = 0, len(text)
     for marker in markers:
-        for k in range(min(len(marker) - 1, avail), best, -1):
-            if text.startswith(marker[:k], len(text) - k):
-                best = k
+        longest = min(len(marker) - 1, n - start)
+        if longest <= best:
+            continue
+        # Only tails that start with the marker's first character can match; the
+        # leftmost one is the longest.
+        at = text.find(marker[0], n - longest)
+        while at >= 0 and n - at > best:
+            if marker.startswith(text[at:]):
+                best = n - at
                 break
+            at = text.find(marker[0], at + 1)
     return best
 
 

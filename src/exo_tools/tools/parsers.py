@@ -10,6 +10,7 @@ normalization cannot change is sent early, the rest when the call is complete.
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +23,9 @@ from .schema import ToolIndex, is_verbatim_string, normalize_property, object_pr
 __all__ = ["FORMATS", "StreamingToolParser", "check_format", "new_call_id", "parse_tool_calls"]
 
 _log = logging.getLogger(__name__)
+# What a JSON string body escapes (``dumps`` with ``ensure_ascii=False``); text
+# without these reads and writes the same as JSON and as raw text.
+_NEEDS_ESCAPE = re.compile(r'[\x00-\x1f\\"]')
 
 
 def new_call_id(fmt: str) -> str:
@@ -95,12 +99,14 @@ class _ArgumentStream:
         declared = tools.resolve(name.strip())
         self.schema = tools.parameters(declared) if declared is not None else None
         self.props = object_properties(self.schema) if self.schema else None
-        self.emitted = ""
+        # Fragments sent so far, and those of the open string value: kept as lists,
+        # since growing one string per feed would copy it whole each time.
+        self.emitted: list[str] = []
         self.done = 0
         self.stopped = False
         self.open_key: str | None = None
         self.open_upto = 0
-        self.open_text = ""
+        self.open_text: list[str] = []
 
     def _normalized(self, key: str, value: Any) -> tuple[bool, Any]:
         if not self.schema:
@@ -113,7 +119,7 @@ class _ArgumentStream:
         return not self.schema or is_verbatim_string(self.schema, key)
 
     def _separator(self) -> str:
-        return "{" if not self.emitted else ", "
+        return ", " if self.emitted else "{"
 
     def update(self, text: str, partial: PartialCall) -> str:
         if self.stopped:
@@ -129,15 +135,15 @@ class _ArgumentStream:
                 self.stopped = True
                 break
             if self.open_key == key:
-                rest = dumps(value)[1:]
-                if not isinstance(value, str) or not rest.startswith(self.open_text):
+                rest, sent = dumps(value)[1:], "".join(self.open_text)
+                if not isinstance(value, str) or not rest.startswith(sent):
                     self.stopped = True
                     break
-                pieces.append(rest[len(self.open_text) :])
-                self.open_key = None
+                pieces.append(rest[len(sent) :])
+                self.open_key, self.open_text = None, []
             else:
                 pieces.append(self._separator() + dumps(key) + ": " + dumps(value))
-            self.emitted += pieces[-1]
+            self.emitted.append(pieces[-1])
             self.done += 1
             seen.add(key)
         key = partial.open_key
@@ -150,29 +156,33 @@ class _ArgumentStream:
             starts = self.open_key is None and key not in seen and self._verbatim(key)
             if starts and partial.open_end > partial.open_start:
                 pieces.append(self._separator() + dumps(key) + ': "')
-                self.emitted += pieces[-1]
+                self.emitted.append(pieces[-1])
                 self.open_key, self.open_upto = key, partial.open_start
             if self.open_key == key:
                 pieces.append(self._open_chunk(text, partial))
-                self.emitted += pieces[-1]
+                self.emitted.append(pieces[-1])
         return "".join(pieces)
 
     def _open_chunk(self, text: str, partial: PartialCall) -> str:
         if partial.raw:
             end = max(self.open_upto, partial.open_end)
-            chunk = text[self.open_upto : end]
         else:
             end = max(self.open_upto, safe_json_end(text, self.open_upto, partial.open_end))
-            chunk = loads('"' + text[self.open_upto : end] + '"')
+        written = text[self.open_upto : end]
         self.open_upto = end
-        escaped = dumps(chunk)[1:-1]
-        self.open_text += escaped
+        if _NEEDS_ESCAPE.search(written) is None:
+            escaped = written  # decodes and re-encodes to itself
+        else:
+            chunk = written if partial.raw else loads('"' + written + '"')
+            escaped = dumps(chunk)[1:-1]
+        self.open_text.append(escaped)
         return escaped
 
     def rest(self, final: str) -> str:
-        if final.startswith(self.emitted):
-            return final[len(self.emitted) :]
-        _log.warning("streamed arguments %r are not a prefix of %r", self.emitted, final)
+        emitted = "".join(self.emitted)
+        if final.startswith(emitted):
+            return final[len(emitted) :]
+        _log.warning("streamed arguments %r are not a prefix of %r", emitted, final)
         return ""
 
 

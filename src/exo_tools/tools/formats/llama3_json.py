@@ -9,7 +9,7 @@ from typing import Any
 
 from .._engine import NOT, Engine, NotCall, Seg, Verdict, call_segs
 from .._history import split_parallel_calls
-from .._scan import MALFORMED, dumps, python_end, skip_ws
+from .._scan import MALFORMED, dumps, skip_ws
 from ..format import JsonCallGrammar, ToolFormat, envelope
 
 PYTHON_TAG = "<|python_tag|>"
@@ -38,7 +38,7 @@ class Llama3Engine(Engine):
             return None if end is None else (call_segs(result[0], i), end)
         builtin = _BUILTIN_CALL_RE.match(text, j)
         if builtin and self.tools.resolve(builtin.group(1)) is not None:
-            end = python_end(text, builtin.end() - 1)
+            end = self.python_end(text, builtin.end() - 1)
             if end is None:
                 return self.need(eos)
             if end == MALFORMED:
