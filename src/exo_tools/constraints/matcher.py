@@ -27,6 +27,7 @@ import numpy.typing as npt
 
 from .errors import ConstraintError
 from .grammar_tokenizer import GrammarTokenizer
+from .guided import CLIENT_GRAMMAR_KINDS, client_grammar_limits
 from .spec import ConstraintSpec
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,18 @@ _STRUCTURE_ORDER = '}]"'
 _OTHER_CHARACTERS = (
     "0,: 123456789tfn-.e{[\n" + "abcdghijklmopqrsuvwxyz" + "ABCDEFGHIJKLMNOPQRSTUVWXYZ" + "_/\\"
 )
+# For a regex or grammar the client wrote (no strings to tell apart): closing brackets
+# and quotes, then what ends a sentence or a list item, digits, letters, the rest; an
+# arithmetic grammar looping on `((` closes as `((0))`, a `[a-z]+\.` as `a.`.
+_GRAMMAR_ORDER = (
+    ")]}>\"'.,;:!? 0123456789\n"
+    + "abcdefghijklmnopqrstuvwxyz"
+    + "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+    + "-+*/=_&|#$%@^~`\\<([{"
+)
+# In a client grammar many letters allowed at once are a character class (`[A-Z]`), each
+# closing alike: only a few (keywords' first letters) are worth a search each.
+_MAX_GRAMMAR_BRANCHES = 6
 # A character that JSON allows only inside a string: whether it may come next tells
 # the two orders apart.
 _STRING_PROBE = "x"
@@ -57,8 +70,12 @@ class TokenConstraint:
     def __init__(self, spec: ConstraintSpec, tokenizer: GrammarTokenizer) -> None:
         self.spec = spec
         self._tokenizer = tokenizer
+        # A grammar the client wrote is matched under the limits it was checked under, and
+        # closed in its own character order.
+        self._client_grammar = spec.kind in CLIENT_GRAMMAR_KINDS
+        limits = client_grammar_limits() if self._client_grammar else None
         self._matcher: llguidance.LLMatcher | None = llguidance.LLMatcher(
-            tokenizer.ll, spec.grammar, log_level=0
+            tokenizer.ll, spec.grammar, log_level=0, limits=limits
         )
         if self._matcher.is_error():
             raise ConstraintError(f"invalid grammar: {self._matcher.get_error()}")
@@ -214,8 +231,11 @@ class TokenConstraint:
                 None,
             )
             if step is None:
-                in_string = probe is not None and matcher.validate_tokens([probe]) == 1
-                order = (_STRING_ORDER if in_string else _STRUCTURE_ORDER) + _OTHER_CHARACTERS
+                if self._client_grammar:
+                    in_string, order = False, _GRAMMAR_ORDER
+                else:
+                    in_string = probe is not None and matcher.validate_tokens([probe]) == 1
+                    order = (_STRING_ORDER if in_string else _STRUCTURE_ORDER) + _OTHER_CHARACTERS
                 first = next(allowed(order), None)
                 if first is None:
                     return None
@@ -224,7 +244,8 @@ class TokenConstraint:
                     # The first allowed is a letter: the others allowed come after it.
                     rest = order[order.index(character) :]
                     letters = [t for c, t in allowed(rest) if c.isalpha()]
-                    if len(letters) > 1:
+                    wide = self._client_grammar and len(letters) > _MAX_GRAMMAR_BRANCHES
+                    if len(letters) > 1 and not wide:
                         token = self._shortest_start(matcher, letters, limit - len(path))
                 step = [token]
             matcher.consume_tokens(step)

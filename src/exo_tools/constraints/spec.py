@@ -23,7 +23,11 @@ from .errors import ConstraintError
 
 SPEC_VERSION = 1
 
-ConstraintKind = Literal["tool_calls", "lazy_tool_calls", "json_object", "json_schema", "grammar"]
+# regex, choice and grammar: grammars the client wrote (constraints.guided), compiled and
+# matched under llguidance limits.
+ConstraintKind = Literal[
+    "tool_calls", "lazy_tool_calls", "json_object", "json_schema", "grammar", "regex", "choice"
+]
 _KINDS: frozenset[str] = frozenset(get_args(ConstraintKind))
 
 
