@@ -1,40 +1,36 @@
-"""Do opencode sessions run tools, with and without the lazy tool-call grammar?
+"""Do agent CLI sessions run tools and answer? opencode, Claude Code and Codex, per node mode.
 
-    .venv/bin/python benchmarks/opencode_sessions.py [--sessions 10] [--output-limit 96]
+    .venv/bin/python benchmarks/opencode_sessions.py [--client opencode|claude|codex]
+        [--modes tool-on-user-turn,unconstrained,lazy] [--sessions 10] [--output-limit 96]
 
-Runs `opencode run --format json` headless and offline (config as in
-tests/e2e/test_tool_calling_clients.py) against one node serving the default model,
-once per mode: the node without the lazy grammar (tool_choice "auto" unconstrained) and
-with it (`--lazy-tool-grammar`: a call is constrained to its schema once the model starts
-one). Each session gets its own small project directory and one of ten coding-agent
-prompts. A session counts as "executed a tool" when opencode reports a tool part that ran
-(status completed or error: the tool was called with arguments it accepted as a call).
-The session is stopped at its first executed tool or after `--timeout` seconds: the count
-is about starting tools, and a small model can loop on tools for many steps.
+Runs one CLI headless and offline (tests/helpers/agent_clis.py: `opencode run --format
+json` over chat completions, `claude -p --output-format stream-json` with a short
+`--system-prompt` and `--tools Read,Bash` over Anthropic Messages, `codex exec --json`
+with a `model_providers` entry over the Responses API) against one node serving the
+default model, once per node mode: `unconstrained` (tool_choice "auto" free), `lazy`
+(`--lazy-tool-grammar`: a call is constrained once the model starts one) and
+`tool-on-user-turn` (`--require-tool-on-user-turn`: a user's turn is answered with one
+call under the grammar, a tool result freely); every node gets `--default-max-tokens`.
+Each session gets its own small project directory and one of ten coding-agent prompts,
+and runs until the CLI exits (or `--timeout`). A session "ran a tool" when the CLI reports a tool that ran (completed or
+error: the call was accepted as one), "answered" when it ended with a text answer, and
+has errors when the CLI printed error events (or a non-success result).
 
-Needs opencode (scripts/install.sh --test installs it into .tools) and ripgrep.
+Needs the CLIs (scripts/install.sh --test installs them into .tools); opencode needs
+ripgrep.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
-import os
-import signal
-import subprocess
 import sys
 import tempfile
-import threading
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import print_table
-from tests.helpers.opencode import opencode_binary, opencode_environment
+from tests.helpers.agent_clis import CLIENT_BINARIES, Session, client, run_session
 
 MODEL = "smollm2-135m"
 # Node flags per mode; the unconstrained mode turns the grammar off explicitly so the
@@ -42,6 +38,7 @@ MODEL = "smollm2-135m"
 MODES: dict[str, list[str]] = {
     "unconstrained": ["--no-lazy-tool-grammar"],
     "lazy": ["--lazy-tool-grammar"],
+    "tool-on-user-turn": ["--require-tool-on-user-turn"],
 }
 PROMPTS = [
     "What is in notes.txt?",
@@ -72,124 +69,64 @@ PROJECT_FILES = {
 }
 
 
-@dataclass
-class Session:
-    prompt: str
-    tools: list[str] = field(default_factory=list)  # tool parts that ran: "name:status"
-    errors: list[str] = field(default_factory=list)
-    events: list[str] = field(default_factory=list)  # opencode's JSON lines, as printed
-    seconds: float = 0.0
-    timed_out: bool = False
-
-    @property
-    def executed(self) -> bool:
-        return bool(self.tools)
-
-
-def require_opencode() -> str:
-    found = opencode_binary()
-    if found is None:
-        raise SystemExit("opencode not installed: scripts/install.sh --test")
-    return found
-
-
-def make_project(root: Path, url: str, output_limit: int) -> dict[str, str]:
+def make_project(root: Path) -> None:
     for name, text in PROJECT_FILES.items():
         path = root / name
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
-    return opencode_environment(root, url, MODEL, output_limit)
-
-
-def tool_runs(event: dict[str, Any]) -> list[str]:
-    """Tool parts in an opencode JSON event that were executed (completed or error)."""
-    part = event.get("part")
-    if not isinstance(part, dict) or part.get("type") != "tool":
-        return []
-    state = part.get("state") or {}
-    status = state.get("status")
-    return [f"{part.get('tool')}:{status}"] if status in {"completed", "error"} else []
-
-
-def run_session(binary: str, url: str, prompt: str, output_limit: int, timeout: float) -> Session:
-    session = Session(prompt)
-    with tempfile.TemporaryDirectory(prefix="exo-opencode-") as directory:
-        root = Path(directory)
-        env = make_project(root, url, output_limit)
-        started = time.perf_counter()
-        process = subprocess.Popen(
-            [binary, "run", "--format", "json", "--model", f"exo/{MODEL}", "--title", "t", prompt],
-            cwd=root,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            text=True,
-            start_new_session=True,  # its own group: stopping it stops its children
-        )
-        timer = threading.Timer(timeout, lambda: _stop(process, session))
-        timer.start()
-        try:
-            assert process.stdout is not None
-            for line in process.stdout:
-                if not line.startswith("{"):
-                    continue
-                session.events.append(line)
-                event = json.loads(line)
-                if event.get("type") == "error":
-                    session.errors.append(json.dumps(event.get("error"))[:200])
-                session.tools += tool_runs(event)
-                if session.tools:
-                    break
-        finally:
-            timer.cancel()
-            _stop(process, None)
-        session.seconds = time.perf_counter() - started
-    return session
-
-
-def _stop(process: subprocess.Popen[str], session: Session | None) -> None:
-    if process.poll() is not None:
-        return
-    if session is not None:
-        session.timed_out = True
-    try:
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout=10)
-    except (ProcessLookupError, subprocess.TimeoutExpired):
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=10)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--client", choices=list(CLIENT_BINARIES), default="opencode")
     parser.add_argument("--sessions", type=int, default=10, help="sessions per mode (max 10)")
-    parser.add_argument("--output-limit", type=int, default=96, help="opencode output tokens")
+    parser.add_argument("--output-limit", type=int, default=96, help="output tokens per turn")
+    parser.add_argument("--max-turns", type=int, default=4, help="Claude Code's --max-turns")
     parser.add_argument("--timeout", type=float, default=300, help="seconds per session")
-    parser.add_argument("--modes", default=",".join(MODES), help="comma-separated modes")
+    parser.add_argument(
+        "--default-max-tokens",
+        type=int,
+        default=256,
+        help="the node's limit for requests that set none (Codex sets none)",
+    )
+    parser.add_argument("--modes", default="tool-on-user-turn", help="comma-separated modes")
     parser.add_argument("--events", type=Path, help="write each session's JSON events here")
     args = parser.parse_args()
 
     from tests.helpers.nodes import node_environment, start_node
 
-    binary = require_opencode()
+    cli = client(args.client, max_turns=args.max_turns)
+    if cli is None:
+        raise SystemExit(f"{args.client} not installed: scripts/install.sh --test")
     prompts = PROMPTS[: args.sessions]
     results: dict[str, list[Session]] = {}
     for mode in args.modes.split(","):
         # One node on the machine: both cores for its BLAS.
-        node = start_node(*MODES[mode], env=node_environment(threads=2))
+        flags = [*MODES[mode], "--default-max-tokens", str(args.default_max_tokens)]
+        node = start_node(*flags, env=node_environment(threads=2))
         try:
             sessions = []
             for prompt in prompts:
-                session = run_session(binary, node.url, prompt, args.output_limit, args.timeout)
+                with tempfile.TemporaryDirectory(prefix=f"exo-{args.client}-") as directory:
+                    root = Path(directory)
+                    make_project(root)
+                    session = run_session(
+                        cli,
+                        root,
+                        node.url,
+                        MODEL,
+                        prompt,
+                        output_limit=args.output_limit,
+                        timeout=args.timeout,
+                    )
                 sessions.append(session)
                 if args.events:
                     args.events.mkdir(parents=True, exist_ok=True)
-                    name = f"{mode}-{len(sessions)}.jsonl"
+                    name = f"{args.client}-{mode}-{len(sessions)}.jsonl"
                     (args.events / name).write_text("".join(session.events))
                 print(
-                    f"[{mode}] {prompt[:50]!r}: tools={session.tools} errors={session.errors} "
+                    f"[{args.client} {mode}] {prompt[:50]!r}: tools={session.tools} "
+                    f"answer={session.answer[:60]!r} errors={session.errors} "
                     f"{'timeout ' if session.timed_out else ''}{session.seconds:.0f}s",
                     flush=True,
                 )
@@ -199,8 +136,10 @@ def main() -> None:
 
     rows = [
         [
+            args.client,
             mode,
-            f"{sum(s.executed for s in sessions)}/{len(sessions)}",
+            f"{sum(s.ran_a_tool for s in sessions)}/{len(sessions)}",
+            f"{sum(s.ran_a_tool and s.answered for s in sessions)}/{len(sessions)}",
             str(sum(1 for s in sessions if s.errors)),
             str(sum(1 for s in sessions if s.timed_out)),
             f"{sum(s.seconds for s in sessions) / len(sessions):.0f}",
@@ -208,8 +147,16 @@ def main() -> None:
         for mode, sessions in results.items()
     ]
     print_table(
-        f"opencode headless sessions, {MODEL}, one node, output limit {args.output_limit}",
-        ["node mode", "sessions that ran a tool", "with error events", "timed out", "mean s"],
+        f"{args.client} headless sessions, {MODEL}, one node, output limit {args.output_limit}",
+        [
+            "client",
+            "node mode",
+            "ran a tool",
+            "ran a tool, then answered",
+            "with error events",
+            "timed out",
+            "mean s",
+        ],
         rows,
     )
 

@@ -17,14 +17,17 @@ extras=""
 echo "Installing exo-tools${extras} into .venv ..."
 .venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".${extras}"
 
-# The end-to-end tests drive opencode (npm) against a node; it needs ripgrep for its tools.
+# The end-to-end tests drive agent CLIs (npm) against a node: opencode (it needs ripgrep
+# for its tools), Claude Code and Codex, each pinned to the version the tests were run with.
 if [ "${1:-}" = "--test" ]; then
   if command -v npm >/dev/null; then
-    echo "Installing opencode (npm) into .tools ..."
-    npm install --prefix .tools --no-audit --no-fund --silent opencode-ai@1.18.33 >/dev/null ||
-      echo "note: npm install of opencode-ai failed; its end-to-end test will be skipped" >&2
+    for package in opencode-ai@1.18.33 @anthropic-ai/claude-code@2.1.197 @openai/codex@0.171.0; do
+      echo "Installing ${package} (npm) into .tools ..."
+      npm install --prefix .tools --no-audit --no-fund --silent "${package}" >/dev/null ||
+        echo "note: npm install of ${package} failed; its end-to-end test will be skipped" >&2
+    done
   else
-    echo "note: npm not found; the opencode end-to-end test will be skipped" >&2
+    echo "note: npm not found; the agent CLI end-to-end tests will be skipped" >&2
   fi
 fi
 

@@ -8,10 +8,14 @@ import json
 import logging
 import os
 import sys
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from . import __version__
+from .models.catalog import ModelCard
+from .placement.plan import NodeResources, PlacementError, plan_placement
+from .types import ModelLayout
 
 
 def _existing_file(text: str) -> Path:
@@ -19,6 +23,16 @@ def _existing_file(text: str) -> Path:
     if not path.is_file():
         raise argparse.ArgumentTypeError(f"file not found: {text}")
     return path
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
 
 
 def _default_home() -> Path:
@@ -66,9 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     node = commands.add_parser(
         "node",
-        help="run a node daemon (loads the model, serves the OpenAI API)",
+        help="run a node daemon (loads the model, serves the OpenAI and Anthropic APIs)",
         description="Run a node: fetch and load the model, then serve /v1/chat/completions, "
-        "/v1/models and /health.",
+        "/v1/responses, /v1/messages, /v1/models and /health.",
     )
     node.add_argument(
         "--model",
@@ -89,8 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument(
         "--api-key",
         default=os.environ.get("EXO_TOOLS_API_KEY"),
-        help="require 'Authorization: Bearer KEY' on every route but /health "
-        "(default $EXO_TOOLS_API_KEY, unset = open)",
+        help="require 'Authorization: Bearer KEY' (or 'x-api-key: KEY') on every route but "
+        "/health (default $EXO_TOOLS_API_KEY, unset = open)",
     )
     node.add_argument(
         "--chat-template",
@@ -114,6 +128,23 @@ def build_parser() -> argparse.ArgumentParser:
         "docs/CONSTRAINED_DECODING.md); forced calls and response_format are always "
         "constrained",
     )
+    node.add_argument(
+        "--require-tool-on-user-turn",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help='for small models as agents: with tools offered and tool_choice "auto", answer '
+        'a user\'s message with one tool call decoded under the grammar (as "required"); '
+        'after a tool result "auto" stays free, so the model can answer in text (default '
+        "off; all three APIs; formats hermes, llama3_json, qwen3_coder)",
+    )
+    node.add_argument(
+        "--default-max-tokens",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="output limit of a request that sets none (Codex sends none, and a small model "
+        "may write until the context is full); default: whatever the context leaves",
+    )
     from .cluster import add_cluster_arguments
 
     add_cluster_arguments(node)
@@ -136,7 +167,35 @@ def build_parser() -> argparse.ArgumentParser:
 
     models = commands.add_parser("models", help="list, fetch and inspect models")
     model_commands = models.add_subparsers(dest="models_command", metavar="ACTION")
-    listing = model_commands.add_parser("list", help="the model catalog and what is local")
+    listing = model_commands.add_parser(
+        "list",
+        help="the model catalog: sizes per quantization, and which fit the cluster",
+        description="The models exo-tools knows: id, architecture, parameters (total, and "
+        "active per token for mixture-of-experts), context length, tool-call format, "
+        "whether it is local, and the on-disk size of each published quantization with "
+        "whether it fits.",
+        epilog="Fit: each size is planned as the master would place it (pipeline stages "
+        "over the fewest nodes, each using 80% of its available memory for the weights "
+        "plus a float32 KV cache for the full context, or --kv-tokens), from the catalog's "
+        "sizes, before any download. The nodes are those of the running cluster at --url "
+        "(GET /v1/cluster); with no node reachable, this machine alone. Marks: * fits on "
+        "one node, +N needs N nodes, - does not fit; ~ marks a size estimated as "
+        "parameters x bits per weight.",
+    )
+    listing.add_argument(
+        "--url",
+        default="http://127.0.0.1:52415",
+        help="a node of the cluster to fit against (default local)",
+    )
+    listing.add_argument("--api-key", default=os.environ.get("EXO_TOOLS_API_KEY"))
+    listing.add_argument(
+        "--kv-tokens",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="KV-cache tokens to reserve per model (default: its full context, as the node plans)",
+    )
+    listing.add_argument("--json", action="store_true", help="print the catalog as JSON")
     _add_storage_arguments(listing)
     pull = model_commands.add_parser("pull", help="fetch a model and check that it loads")
     pull.add_argument("model", help="catalog id, .gguf file, HF folder or repo id")
@@ -193,6 +252,8 @@ def _run_node(args: argparse.Namespace) -> int:
                 parallelism=args.parallelism,
                 min_nodes=args.min_nodes,
                 lazy_tool_grammar=args.lazy_tool_grammar,
+                require_tool_on_user_turn=args.require_tool_on_user_turn,
+                default_max_tokens=args.default_max_tokens,
             )
         )
     except UnknownModelError as error:
@@ -201,23 +262,161 @@ def _run_node(args: argparse.Namespace) -> int:
     return asyncio.run(node.run())
 
 
-def _card_row(card: Any, models_dir: Path) -> list[str]:
+@dataclass(frozen=True)
+class FitTarget:
+    """The nodes a catalog model is fitted against, and where their memory figures came
+    from (the running cluster, or this machine alone)."""
+
+    nodes: tuple[NodeResources, ...]
+    master_id: str
+    where: str
+
+
+def cluster_fit_target(url: str, api_key: str | None) -> FitTarget:
+    """The healthy nodes of the cluster at `url`; this machine alone if none answers."""
+    import psutil
+    import requests
+
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    try:
+        response = requests.get(f"{url.rstrip('/')}/v1/cluster", headers=headers, timeout=5)
+        view = response.json() if response.status_code == 200 else None
+    except (requests.RequestException, ValueError):
+        view = None
+    if isinstance(view, dict) and view.get("nodes"):
+        nodes = tuple(
+            NodeResources(
+                str(node["id"]),
+                int((node.get("capabilities") or {}).get("memory_available") or 0),
+            )
+            for node in view["nodes"]
+            if node.get("healthy", True)
+        )
+        master = str(view.get("master") or nodes[0].node_id)
+        if any(node.node_id == master for node in nodes):
+            return FitTarget(nodes, master, f"the cluster at {url} ({len(nodes)} node(s))")
+    available = int(psutil.virtual_memory().available)
+    return FitTarget(
+        (NodeResources("this-machine", available),),
+        "this-machine",
+        f"this machine ({available / 2**30:.1f} GiB available; no node answered at {url})",
+    )
+
+
+def catalog_fit(layout: ModelLayout, target: FitTarget) -> int | None:
+    """How many of the target's nodes the master's planner would place `layout` on, or
+    None when it fits on none of their combinations."""
+    try:
+        placement = plan_placement(layout, list(target.nodes), master_id=target.master_id, epoch=0)
+    except PlacementError:
+        return None
+    return len(placement.stages)
+
+
+def _fit_mark(nodes_used: int | None) -> str:
+    if nodes_used is None:
+        return "-"
+    return "*" if nodes_used == 1 else f"+{nodes_used}"
+
+
+def _short_count(count: float) -> str:
+    for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6)):
+        if count >= size:
+            return f"{count / size:.3g}{unit}"
+    return f"{count:.0f}"
+
+
+def _short_bytes(size: int) -> str:
+    for unit, scale in (("T", 1e12), ("G", 1e9)):
+        if size >= scale:
+            return f"{size / scale:.3g}{unit}"
+    return f"{size / 1e6:.3g}M"
+
+
+def _short_tokens(tokens: int) -> str:
+    if tokens >= 2**20:
+        return f"{tokens / 2**20:.3g}M"
+    return f"{tokens / 2**10:.3g}k"
+
+
+def _catalog_entry(
+    card: ModelCard, models_dir: Path, target: FitTarget, kv_tokens: int | None
+) -> dict[str, Any]:
+    """One model of the catalog with, per quantization, its size and the nodes it needs."""
     from .models import sources
+    from .models.catalog import estimated_layout
 
     local = sources.local_path(card, models_dir)
+    entry: dict[str, Any] = {
+        "id": card.id,
+        "name": card.name,
+        "family": card.family,
+        "tool_format": card.tool_format,
+        "source": card.source.describe(),
+        "local": local is not None,
+    }
+    spec = card.spec
+    if spec is None:
+        return entry
+    entry.update(
+        architecture=spec.architecture,
+        hf_repo=spec.hf_repo,
+        parameters=spec.parameters,
+        active_parameters=spec.active_parameters,
+        context_length=spec.context_length,
+        layers=spec.layers,
+        quantizations=[
+            {
+                "name": form.name,
+                "repo": form.repo,
+                "bytes": form.bytes,
+                "estimated": form.estimated,
+                "fits_on_nodes": catalog_fit(
+                    estimated_layout(card, form.name, kv_budget_tokens=kv_tokens), target
+                ),
+            }
+            for form in spec.quantizations
+        ],
+    )
+    return entry
+
+
+def _catalog_row(entry: dict[str, Any]) -> list[str]:
+    if "quantizations" not in entry:
+        tools = entry["tool_format"] or "auto"
+        return [
+            entry["id"],
+            entry["family"],
+            "?",
+            "?",
+            tools,
+            "yes" if entry["local"] else "no",
+            "",
+        ]
+    params = _short_count(entry["parameters"])
+    if entry["active_parameters"]:
+        params += f"/A{_short_count(entry['active_parameters'])}"
+    sizes = "  ".join(
+        f"{form['name']} {'~' if form['estimated'] else ''}{_short_bytes(form['bytes'])}"
+        f"{_fit_mark(form['fits_on_nodes'])}"
+        for form in entry["quantizations"]
+    )
     return [
-        card.id,
-        card.family,
-        card.tool_format or "auto",
-        "yes" if local else "no",
-        card.source.describe(),
+        entry["id"],
+        entry["architecture"],
+        params,
+        _short_tokens(entry["context_length"]),
+        entry["tool_format"] or "auto",
+        "yes" if entry["local"] else "no",
+        sizes,
     ]
 
 
 def _print_table(header: list[str], rows: list[list[str]]) -> None:
     widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:
-        print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths, strict=True)))
+        cells = (str(cell).ljust(width) for cell, width in zip(row, widths, strict=True))
+        print("  ".join(cells).rstrip())
 
 
 def _run_models(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
@@ -226,8 +425,19 @@ def _run_models(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
 
     _, models_dir = _storage(args)
     if args.models_command == "list":
-        rows = [_card_row(card, models_dir) for card in CATALOG.values()]
-        _print_table(["ID", "FAMILY", "TOOLS", "LOCAL", "SOURCE"], rows)
+        target = cluster_fit_target(args.url, args.api_key)
+        entries = [
+            _catalog_entry(card, models_dir, target, args.kv_tokens) for card in CATALOG.values()
+        ]
+        if args.json:
+            print(json.dumps({"fit_against": target.where, "models": entries}, indent=2))
+            return 0
+        rows = [_catalog_row(entry) for entry in entries]
+        _print_table(["ID", "ARCH", "PARAMS", "CONTEXT", "TOOLS", "LOCAL", "SIZES"], rows)
+        print(
+            f"\nFit against {target.where}: * fits on one node, +N on N nodes, - nowhere; "
+            "~ estimated size. See `exo-tools models list --help`."
+        )
         return 0
     if args.models_command is None:
         parser.parse_args(["models", "--help"])
@@ -248,6 +458,8 @@ def _run_models(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
             "description": card.description,
             "local_path": str(local) if local else None,
         }
+        if card.spec is not None:
+            info["spec"] = asdict(card.spec)
         print(json.dumps(info, indent=2))
         return 0
     if args.models_command == "rm":

@@ -49,6 +49,8 @@ class NodeConfig:
     parallelism: str = "auto"
     min_nodes: int = 1
     lazy_tool_grammar: bool = False
+    require_tool_on_user_turn: bool = False
+    default_max_tokens: int | None = None
 
 
 class Node:
@@ -122,6 +124,8 @@ class Node:
                 loaded.context_length,
                 self.engine,
                 lazy_tool_grammar=self.config.lazy_tool_grammar,
+                require_tool_on_user_turn=self.config.require_tool_on_user_turn,
+                default_max_tokens=self.config.default_max_tokens,
             )
         return self._service
 

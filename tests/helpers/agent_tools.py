@@ -82,3 +82,18 @@ TOOLS: list[dict[str, Any]] = [
     ),
 ]
 TOOL_SCHEMAS = {tool["function"]["name"]: tool["function"]["parameters"] for tool in TOOLS}
+
+# One parameters schema for the weather tool every API test offers, and the person
+# document the structured-output tests ask for.
+WEATHER_PARAMETERS: dict[str, Any] = {
+    "type": "object",
+    "properties": {"city": {"type": "string"}},
+    "required": ["city"],
+}
+PERSON_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+    "required": ["name", "age"],
+    "additionalProperties": False,
+}
+PERSON_PROMPT = "Ann is 31. Give her as JSON."

@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 
-from tests.helpers.nodes import REPO
+from tests.helpers.agent_clis import cli_binary
 
 
 def opencode_binary() -> str | None:
     """The copy `scripts/install.sh --test` installs into .tools, else one on PATH."""
-    local = REPO / ".tools" / "node_modules" / ".bin" / "opencode"
-    return str(local) if local.exists() else shutil.which("opencode")
+    return cli_binary("opencode")
 
 
 def opencode_environment(root: Path, url: str, model: str, output_limit: int) -> dict[str, str]:

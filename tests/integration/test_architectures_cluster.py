@@ -78,8 +78,8 @@ def test_two_node_pipeline_is_identical_to_mlx_lm(served: tuple[Path, str]) -> N
     folder, url = served
     model_id = resolve_model(str(folder)).id
     placement = requests.get(f"{url}/v1/cluster", timeout=10).json()["placement"]
-    assert [(s["start_layer"], s["end_layer"]) for s in placement["stages"]][0][0] == 0
-    assert len(placement["stages"]) == 2
+    layers = [(stage["start_layer"], stage["end_layer"]) for stage in placement["stages"]]
+    assert len(layers) == 2 and layers[0][0] == 0 and layers[0][1] == layers[1][0], layers
     for prompt in PROMPTS:
         body = {
             "model": model_id,

@@ -453,7 +453,9 @@ def _drive(sampler: Sampler, tokenizer: TextTokenizer, eos: frozenset[int], seed
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_random_logits_still_give_valid_tool_calls(tokenizer: TextTokenizer, seed: int) -> None:
     spec = C.tool_call_constraint(TOOLS, "hermes", parallel=False, tokenizer=KEY)
-    sampler = Sampler(SamplingParams(temperature=1.0, seed=seed, constraint=spec), _grammar(tokenizer))
+    sampler = Sampler(
+        SamplingParams(temperature=1.0, seed=seed, constraint=spec), _grammar(tokenizer)
+    )
     text = _drive(sampler, tokenizer, tokenizer.eos_token_ids, seed)
     calls = parse_tool_calls(text, TOOLS, "hermes").tool_calls
     assert len(calls) == 1, text

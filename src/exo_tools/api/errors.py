@@ -1,12 +1,15 @@
-"""OpenAI-style errors: `{"error": {"message", "type", "param", "code"}}` with the right status."""
+"""API errors with the right status, in each dialect's shape: OpenAI's
+`{"error": {"message", "type", "param", "code"}}`, and Anthropic's
+`{"type": "error", "error": {"type", "message"}}` on the Messages routes."""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, TypeVar
 
 from aiohttp import web
-from pydantic import ValidationError
+from pydantic import TypeAdapter, ValidationError
 
 from ..serving.errors import (
     ContextLengthExceeded,
@@ -17,6 +20,7 @@ from ..serving.errors import (
 from .schemas import ErrorBody, ErrorResponse
 
 log = logging.getLogger(__name__)
+_Item = TypeVar("_Item")
 
 _TYPE_BY_STATUS = {
     400: "invalid_request_error",
@@ -28,6 +32,19 @@ _TYPE_BY_STATUS = {
     429: "rate_limit_error",
     503: "service_unavailable",
 }
+
+_ANTHROPIC_TYPE_BY_STATUS = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    503: "overloaded_error",
+}
+# Routes that answer in Anthropic's dialect, errors included.
+ANTHROPIC_ROUTE_PREFIX = "/v1/messages"
 
 
 class APIError(Exception):
@@ -54,8 +71,19 @@ class APIError(Exception):
             )
         ).model_dump()
 
-    def response(self) -> web.Response:
-        return web.json_response(self.body(), status=self.status)
+    def anthropic_body(self) -> dict[str, object]:
+        error_type = _ANTHROPIC_TYPE_BY_STATUS.get(self.status, "api_error")
+        return {"type": "error", "error": {"type": error_type, "message": self.message}}
+
+    def response(self, request: web.Request | None = None) -> web.Response:
+        """The error in the dialect of the route `request` went to (OpenAI's by default)."""
+        anthropic = request is not None and _speaks_anthropic(request.path)
+        body = self.anthropic_body() if anthropic else self.body()
+        return web.json_response(body, status=self.status)
+
+
+def _speaks_anthropic(path: str) -> bool:
+    return path == ANTHROPIC_ROUTE_PREFIX or path.startswith(f"{ANTHROPIC_ROUTE_PREFIX}/")
 
 
 def from_validation_error(error: ValidationError) -> APIError:
@@ -68,6 +96,21 @@ def from_validation_error(error: ValidationError) -> APIError:
     elif location:
         message = f"invalid '{location}': {message}"
     return APIError(400, message, param=location or None, code="invalid_value")
+
+
+def validated_list(adapter: TypeAdapter[list[_Item]], value: list[Any], noun: str) -> list[_Item]:
+    """`value` validated by `adapter`, for a field that is a string or a list of typed
+    items: validated in its own validator, a bad item's error names the item (and an
+    unknown type), not the string branch of the union. Raises ValueError."""
+    try:
+        return adapter.validate_python(value)
+    except ValidationError as error:
+        first = error.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        if first["type"] == "union_tag_invalid":
+            tag = (first.get("ctx") or {}).get("tag")
+            raise ValueError(f"{noun} {where}: type {tag!r} is not supported") from None
+        raise ValueError(f"{noun} {where}: {first['msg']}") from None
 
 
 _CODE_BY_SERVING_ERROR: dict[type[ServingError], str] = {
@@ -99,15 +142,15 @@ async def error_middleware(
     try:
         return await handler(request)
     except APIError as error:
-        return error.response()
+        return error.response(request)
     except web.HTTPRequestEntityTooLarge as error:
         return APIError(
             413, f"request body is too large ({error.text})", code="request_too_large"
-        ).response()
+        ).response(request)
     except web.HTTPException as error:
         if error.status < 400:
             raise
-        return APIError(error.status, error.reason or "HTTP error").response()
+        return APIError(error.status, error.reason or "HTTP error").response(request)
     except Exception:
         log.exception("unhandled error on %s %s", request.method, request.path)
-        return APIError(500, "internal server error", error_type="server_error").response()
+        return APIError(500, "internal server error", error_type="server_error").response(request)

@@ -28,9 +28,9 @@ from ..serving.events import (
     ScoredToken,
     ToolCallEvent,
 )
-from ..serving.request import ChatRequest, ResponseFormat
+from ..serving.request import ChatRequest, GuidedKind, GuidedOutput, ResponseFormat
 from .errors import APIError, from_serving_error
-from .schemas import ChatCompletionRequest, ChatMessage
+from .schemas import ChatCompletionRequest, ChatMessage, GuidedGenerationFields
 from .sse import open_event_stream, sse_event
 
 log = logging.getLogger(__name__)
@@ -71,7 +71,50 @@ def to_chat_request(body: ChatCompletionRequest) -> ChatRequest:
         ),
         logprobs=bool(body.logprobs),
         top_logprobs=body.top_logprobs or 0,
+        guided=guided_output(body),
     )
+
+
+def guided_output(body: GuidedGenerationFields) -> GuidedOutput | None:
+    """The one output constraint beyond response_format that the body names (vLLM's
+    structured outputs or guided_* fields, llama.cpp's grammar or json_schema); APIError
+    (400) when it names two, or one this server cannot apply."""
+    named: list[tuple[str, GuidedKind, object]] = []
+    outputs = body.structured_outputs
+    if outputs is not None:
+        if outputs.structural_tag is not None:
+            raise APIError(
+                400,
+                "structured_outputs.structural_tag is not supported; use json, regex, "
+                "choice or grammar",
+                param="structured_outputs.structural_tag",
+            )
+        named += [
+            ("structured_outputs.json", "json_schema", outputs.json_schema),
+            ("structured_outputs.regex", "regex", outputs.regex),
+            ("structured_outputs.choice", "choice", outputs.choice),
+            ("structured_outputs.grammar", "grammar", outputs.grammar),
+            ("structured_outputs.json_object", "json_object", outputs.json_object or None),
+        ]
+    named += [
+        ("guided_json", "json_schema", body.guided_json),
+        ("guided_regex", "regex", body.guided_regex),
+        ("guided_choice", "choice", body.guided_choice),
+        ("guided_grammar", "grammar", body.guided_grammar),
+        ("grammar", "grammar", body.grammar or None),  # llama.cpp sends "" for none
+        ("json_schema", "json_schema", body.json_schema),
+    ]
+    found = [
+        GuidedOutput(kind, value, source) for source, kind, value in named if value is not None
+    ]
+    if len(found) > 1:
+        sources = " and ".join(guided.source for guided in found)
+        raise APIError(
+            400,
+            f"{sources} each constrain the output; send one constraint per request",
+            param=found[1].source,
+        )
+    return found[0] if found else None
 
 
 def _template_message(message: ChatMessage) -> dict[str, Any]:

@@ -91,7 +91,34 @@ class ResponseFormat(_Lenient):
     json_schema: dict[str, Any] | None = None
 
 
-class ChatCompletionRequest(_Lenient):
+class StructuredOutputs(_Lenient):
+    """vLLM's `structured_outputs` (clients send it through the OpenAI SDK's `extra_body`)."""
+
+    # `json` would shadow BaseModel.json.
+    json_schema: dict[str, Any] | str | None = Field(default=None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    structural_tag: Any = None
+
+
+class GuidedGenerationFields(_Lenient):
+    """Output constraints beyond `response_format`, as vLLM and llama.cpp's server take
+    them: at most one per request (`openai_chat.guided_output`)."""
+
+    structured_outputs: StructuredOutputs | None = None
+    # vLLM's older spelling of the same.
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    # llama.cpp's server: GBNF, and a bare schema ("" is its "no grammar").
+    grammar: str | None = None
+    json_schema: dict[str, Any] | None = None
+
+
+class ChatCompletionRequest(GuidedGenerationFields):
     model: str = Field(min_length=1)
     messages: list[ChatMessage] = Field(min_length=1)
     stream: bool = False

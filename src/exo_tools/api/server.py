@@ -1,15 +1,15 @@
-"""The HTTP face of a node: OpenAI-compatible routes on aiohttp.
+"""The HTTP face of a node: OpenAI- and Anthropic-compatible routes on aiohttp.
 
 This module routes, authenticates, forwards to the master and maps errors to HTTP; each
-API dialect (`openai_chat`) turns its bodies into serving requests and serving events
-back into its bodies.
+API dialect (`openai_chat`, `anthropic_messages`, `openai_responses`) turns its bodies
+into serving requests and serving events back into its bodies.
 """
 
 from __future__ import annotations
 
 import hmac
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Protocol, TypeVar
 
 import aiohttp
@@ -19,8 +19,9 @@ from pydantic import BaseModel, ValidationError
 from .. import __version__
 from ..serving.chat import ChatService
 from ..serving.errors import ServingError
-from . import openai_chat
+from . import anthropic_messages, openai_chat, openai_responses
 from .errors import APIError, error_middleware, from_serving_error, from_validation_error
+from .response_store import ResponseStore
 from .schemas import ChatCompletionRequest, ModelList, ModelObject
 
 _Body = TypeVar("_Body", bound=BaseModel)
@@ -61,9 +62,10 @@ def _auth_middleware(api_key: str | None) -> Callable[..., Awaitable[web.StreamR
         request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
     ) -> web.StreamResponse:
         if api_key and request.path != "/health":
-            header = request.headers.get("Authorization", "")
-            token = header.removeprefix("Bearer ").strip()
-            if not hmac.compare_digest(token.encode(), api_key.encode()):
+            # OpenAI clients send a bearer token, Anthropic's SDK and Claude Code `x-api-key`.
+            bearer = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+            tokens = (bearer, request.headers.get("x-api-key", "").strip())
+            if not any(hmac.compare_digest(token.encode(), api_key.encode()) for token in tokens):
                 raise APIError(401, "invalid or missing API key", code="invalid_api_key")
         return await handler(request)
 
@@ -82,6 +84,11 @@ def create_app(backend: NodeBackend, *, api_key: str | None = None) -> web.Appli
     app.router.add_get("/v1/models", routes.list_models)
     app.router.add_get("/v1/models/{model_id:.+}", routes.get_model)
     app.router.add_post("/v1/chat/completions", routes.chat_completions)
+    app.router.add_post("/v1/messages", routes.messages)
+    app.router.add_post("/v1/messages/count_tokens", routes.count_tokens)
+    app.router.add_post("/v1/responses", routes.create_response)
+    app.router.add_get("/v1/responses/{response_id}", routes.get_response)
+    app.router.add_delete("/v1/responses/{response_id}", routes.delete_response)
     return app
 
 
@@ -89,6 +96,8 @@ class _Routes:
     def __init__(self, backend: NodeBackend) -> None:
         self.backend = backend
         self._session: aiohttp.ClientSession | None = None
+        # Responses stored for previous_response_id: on the master, which answers them.
+        self.responses = ResponseStore()
 
     async def close(self, _: web.Application) -> None:
         if self._session is not None:
@@ -112,14 +121,14 @@ class _Routes:
             )
         headers = {
             name: request.headers[name]
-            for name in ("Authorization", "Content-Type")
+            for name in ("Authorization", "x-api-key", "Content-Type")
             if name in request.headers
         }
         headers[FORWARDED_HEADER] = request.host
         body = await request.read()
         try:
-            async with self._session.post(
-                f"{master_url}{request.path}", data=body, headers=headers
+            async with self._session.request(
+                request.method, f"{master_url}{request.path_qs}", data=body, headers=headers
             ) as upstream:
                 response = web.StreamResponse(
                     status=upstream.status,
@@ -181,13 +190,67 @@ class _Routes:
             raise APIError(503, "the model is still loading; retry shortly", code="model_loading")
         return service
 
-    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+    def _master_elsewhere(self, request: web.Request) -> str | None:
+        """The master's URL when this node should forward `request` there."""
         master_url = self.backend.master_api_url()
-        if master_url and FORWARDED_HEADER not in request.headers:
+        return master_url if master_url and FORWARDED_HEADER not in request.headers else None
+
+    async def _serve(
+        self,
+        request: web.Request,
+        schema: type[_Body],
+        answer: Callable[[_Body], Awaitable[web.StreamResponse]],
+        param_by_field: Mapping[str, str] | None = None,
+    ) -> web.StreamResponse:
+        """Forward to the master, or parse the body as `schema` and answer it; serving
+        errors become HTTP errors naming the body's own fields."""
+        if master_url := self._master_elsewhere(request):
             return await self._forward(request, master_url)
-        body = await self._parse(request, ChatCompletionRequest)
-        service = self._chat_service(body.model)
+        body = await self._parse(request, schema)
         try:
-            return await openai_chat.respond(request, service, body)
+            return await answer(body)
         except ServingError as error:
-            raise from_serving_error(error, openai_chat.PARAM_BY_FIELD) from error
+            raise from_serving_error(error, param_by_field) from error
+
+    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        async def answer(body: ChatCompletionRequest) -> web.StreamResponse:
+            return await openai_chat.respond(request, self._chat_service(body.model), body)
+
+        return await self._serve(request, ChatCompletionRequest, answer, openai_chat.PARAM_BY_FIELD)
+
+    async def messages(self, request: web.Request) -> web.StreamResponse:
+        async def answer(body: anthropic_messages.MessagesRequest) -> web.StreamResponse:
+            service = self._chat_service(body.model)
+            return await anthropic_messages.respond(request, service, body)
+
+        schema = anthropic_messages.MessagesRequest
+        return await self._serve(request, schema, answer, anthropic_messages.PARAM_BY_FIELD)
+
+    async def count_tokens(self, request: web.Request) -> web.StreamResponse:
+        async def answer(body: anthropic_messages.CountTokensRequest) -> web.StreamResponse:
+            service = self._chat_service(body.model)
+            return web.json_response(anthropic_messages.count_tokens(service, body))
+
+        return await self._serve(request, anthropic_messages.CountTokensRequest, answer)
+
+    async def create_response(self, request: web.Request) -> web.StreamResponse:
+        async def answer(body: openai_responses.ResponsesRequest) -> web.StreamResponse:
+            service = self._chat_service(body.model)
+            return await openai_responses.respond(request, service, body, self.responses)
+
+        schema = openai_responses.ResponsesRequest
+        return await self._serve(request, schema, answer, openai_responses.PARAM_BY_FIELD)
+
+    async def get_response(self, request: web.Request) -> web.StreamResponse:
+        if master_url := self._master_elsewhere(request):
+            return await self._forward(request, master_url)
+        found = openai_responses.stored(self.responses, request.match_info["response_id"])
+        return web.json_response(found.body)
+
+    async def delete_response(self, request: web.Request) -> web.StreamResponse:
+        if master_url := self._master_elsewhere(request):
+            return await self._forward(request, master_url)
+        response_id = request.match_info["response_id"]
+        openai_responses.stored(self.responses, response_id)
+        self.responses.delete(response_id)
+        return web.json_response({"id": response_id, "object": "response", "deleted": True})

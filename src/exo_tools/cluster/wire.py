@@ -29,6 +29,9 @@ from .view import Capabilities, NodeInfo
 # ---------------------------------------------------------------- nodes
 
 
+_CAPABILITY_FIELDS = ("memory_total", "memory_available", "chip", "mlx_device", "matmul_gflops")
+
+
 def info_to_proto(info: NodeInfo, cluster_name: str) -> node_pb2.NodeInfo:
     caps = info.capabilities
     return node_pb2.NodeInfo(
@@ -40,11 +43,7 @@ def info_to_proto(info: NodeInfo, cluster_name: str) -> node_pb2.NodeInfo:
         cluster_name=cluster_name,
         start_time=info.start_time,
         capabilities=node_pb2.Capabilities(
-            memory_total=caps.memory_total,
-            memory_available=caps.memory_available,
-            chip=caps.chip,
-            mlx_device=caps.mlx_device,
-            matmul_gflops=caps.matmul_gflops,
+            **{name: getattr(caps, name) for name in _CAPABILITY_FIELDS}
         ),
     )
 
@@ -58,13 +57,7 @@ def info_from_proto(message: node_pb2.NodeInfo) -> NodeInfo:
         api_port=message.api_port,
         version=message.version,
         start_time=message.start_time,
-        capabilities=Capabilities(
-            memory_total=caps.memory_total,
-            memory_available=caps.memory_available,
-            chip=caps.chip,
-            mlx_device=caps.mlx_device,
-            matmul_gflops=caps.matmul_gflops,
-        ),
+        capabilities=Capabilities(**{name: getattr(caps, name) for name in _CAPABILITY_FIELDS}),
     )
 
 

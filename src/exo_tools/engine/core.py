@@ -123,13 +123,16 @@ class Deliver:
 
 
 @dataclass(frozen=True)
-class Step:
+class _ForRequest:
     request_id: str
 
 
-@dataclass(frozen=True)
-class Cancel:
-    request_id: str
+class Step(_ForRequest):
+    """Run the request's next step."""
+
+
+class Cancel(_ForRequest):
+    """The consumer went away: finish the request now."""
 
 
 @dataclass(frozen=True)

@@ -8,18 +8,24 @@ tool-call parser of the model's format.
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, cast
 
 from ..constraints import (
     LAZY_TOOL_CALL_FORMATS,
+    TOOL_CALL_FORMATS,
     ConstraintError,
+    choice_constraint,
+    grammar_constraint,
     json_object_constraint,
     json_schema_constraint,
     lazy_tool_call_constraint,
+    regex_constraint,
     tool_call_constraint,
+    vocabulary_of,
 )
 from ..models.catalog import ModelCard
 from ..models.tokenizer import ChatTemplateError, TextTokenizer
@@ -32,6 +38,7 @@ from ..tools import (
     fold_tool_history,
     forced_function,
     infer_format,
+    keeps_special_tokens,
     normalize_tool_choice,
     rewrite_history,
     tools_for_choice,
@@ -47,10 +54,8 @@ from .events import (
     ToolCallEvent,
 )
 from .generation import generate_text
-from .request import ChatRequest
+from .request import ChatRequest, GuidedOutput
 
-# Formats whose markers are special tokens: the text must keep them for the parser.
-_SPECIAL_TOKEN_FORMATS = frozenset({"llama3_json", "mistral", "gpt_oss", "deepseek_v3"})
 DEFAULT_TOOL_FORMAT = "hermes"
 
 
@@ -75,10 +80,18 @@ class ChatService:
         generator: TokenGenerator,
         *,
         lazy_tool_grammar: bool = False,
+        require_tool_on_user_turn: bool = False,
+        default_max_tokens: int | None = None,
     ) -> None:
         self.card = card
         # tool_choice "auto": constrain a call once the model starts one (opt-in per node).
         self.lazy_tool_grammar = lazy_tool_grammar
+        # tool_choice "auto" on a user's turn decodes one call under the grammar (opt-in per
+        # node): small models rarely start a call on their own.
+        self.require_tool_on_user_turn = require_tool_on_user_turn
+        # The output limit of a request that sets none (Codex sends none); None: the
+        # context left.
+        self.default_max_tokens = default_max_tokens
         self.tokenizer = tokenizer
         self.context_length = context_length
         self.generator = generator
@@ -123,6 +136,8 @@ class ChatService:
         """
         parallel = request.parallel_tool_calls
         response_format = request.response_format
+        if request.guided is not None:
+            return self._guided_constraint(request, request.guided, budget)
         # The spec names its tokenizer: a sampling node holding another model's refuses it.
         tokenizer = self.card.id
         try:
@@ -158,12 +173,48 @@ class ChatService:
             raise UnsupportedSchema(str(error), field=field) from error
         return None
 
-    def prepare(self, request: ChatRequest, *, request_id: str | None = None) -> PreparedChat:
-        """Validate against the model and render the prompt; raises `InvalidChatRequest`.
+    def _guided_constraint(self, request: ChatRequest, guided: GuidedOutput, budget: int) -> str:
+        """The constraint of a regex, choice, grammar or JSON schema the client sent: the
+        request's only one, so with forced tool calls or response_format it is a 400."""
+        source = guided.source
+        # The client's own choice: a node option that forces calls yields to the constraint.
+        asked = normalize_tool_choice(request.tool_choice, request.tools)
+        if request.tools and (asked == "required" or forced_function(asked)):
+            raise InvalidChatRequest(
+                f"{source} and tool_choice {request.tool_choice!r} both constrain the "
+                "output; send one of them",
+                field=source,
+            )
+        if request.response_format is not None and request.response_format.kind != "text":
+            raise InvalidChatRequest(
+                f"{source} and response_format both constrain the output; send one of them",
+                field=source,
+            )
+        options: dict[str, Any] = {"tokenizer": self.card.id, "budget": budget}
+        value = guided.value
+        try:
+            if guided.kind == "json_object":
+                return json_object_constraint(**options)
+            if guided.kind == "json_schema":
+                return json_schema_constraint(_schema(value, source), **options)
+            # Compiled against the model's vocabulary here as well: a grammar the sampling
+            # node's limits refuse is a 400 now, not a failed stream later.
+            options["vocabulary"] = vocabulary_of(self.tokenizer)
+            if guided.kind == "choice":
+                if not isinstance(value, list | tuple):
+                    raise InvalidChatRequest(f"{source} must be a list of strings", field=source)
+                return choice_constraint(cast(list[str], value), **options)
+            if not isinstance(value, str):
+                raise InvalidChatRequest(f"{source} must be a string", field=source)
+            if guided.kind == "regex":
+                return regex_constraint(value, **options)
+            return grammar_constraint(value, **options)
+        except ConstraintError as error:
+            failure = UnsupportedSchema if guided.kind == "json_schema" else InvalidChatRequest
+            raise failure(f"{source}: {error}", field=source) from error
 
-        `request_id` names the generation in the engine and the logs; an API passes the id
-        it answers with, so that both agree.
-        """
+    def _prompt(self, request: ChatRequest) -> tuple[ToolChoice, list[dict[str, Any]], list[int]]:
+        """The tool choice, the tools shown to the model and the prompt ids of a request."""
         try:
             choice = normalize_tool_choice(request.tool_choice, request.tools)
         except ToolChoiceError as error:
@@ -175,7 +226,34 @@ class ChatService:
             raise InvalidChatRequest(
                 f"the model's chat template refused the messages: {error}", field="messages"
             ) from error
-        prompt_ids = self.tokenizer.encode(prompt_text, add_special_tokens=True)
+        return choice, shown, self.tokenizer.encode(prompt_text, add_special_tokens=True)
+
+    def _requires_call(self, choice: ToolChoice, messages: list[dict[str, Any]]) -> bool:
+        """Whether the node option turns this "auto" into a forced call. Formats without a
+        call grammar stay "auto": a request the model could serve must not fail because of
+        a node option."""
+        return (
+            self.require_tool_on_user_turn
+            and choice == "auto"
+            and self.tool_format in TOOL_CALL_FORMATS
+            and _user_turn(messages)
+        )
+
+    def count_prompt_tokens(self, request: ChatRequest) -> int:
+        """How many tokens `prepare` would put in the prompt (no context check)."""
+        return len(self._prompt(request)[2])
+
+    def prepare(self, request: ChatRequest, *, request_id: str | None = None) -> PreparedChat:
+        """Validate against the model and render the prompt; raises `InvalidChatRequest`.
+
+        `request_id` names the generation in the engine and the logs; an API passes the id
+        it answers with, so that both agree.
+        """
+        choice, shown, prompt_ids = self._prompt(request)
+        if self._requires_call(choice, request.messages):
+            # One call, not several: small models repeat a call until the bound.
+            choice = "required"
+            request = replace(request, parallel_tool_calls=False)
         context = self.context_length
         requested = request.max_tokens
         if len(prompt_ids) >= context:
@@ -189,7 +267,9 @@ class ChatService:
                 f"the model's context of {context} tokens",
                 field="max_tokens",
             )
-        max_tokens = requested if requested is not None else context - len(prompt_ids)
+        left = context - len(prompt_ids)
+        default = left if self.default_max_tokens is None else min(self.default_max_tokens, left)
+        max_tokens = requested if requested is not None else default
         sampling = SamplingParams(
             temperature=request.temperature,
             top_p=request.top_p,
@@ -214,7 +294,9 @@ class ChatService:
         parser = (
             StreamingToolParser(prepared.tools, prepared.tool_format) if prepared.tools else None
         )
-        keep_special = parser is not None and prepared.tool_format in _SPECIAL_TOKEN_FORMATS
+        # Formats whose markers are special tokens: the text must keep them for the parser.
+        keep_special = parser is not None and keeps_special_tokens(prepared.tool_format)
+        emitted: set[int] = set()  # the indexes of the calls already yielded
         async for item in generate_text(
             self.generator,
             self.tokenizer,
@@ -231,14 +313,13 @@ class ChatService:
                 if parser is None:
                     yield ContentDelta(item)
                     continue
-                for delta in parser.feed(item):
-                    if (event := _parsed_event(parser, delta)) is not None:
-                        yield event
+                for event in _parsed_events(parser, parser.feed(item), emitted):
+                    yield event
             else:  # Finished
                 if parser is not None:
-                    for delta in parser.finish(truncated=item.reason == "length"):
-                        if (event := _parsed_event(parser, delta)) is not None:
-                            yield event
+                    deltas = parser.finish(truncated=item.reason == "length")
+                    for event in _parsed_events(parser, deltas, emitted):
+                        yield event
                     if parser.tool_calls:
                         item = replace(item, reason="tool_calls")
                 yield item
@@ -254,15 +335,52 @@ class ChatService:
         return ScoredToken(self.tokenizer.decode([token_id], skip_special_tokens=False), logprob)
 
 
-def _parsed_event(parser: StreamingToolParser, delta: StreamDelta) -> ChatEvent | None:
-    """The chat event for one parser delta; None for the second half of a tool call."""
-    call = delta.tool_call
-    if call is not None:
-        # The parser sends each complete call as a header (with its id), then its arguments:
-        # the header stands for the whole call.
-        if "id" not in call:
-            return None
-        return ToolCallEvent(call["index"], parser.tool_calls[call["index"]])
-    if delta.reasoning is not None:
-        return ReasoningDelta(delta.reasoning)
-    return ContentDelta(delta.content or "")
+def _user_turn(messages: list[dict[str, Any]]) -> bool:
+    """Whether the model answers the user, not a tool result: the last message is the
+    user's and no tool result came since the assistant last spoke."""
+    if not messages or messages[-1].get("role") != "user":
+        return False
+    for message in reversed(messages):
+        role = message.get("role")
+        if role == "tool":
+            return False
+        if role == "assistant":
+            return True
+    return True
+
+
+def _schema(value: object, source: str) -> dict[str, Any]:
+    """A JSON schema sent as an object or as its JSON text (vLLM takes both)."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as error:
+            message = f"{source} is not valid JSON: {error}"
+            raise InvalidChatRequest(message, field=source) from error
+    if not isinstance(value, dict):
+        raise InvalidChatRequest(f"{source} must be a JSON schema object", field=source)
+    return cast(dict[str, Any], value)
+
+
+def _parsed_events(
+    parser: StreamingToolParser, deltas: list[StreamDelta], emitted: set[int]
+) -> list[ChatEvent]:
+    """The chat events for a batch of parser deltas, in order. A tool call is one event,
+    yielded once it is whole: a long call's header streams before its arguments end."""
+    events: list[ChatEvent] = []
+
+    def completed_calls(up_to: int) -> None:
+        for index, call in enumerate(parser.tool_calls[: up_to + 1]):
+            if index not in emitted:
+                emitted.add(index)
+                events.append(ToolCallEvent(index, call))
+
+    for delta in deltas:
+        if delta.tool_call is not None:
+            completed_calls(delta.tool_call["index"])
+        elif delta.reasoning is not None:
+            events.append(ReasoningDelta(delta.reasoning))
+        else:
+            events.append(ContentDelta(delta.content or ""))
+    completed_calls(len(parser.tool_calls))  # calls that completed without a later delta
+    return events

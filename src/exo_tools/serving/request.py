@@ -1,6 +1,7 @@
 """What serving is asked to generate, in no API's dialect.
 
-Each API (OpenAI chat completions today) maps its request body onto a `ChatRequest`.
+Each API (OpenAI chat completions, Anthropic Messages, OpenAI Responses) maps its request
+body onto a `ChatRequest`.
 """
 
 from __future__ import annotations
@@ -16,6 +17,24 @@ class ResponseFormat:
     kind: Literal["text", "json_object", "json_schema"]
     # For "json_schema": the schema as the client sent it (serving checks it is an object).
     schema: object = None
+
+
+GuidedKind = Literal["regex", "choice", "grammar", "json_schema", "json_object"]
+
+
+@dataclass(frozen=True)
+class GuidedOutput:
+    """Output held to a regex, one of a list of strings, a grammar (Lark or GBNF) or a JSON
+    schema: vLLM's structured outputs and llama.cpp's `grammar`, beside `response_format`.
+
+    `value`: the pattern or grammar text (str), the choices (list of str), the schema (a
+    dict, or its JSON text); True for "json_object". `source` is where the client put it
+    (`guided_regex`, `structured_outputs.choice`, `grammar`), so errors name that field.
+    """
+
+    kind: GuidedKind
+    value: object
+    source: str
 
 
 @dataclass(frozen=True)
@@ -39,5 +58,6 @@ class ChatRequest:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     response_format: ResponseFormat | None = None
+    guided: GuidedOutput | None = None
     logprobs: bool = False
     top_logprobs: int = 0
