@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import json
 import random
-import time
 from typing import Any
 
 import pytest
 
-from benchmarks.tool_parsers import cost_ratio
 from exo_tools import constraints as C
 from exo_tools.tools import (
     FORMATS,
@@ -124,24 +122,6 @@ def test_streamed_call_cut_off_keeps_what_was_written() -> None:
     assert parsed.tool_calls
 
 
-@pytest.mark.parametrize("fmt", ["hermes", "qwen3_coder", "glm45", "kimi_k2"])
-def test_streaming_cost_is_linear(fmt: str) -> None:
-    def cost(size: int) -> float:
-        args = {"filePath": "a", "content": "x" * size}
-        text = render_assistant_tool_calls(
-            [{"function": {"name": "write", "arguments": args}}], fmt
-        )
-        parser = StreamingToolParser(TOOLS, fmt)
-        start = time.perf_counter()
-        for ch in text:
-            parser.feed(ch)
-        parser.finish()
-        return time.perf_counter() - start
-
-    cost(1000)
-    assert cost(32000) < 40 * cost(4000)
-
-
 @pytest.mark.parametrize("fmt", ["mistral", "granite", "xlam", "pythonic"])
 def test_call_list_streams_its_first_call(fmt: str) -> None:
     marker = {"mistral": "[TOOL_CALLS]", "granite": "<|tool_call|>"}.get(fmt, "")
@@ -157,15 +137,6 @@ def test_call_list_streams_its_first_call(fmt: str) -> None:
     # Cut off in the second call: the streamed first one stands, in one-shot parsing too.
     cut = text[: text.index("get_weather") + 4]
     check(fmt, cut, [("write", WRITE)], None, truncated=True)
-
-
-@pytest.mark.parametrize("fmt", ["pythonic", "llama4_pythonic"])
-def test_pythonic_streaming_cost_is_linear(fmt: str) -> None:
-    # As the benchmark measures it: 4x the size costs 4x when linear, 16x when each
-    # feed rescans the list (as these formats once did: 29x at 4 vs 16 KB). Best of 3
-    # tames a noisy machine; 4 KB (not 2) keeps the timed slices well above noise.
-    times, ratio = cost_ratio(fmt, (4, 16), repeat=3)
-    assert ratio <= 8, times
 
 
 @pytest.mark.parametrize(
