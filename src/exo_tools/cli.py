@@ -35,6 +35,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected 0 or a positive integer, got {text!r}")
+    return value
+
+
 def _default_home() -> Path:
     from .models.sources import default_home
 
@@ -145,6 +155,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="output limit of a request that sets none (Codex sends none, and a small model "
         "may write until the context is full); default: whatever the context leaves",
     )
+    node.add_argument(
+        "--prefix-cache-mb",
+        type=_non_negative_int,
+        default=None,
+        metavar="MB",
+        help="memory this node keeps for the prefix KV cache (earlier conversations' KV of "
+        "its layers, so an agent's next turn computes only its new tokens); 0 turns it off; "
+        "default: a quarter of the memory free at start, at most 8192",
+    )
+    node.add_argument(
+        "--log-requests",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="append every API request's body to FILE as one JSON line (to replay a "
+        "client's session, e.g. with benchmarks/agent_turns.py --replay); off by default",
+    )
     from .cluster import add_cluster_arguments
 
     add_cluster_arguments(node)
@@ -254,6 +281,10 @@ def _run_node(args: argparse.Namespace) -> int:
                 lazy_tool_grammar=args.lazy_tool_grammar,
                 require_tool_on_user_turn=args.require_tool_on_user_turn,
                 default_max_tokens=args.default_max_tokens,
+                prefix_cache_bytes=None
+                if args.prefix_cache_mb is None
+                else args.prefix_cache_mb << 20,
+                log_requests=args.log_requests,
             )
         )
     except UnknownModelError as error:

@@ -51,6 +51,8 @@ class NodeConfig:
     lazy_tool_grammar: bool = False
     require_tool_on_user_turn: bool = False
     default_max_tokens: int | None = None
+    prefix_cache_bytes: int | None = None  # None: the default share of free memory
+    log_requests: Path | None = None
 
 
 class Node:
@@ -69,7 +71,7 @@ class Node:
         self._service: ChatService | None = None
         self.cluster = ClusterNode(config.cluster) if config.cluster else None
         self.node_id = config.cluster.node_id if config.cluster else "local"
-        self.engine = StageEngine()
+        self.engine = StageEngine(prefix_cache_bytes=config.prefix_cache_bytes)
         template = config.chat_template_file.read_text() if config.chat_template_file else None
         self.worker = Worker(
             card=card,
@@ -138,6 +140,9 @@ class Node:
             # A member shows the placement the master last gave it.
             placement = json.loads(self.worker.placement_json)
         view["placement"] = placement
+        if self.coordinator.is_master:
+            # Stage 0's index: the hit rate, and every stage's cached bytes.
+            view["prefix_cache"] = self.engine.prefix_cache_stats()
         return view
 
     def master_api_url(self) -> str | None:
@@ -160,6 +165,7 @@ class Node:
         body["stage"] = self.worker.view().model_dump(exclude_none=True)
         body["active_requests"] = self.engine.active_requests
         body["pipeline"] = self.engine.stats()
+        body["prefix_cache"] = self.engine.prefix_cache_stats()
         loaded = self.worker.loaded
         if loaded is not None:
             body["dtype"] = loaded.dtype

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Literal, Protocol
 
@@ -205,6 +205,13 @@ FinishReason = Literal["stop", "length", "cancelled"]
 
 
 @dataclass(frozen=True)
+class PromptEvent:
+    """The prompt is in, before the first token: how much of it the prefix cache served."""
+
+    cached_tokens: int
+
+
+@dataclass(frozen=True)
 class TokenEvent:
     token_id: int
     logprobs: TokenLogprobs | None = None  # when the request asked for them
@@ -217,6 +224,7 @@ class FinishEvent:
     completion_tokens: int
     prefill_seconds: float
     decode_seconds: float
+    cached_tokens: int = 0  # prompt tokens served from the prefix cache
 
 
 @dataclass(frozen=True)
@@ -224,7 +232,7 @@ class ErrorEvent:
     message: str
 
 
-RequestEvent = TokenEvent | FinishEvent | ErrorEvent
+RequestEvent = PromptEvent | TokenEvent | FinishEvent | ErrorEvent
 
 
 class GenerationHandle:
@@ -289,6 +297,10 @@ class Forward:
     sample: bool = False  # the last stage samples a token from this step's output
     sampling: SamplingParams | None = None  # with the request's first message only
     sent_ns: int = 0  # sender's wall clock, for per-hop latency statistics
+    # With the first message: start from a copy of prefix cache entry `reuse_entry` cut to
+    # its first `reuse_tokens` tokens (0: a fresh cache).
+    reuse_entry: int = 0
+    reuse_tokens: int = 0
 
 
 @dataclass
@@ -305,11 +317,22 @@ class SampledToken:
 
 @dataclass
 class Release:
-    """The request ended: free its state (follows its last work down the ring)."""
+    """The request ended: free its state (follows its last work down the ring).
+
+    With `keep_as`, each stage keeps the request's cache as prefix cache entry `keep_as`
+    holding `keep_tokens` tokens, and the release goes on around to stage 0 with what the
+    stages evicted added to `evict` (every stage drops the entries named there) and
+    `trimmable` cleared by any stage whose cache cannot be cut. A release with an empty
+    `request_id` only evicts."""
 
     request_id: str
     epoch: int
     sent_ns: int = 0
+    keep_as: int = 0
+    keep_tokens: int = 0
+    evict: list[int] = field(default_factory=list[int])
+    trimmable: bool = True
+    stage_bytes: list[int] = field(default_factory=list[int])  # each later stage's store
 
 
 @dataclass
@@ -320,6 +343,9 @@ class Failure:
     epoch: int
     error: str
     sent_ns: int = 0
+    # A stage did not hold the prefix cache entry it was asked to start from: stage 0
+    # recomputes the request from its first token instead of reporting an error.
+    cache_miss: bool = False
 
 
 StageMessage = Forward | SampledToken | Release | Failure

@@ -11,12 +11,21 @@ import json
 import signal
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 import requests
 
 from exo_tools.models.catalog import DEFAULT_MODEL_ID
 from exo_tools.models.tokenizer import TextTokenizer
+from tests.helpers.conversations import (
+    QUESTIONS,
+    SYSTEM,
+    ask,
+    assert_each_turn_reuses_the_last,
+    assert_matches_cold_runs,
+    converse,
+)
 from tests.helpers.nodes import NodeProcess, node_environment, start_cluster_nodes
 
 MODEL = DEFAULT_MODEL_ID
@@ -198,10 +207,16 @@ def assert_disconnect_frees_every_node(cluster: Cluster) -> None:
     assert chat(cluster.master, "Hi", max_tokens=2).status_code == 200
 
 
-def assert_killed_node_fails_fast_then_re_places(cluster: Cluster) -> None:
+def assert_killed_node_fails_fast_then_re_places(
+    cluster: Cluster, model_path: Path, tokenizer: TextTokenizer
+) -> None:
     """SIGKILL of the second node mid-stream: the client gets an error within 5 s, the
-    master re-places on itself alone, and the next request succeeds."""
+    master re-places on itself alone, and the next request succeeds. A conversation's
+    prefix cache entries went with the old placement: its next turn is computed from the
+    first token, and answers as a cold run does."""
     epoch = cluster.view()["placement"]["epoch"]
+    before = converse(cluster.master, QUESTIONS[:2])
+    assert_each_turn_reuses_the_last(before)
     body = {
         "model": MODEL,
         "messages": user("Write a very long essay about the history of Europe."),
@@ -237,3 +252,13 @@ def assert_killed_node_fails_fast_then_re_places(cluster: Cluster) -> None:
     assert reply.status_code == 200, reply.text
     assert reply.json()["choices"][0]["message"]["content"]
     assert cluster.master.health()["active_requests"] == 0
+    after = ask(
+        cluster.master,
+        [
+            *before[-1].messages,
+            {"role": "assistant", "content": before[-1].text},
+            {"role": "user", "content": QUESTIONS[2]},
+        ],
+    )
+    assert after.cached_tokens < len(tokenizer.encode(SYSTEM)), after  # at most a default
+    assert_matches_cold_runs([*before, after], model_path, tokenizer)

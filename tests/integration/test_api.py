@@ -15,6 +15,11 @@ import requests
 from exo_tools.models.catalog import CATALOG, DEFAULT_MODEL_ID
 from exo_tools.models.loader import load_model
 from tests.helpers.cluster_runs import LOGPROB_TOLERANCE
+from tests.helpers.conversations import (
+    assert_each_turn_reuses_the_last,
+    assert_matches_cold_runs,
+    converse,
+)
 from tests.helpers.mlx_lm_reference import reference_generate
 from tests.helpers.nodes import NodeProcess, start_node
 
@@ -78,6 +83,17 @@ def test_greedy_output_is_token_identical_to_mlx_lm(node: NodeProcess, model_pat
         # The same through the stream.
         chunks = stream_chunks(node, messages=case["messages"], max_tokens=24, temperature=0)
         assert streamed_text(chunks) == expected_text
+
+
+def test_conversation_turns_reuse_the_prefix_cache(node: NodeProcess, model_path: Path) -> None:
+    tokenizer = load_model(CATALOG[MODEL], model_path, dtype="native", progress=False).tokenizer
+    turns = converse(node)
+    assert_each_turn_reuses_the_last(turns)
+    assert_matches_cold_runs(turns, model_path, tokenizer)
+    stats = node.health()["prefix_cache"]
+    assert stats["entries"] >= 1 and stats["bytes"] > 0
+    assert stats["cached_prompt_tokens"] >= sum(turn.cached_tokens for turn in turns)
+    assert 0 < stats["hit_rate"] <= 1
 
 
 def test_sensible_answer_and_usage(node: NodeProcess) -> None:

@@ -34,6 +34,11 @@ from tests.helpers.cluster_runs import (
     start_cluster,
     wait_idle,
 )
+from tests.helpers.conversations import (
+    assert_each_turn_reuses_the_last,
+    assert_matches_cold_runs,
+    converse,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -111,6 +116,17 @@ class TestTwoStages:
         hops = [node.health()["pipeline"]["hops_measured"] for node in cluster.nodes]
         assert all(count > 0 for count in hops), hops
         wait_idle(cluster)
+
+    def test_conversation_turns_reuse_every_stage_cache(
+        self, cluster: Cluster, model_path: Path, tokenizer: TextTokenizer
+    ) -> None:
+        turns = converse(cluster.master)
+        assert_each_turn_reuses_the_last(turns)
+        assert_matches_cold_runs(turns, model_path, tokenizer)
+        # Both stages hold the entries; the master's view reports each stage's bytes.
+        stats = [node.health()["prefix_cache"] for node in cluster.nodes]
+        assert stats[0]["entries"] == stats[1]["entries"] >= 1
+        assert cluster.view()["prefix_cache"]["later_stage_bytes"] == [stats[1]["bytes"]]
 
     def test_client_disconnect_frees_every_stage(self, cluster: Cluster) -> None:
         assert_disconnect_frees_every_node(cluster)
@@ -201,5 +217,7 @@ class TestStageFailure:
     def cluster(self, two: Cluster) -> Cluster:
         return two
 
-    def test_killed_stage_fails_fast_then_cluster_re_places(self, cluster: Cluster) -> None:
-        assert_killed_node_fails_fast_then_re_places(cluster)
+    def test_killed_stage_fails_fast_then_cluster_re_places(
+        self, cluster: Cluster, model_path: Path, tokenizer: TextTokenizer
+    ) -> None:
+        assert_killed_node_fails_fast_then_re_places(cluster, model_path, tokenizer)

@@ -88,7 +88,8 @@ def _run_last_stage(
         if together:
             # A 128-token prefill chunk keeps the MLX thread busy while the rest queue.
             long = first.forward(mx.array([list(range(1, 129))]), first.make_cache())
-            engine.deliver(Forward("busy", EPOCH, 0, to_wire(long)))
+            busy = Forward("busy", EPOCH, 0, to_wire(long), sampling=SamplingParams())
+            engine.deliver(busy)
         for message in messages:
             engine.deliver(message)
             if not together:
@@ -141,7 +142,7 @@ def test_idle_cache_is_dropped_after_the_timeout(halves: tuple[ShardModel, Shard
     try:
         prefill = first.forward(mx.array([[1, 2, 3, 4]]), first.make_cache())
         delivered = time.monotonic()
-        engine.deliver(Forward("r", EPOCH, 0, to_wire(prefill)))
+        engine.deliver(Forward("r", EPOCH, 0, to_wire(prefill), sampling=SamplingParams()))
         wait_for(lambda: engine.cached_requests == 1, 5.0, "the prefill's cache", 0.02)
         wait_for(lambda: engine.cached_requests == 0, 5.0, "the idle cache to be dropped", 0.02)
         # Kept for the timeout, then dropped by a sweep (one runs at least every second).

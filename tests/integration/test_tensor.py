@@ -30,6 +30,11 @@ from tests.helpers.cluster_runs import (
     start_cluster,
     wait_idle,
 )
+from tests.helpers.conversations import (
+    assert_each_turn_reuses_the_last,
+    assert_matches_cold_runs,
+    converse,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -134,6 +139,17 @@ class TestTwoMembers:
     def test_each_member_holds_only_its_share(self, cluster: Cluster, model_path: Path) -> None:
         assert_weights_are_shares(cluster, model_path)
 
+    def test_conversation_turns_reuse_every_member_cache(
+        self, cluster: Cluster, model_path: Path, tokenizer: TextTokenizer
+    ) -> None:
+        turns = converse(cluster.master)
+        assert_each_turn_reuses_the_last(turns)
+        assert_matches_cold_runs(turns, model_path, tokenizer)
+        # Every member keeps (and evicts) the same entries, of its own heads.
+        stats = [node.health()["prefix_cache"] for node in cluster.nodes]
+        assert stats[0]["entries"] == stats[1]["entries"] >= 1
+        assert all(member["bytes"] > 0 for member in stats)
+
     def test_client_disconnect_frees_every_member(self, cluster: Cluster) -> None:
         assert_disconnect_frees_every_node(cluster)
 
@@ -166,5 +182,7 @@ class TestMemberFailure:
     def cluster(self, two: Cluster) -> Cluster:
         return two
 
-    def test_killed_member_fails_fast_then_cluster_re_places(self, cluster: Cluster) -> None:
-        assert_killed_node_fails_fast_then_re_places(cluster)
+    def test_killed_member_fails_fast_then_cluster_re_places(
+        self, cluster: Cluster, model_path: Path, tokenizer: TextTokenizer
+    ) -> None:
+        assert_killed_node_fails_fast_then_re_places(cluster, model_path, tokenizer)

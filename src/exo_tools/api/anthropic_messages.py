@@ -295,6 +295,15 @@ class Usage(BaseModel):
     cache_read_input_tokens: int = 0
 
 
+def _usage(finished: Finished) -> Usage:
+    # Anthropic counts cache reads apart: the prompt is input plus cache reads.
+    return Usage(
+        input_tokens=finished.prompt_tokens - finished.cached_tokens,
+        output_tokens=finished.completion_tokens,
+        cache_read_input_tokens=finished.cached_tokens,
+    )
+
+
 class Message(BaseModel):
     id: str
     type: Literal["message"] = "message"
@@ -372,9 +381,7 @@ async def _complete(events: AsyncIterator[ChatEvent], start: Message) -> Message
             "content": content,
             "stop_reason": _stop_reason(finished),
             "stop_sequence": finished.stop_sequence,
-            "usage": Usage(
-                input_tokens=finished.prompt_tokens, output_tokens=finished.completion_tokens
-            ),
+            "usage": _usage(finished),
         }
     )
 
@@ -427,8 +434,7 @@ class _Blocks:
     async def finish(self, event: Finished) -> None:
         await self.stop()
         delta = {"stop_reason": _stop_reason(event), "stop_sequence": event.stop_sequence}
-        usage = {"input_tokens": event.prompt_tokens, "output_tokens": event.completion_tokens}
-        await self._send("message_delta", delta=delta, usage=usage)
+        await self._send("message_delta", delta=delta, usage=_usage(event).model_dump())
         await self._send("message_stop")
 
 

@@ -345,6 +345,7 @@ class ResponseObject(BaseModel):
 def _usage(finished: Finished) -> Usage:
     return Usage(
         input_tokens=finished.prompt_tokens,
+        input_tokens_details=InputTokensDetails(cached_tokens=finished.cached_tokens),
         output_tokens=finished.completion_tokens,
         total_tokens=finished.prompt_tokens + finished.completion_tokens,
     )

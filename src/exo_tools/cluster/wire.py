@@ -189,6 +189,7 @@ def stage_message_to_proto(message: StageMessage) -> node_pb2.ActivationMessage:
             forward.sample = message.sample
             if message.sampling is not None:
                 forward.sampling.CopyFrom(sampling_to_proto(message.sampling))
+            forward.reuse_entry, forward.reuse_tokens = message.reuse_entry, message.reuse_tokens
         case SampledToken():
             token = envelope.token
             token.step, token.token_id = message.step, message.token_id
@@ -198,9 +199,15 @@ def stage_message_to_proto(message: StageMessage) -> node_pb2.ActivationMessage:
                 token.top_token_ids.extend(token_id for token_id, _ in message.logprobs.top)
                 token.top_logprobs.extend(logprob for _, logprob in message.logprobs.top)
         case Release():
-            envelope.release.SetInParent()
+            release = envelope.release
+            release.SetInParent()
+            release.keep_as, release.keep_tokens = message.keep_as, message.keep_tokens
+            release.evict.extend(message.evict)
+            release.untrimmable = not message.trimmable
+            release.stage_bytes.extend(message.stage_bytes)
         case Failure():
             envelope.failure.error = message.error
+            envelope.failure.cache_miss = message.cache_miss
     return envelope
 
 
@@ -220,6 +227,8 @@ def stage_message_from_proto(envelope: node_pb2.ActivationMessage) -> StageMessa
             if forward.HasField("sampling")
             else None,
             sent_ns=sent_ns,
+            reuse_entry=forward.reuse_entry,
+            reuse_tokens=forward.reuse_tokens,
         )
     if kind == "token":
         token = envelope.token
@@ -231,9 +240,22 @@ def stage_message_from_proto(envelope: node_pb2.ActivationMessage) -> StageMessa
             request_id, epoch, token.step, int(token.token_id), logprobs, sent_ns=sent_ns
         )
     if kind == "release":
-        return Release(request_id, epoch, sent_ns=sent_ns)
+        release = envelope.release
+        return Release(
+            request_id,
+            epoch,
+            sent_ns=sent_ns,
+            keep_as=release.keep_as,
+            keep_tokens=release.keep_tokens,
+            evict=[int(entry_id) for entry_id in release.evict],
+            trimmable=not release.untrimmable,
+            stage_bytes=[int(size) for size in release.stage_bytes],
+        )
     if kind == "failure":
-        return Failure(request_id, epoch, envelope.failure.error, sent_ns=sent_ns)
+        failure = envelope.failure
+        return Failure(
+            request_id, epoch, failure.error, sent_ns=sent_ns, cache_miss=failure.cache_miss
+        )
     raise ValueError(f"activation message of request {request_id!r} has no kind")
 
 

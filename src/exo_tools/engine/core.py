@@ -23,7 +23,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import mlx.core as mx
@@ -32,6 +32,7 @@ from ..types import (
     ErrorEvent,
     Forward,
     GenerationHandle,
+    Release,
     RequestEvent,
     SamplingParams,
     StageMessage,
@@ -39,6 +40,13 @@ from ..types import (
 from .driver import Driver, Origin
 from .follower import TensorFollower
 from .last_stage import LastStage
+from .prefix_cache import (
+    PrefixIndex,
+    PrefixStore,
+    cache_length,
+    cache_trimmable,
+    default_budget_bytes,
+)
 from .relay import Relay
 from .role import Role
 from .sampling import Sampler
@@ -54,6 +62,7 @@ log = logging.getLogger(__name__)
 SWEEP_INTERVAL_S = 1.0
 DEFAULT_IDLE_TIMEOUT_S = 300.0
 HOP_WINDOW = 128
+MISSED_MEMORY = 1024
 
 Send = Callable[[StageMessage], None]
 
@@ -158,8 +167,18 @@ InboxItem = Start | Deliver | Step | Cancel | FailAll | Install | Stop
 class StageEngine:
     """Lifecycle: `start()`, `install(stage)` per placement, `submit`/`deliver`, `stop()`."""
 
-    def __init__(self, *, idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S) -> None:
+    def __init__(
+        self,
+        *,
+        idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S,
+        prefix_cache_bytes: int | None = None,
+    ) -> None:
         self._idle_timeout_s = idle_timeout_s
+        # Prefix caching is off with a budget of 0.
+        budget = default_budget_bytes() if prefix_cache_bytes is None else prefix_cache_bytes
+        self.prefix_store = PrefixStore(budget)
+        # Requests that failed to start here (a cache miss), whose later messages are dropped.
+        self._missed: dict[str, None] = {}
         self._inbox: queue.SimpleQueue[InboxItem] = queue.SimpleQueue()
         self._stage: InstalledStage | None = None
         self._role: Role | None = None
@@ -216,7 +235,22 @@ class StageEngine:
             "hops_measured": len(hops),
             "refused_stale": self._refused,
             "samples_batched": self.samples_batched,
+            "prefix_cache": self.prefix_cache_stats(),
         }
+
+    @property
+    def prefix_index(self) -> PrefixIndex | None:
+        """Stage 0's index of the prefix cache (None on other stages)."""
+        return self._driver.index if self._driver is not None else None
+
+    def prefix_cache_stats(self) -> dict[str, Any]:
+        """This stage's stored entries and bytes; on stage 0 also the hit rate."""
+        stats: dict[str, Any] = dict(self.prefix_store.stats())
+        driver = self._driver
+        if driver is not None:
+            stats.update(driver.index.stats())
+            stats["later_stage_bytes"] = list(driver.stage_bytes)
+        return stats
 
     def install(self, stage: InstalledStage | None, reason: str, timeout: float = 30.0) -> None:
         """Switch to `stage` (None: hold nothing) between messages; blocks until done.
@@ -327,6 +361,10 @@ class StageEngine:
             case FailAll(reason):
                 self._fail_requests(reason)
                 self.drop_all()
+                # The ring broke: stages may have lost entries the index still names.
+                self.prefix_store.clear()
+                if self._driver is not None:
+                    self._driver.index.clear()
             case Install(stage, reason, done):
                 try:
                     self._install(stage, reason)
@@ -348,6 +386,8 @@ class StageEngine:
     def _install(self, stage: InstalledStage | None, reason: str) -> None:
         self._fail_requests(reason)
         self.drop_all()
+        self.prefix_store.clear()  # entries of the old placement's shards are stale
+        self._missed.clear()
         self._stage = self._role = self._driver = None
         mx.clear_cache()  # hand the old shard's memory back before the new one grows
         if stage is not None:
@@ -405,21 +445,87 @@ class StageEngine:
         """Run the request's next step later, so other requests' work interleaves fairly."""
         self._inbox.put(Step(request_id))
 
-    def cache_for(
-        self, request_id: str, stage: InstalledStage, sampling: SamplingParams | None
+    def open_cache(
+        self,
+        request_id: str,
+        stage: InstalledStage,
+        sampling: SamplingParams | None,
+        *,
+        reuse_entry: int = 0,
+        reuse_tokens: int = 0,
     ) -> CacheEntry:
-        """The request's cache (made on first use); its sampler once `sampling` is known,
-        on the stage that samples."""
-        entry = self.caches.get(request_id)
-        if entry is None:
-            entry = CacheEntry(stage.model.make_cache())
-            self.caches[request_id] = entry
-        if entry.sampler is None and sampling is not None and stage.is_last:
+        """A request's first message on this stage: a fresh cache, or a copy of prefix
+        cache entry `reuse_entry` cut to `reuse_tokens` tokens (raises CacheMiss when this
+        stage cannot); its sampler on the stage that samples. A restarted request's
+        earlier state here is replaced."""
+        self.drop(request_id)
+        self._missed.pop(request_id, None)
+        if reuse_entry:
+            cache = self.prefix_store.copy_prefix(reuse_entry, reuse_tokens)
+        else:
+            cache = stage.model.make_cache()
+        entry = CacheEntry(cache)
+        if sampling is not None and stage.is_last:
             entry.sampler = Sampler(sampling, stage.grammar_tokenizer)
-        entry.last_used = time.monotonic()
+        self.caches[request_id] = entry
         return entry
 
+    def cache_for(self, request_id: str) -> CacheEntry | None:
+        """The cache of a request this stage holds (None: it never started here, or its
+        state was lost)."""
+        entry = self.caches.get(request_id)
+        if entry is not None:
+            entry.last_used = time.monotonic()
+        return entry
+
+    def mark_missed(self, request_id: str) -> bool:
+        """Remember that `request_id` failed to start here, so its further messages are
+        dropped quietly; False when it already was."""
+        if request_id in self._missed:
+            return False
+        self._missed[request_id] = None
+        while len(self._missed) > MISSED_MEMORY:
+            self._missed.pop(next(iter(self._missed)))
+        return True
+
+    def release(self, stage: InstalledStage, message: Release) -> Release:
+        """A request ended: drop its cache, or keep it as the prefix cache entry the
+        release names; returns the release to pass on, with this stage's evictions."""
+        entry = self.caches.pop(message.request_id, None)
+        self._missed.pop(message.request_id, None)
+        store = self.prefix_store
+        store.drop(message.evict)
+        if entry is not None:
+            entry.close()
+        if not message.keep_as:
+            return message
+        evict = list(message.evict)
+        trimmable = message.trimmable
+        local = stage.model.local_caches(entry.cache) if entry is not None else []
+        if entry is None or cache_length(local) not in (None, message.keep_tokens):
+            # Nothing (or not what stage 0 counted) to keep: every stage forgets the entry.
+            log.warning(
+                "not keeping prefix cache entry %d of request %s",
+                message.keep_as,
+                message.request_id,
+            )
+            evict.append(message.keep_as)
+        else:
+            trimmable = trimmable and cache_trimmable(local)
+            # Tensor members follow rank 0's evictions exactly: they cannot report their own.
+            budgeted = not stage.is_tensor_follower
+            evict.extend(
+                store.put(message.keep_as, entry.cache, message.keep_tokens, local, budgeted)
+            )
+        return replace(
+            message,
+            evict=evict,
+            trimmable=trimmable,
+            stage_bytes=[*message.stage_bytes, store.nbytes],
+        )
+
     def drop(self, request_id: str) -> None:
+        """Free a request's cache without keeping it."""
         entry = self.caches.pop(request_id, None)
         if entry is not None:
             entry.close()

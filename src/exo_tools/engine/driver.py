@@ -24,6 +24,7 @@ from ..types import (
     FinishEvent,
     FinishReason,
     Forward,
+    PromptEvent,
     Release,
     RequestEvent,
     SampledToken,
@@ -32,6 +33,7 @@ from ..types import (
     TokenEvent,
     TokenLogprobs,
 )
+from .prefix_cache import MIN_REUSE_TOKENS, CacheMiss, PrefixIndex, cache_length, cache_trimmable
 from .role import Role
 from .sampling import Sampler, sample_token
 from .tensors import to_wire
@@ -62,6 +64,11 @@ class Origin:
     next_input: int | None = None
     sent_first: bool = False
     passes: int = 0  # forward passes sent to tensor-parallel members
+    # The tokens this request's cache holds, in order (what it keeps as a prefix entry).
+    fed: list[int] = field(default_factory=list[int])
+    reuse_entry: int = 0  # the prefix cache entry it started from (0: none)
+    reused: int = 0  # prompt tokens it took from that entry
+    step_pending: bool = False  # a Step of it waits in the inbox
     # One-stage decode runs a step ahead: the next token, still being computed.
     ahead: mx.array | None = None
     started: float = field(default_factory=time.perf_counter)
@@ -78,6 +85,9 @@ class Driver(Role):
     def __init__(self, engine: StageEngine, stage: InstalledStage) -> None:
         super().__init__(engine, stage)
         self.origins: dict[str, Origin] = {}
+        self.index = PrefixIndex()
+        # The other stages' prefix cache bytes, as their last kept release reported them.
+        self.stage_bytes: list[int] = []
 
     # -- from the engine's inbox
 
@@ -86,11 +96,18 @@ class Driver(Role):
             origin.emit(ErrorEvent(f"request id {origin.request_id} is already running"))
             return
         self.origins[origin.request_id] = origin
+        try:
+            self._open(origin, reuse=True)
+        except Exception as error:
+            log.exception("request %s failed to start", origin.request_id)
+            self._fail(origin, f"generation failed: {error}")
+            return
         self._step_safely(origin)
 
     def step(self, request_id: str) -> None:
         origin = self.origins.get(request_id)
         if origin is not None:
+            origin.step_pending = False
             self._step_safely(origin)
 
     def cancel(self, request_id: str) -> None:
@@ -104,13 +121,19 @@ class Driver(Role):
         self.origins.clear()
 
     def on_message(self, message: StageMessage) -> None:
-        """A sampled token (or a failure) came back around the ring."""
+        """A sampled token (or a failure) came back around the ring, or a release that
+        kept a prefix cache entry on every stage."""
+        if isinstance(message, Release):
+            self._on_kept(message)
+            return
         origin = self.origins.get(message.request_id)
         if origin is None:
             return  # cancelled meanwhile; its release is already on its way
         match message:
             case SampledToken(token_id=token_id, logprobs=logprobs):
                 self._on_token(origin, token_id, logprobs)
+            case Failure(cache_miss=True) if origin.generated == 0:
+                self._recompute(origin)
             case Failure(error=error):
                 self._fail(origin, error)
             case _:
@@ -128,15 +151,117 @@ class Driver(Role):
             log.exception("request %s failed", origin.request_id)
             self._fail(origin, f"generation failed: {error}")
 
+    # -- the prefix cache
+
+    @property
+    def _caching(self) -> bool:
+        return self._engine.prefix_store.budget_bytes > 0
+
+    def _open(self, origin: Origin, *, reuse: bool) -> None:
+        """Open the request's cache on this stage: from the prefix cache entry sharing the
+        longest prefix with its prompt, when there is one and `reuse`."""
+        engine, stage = self._engine, self._stage
+        hit = self.index.lookup(origin.prompt) if reuse and self._caching else None
+        if hit is not None:
+            try:
+                engine.open_cache(
+                    origin.request_id,
+                    stage,
+                    origin.sampling,
+                    reuse_entry=hit.entry_id,
+                    reuse_tokens=hit.tokens,
+                )
+            except CacheMiss:
+                self.index.forget([hit.entry_id])
+                hit = None
+        if hit is None:
+            engine.open_cache(origin.request_id, stage, origin.sampling)
+        origin.reuse_entry = hit.entry_id if hit is not None else 0
+        origin.reused = origin.prompt_done = hit.tokens if hit is not None else 0
+        origin.fed = origin.prompt[: origin.reused]
+
+    def _recompute(self, origin: Origin) -> None:
+        """A stage lacked the entry the request started from: start it over, cold."""
+        entry_id = origin.reuse_entry
+        log.info(
+            "request %s: prefix cache entry %d missed on a stage; recomputing",
+            origin.request_id,
+            entry_id,
+        )
+        self._evict_everywhere([entry_id])
+        origin.sent_first = False
+        origin.next_input = None
+        self._open(origin, reuse=False)
+        if not origin.step_pending:
+            self._schedule(origin)
+
+    def _evict_everywhere(self, entry_ids: list[int]) -> None:
+        self.index.forget(entry_ids)
+        self._engine.prefix_store.drop(entry_ids)
+        stage = self._stage
+        if stage.n_stages > 1:
+            self._send(Release("", stage.epoch, evict=entry_ids))
+        if stage.broadcast is not None:
+            self._broadcast(Release("", stage.epoch, evict=entry_ids))
+
+    def _keep(self, origin: Origin) -> Release:
+        """Keep the ended request's cache as a prefix cache entry (when it is worth
+        keeping); the release that tells the other stages to keep theirs."""
+        engine, stage = self._engine, self._stage
+        release = Release(origin.request_id, stage.epoch)
+        entry = engine.caches.pop(origin.request_id, None)
+        if entry is None:
+            return release
+        entry.close()
+        tokens = origin.fed
+        local = stage.model.local_caches(entry.cache)
+        if len(tokens) < MIN_REUSE_TOKENS or cache_length(local) not in (None, len(tokens)):
+            return release
+        entry_id = self.index.new_id()
+        trimmable = cache_trimmable(local)
+        evicted = engine.prefix_store.put(entry_id, entry.cache, len(tokens), local)
+        redundant = self.index.add(entry_id, tokens, trimmable)
+        engine.prefix_store.drop(redundant)
+        self.index.forget(evicted)
+        release.evict = [*evicted, *redundant]
+        if entry_id in evicted:  # larger than this node's whole budget
+            release.evict.remove(entry_id)
+            return release
+        release.keep_as, release.keep_tokens, release.trimmable = entry_id, len(tokens), trimmable
+        return release
+
+    def _on_kept(self, release: Release) -> None:
+        """The stages kept entry `keep_as`: forget what any of them evicted (and have the
+        others drop it too), and whether a stage's copy cannot be cut."""
+        evicted = [
+            entry_id
+            for entry_id in release.evict
+            if entry_id in self.index or entry_id in self._engine.prefix_store
+        ]
+        if evicted:
+            self._evict_everywhere(evicted)
+        if not release.trimmable:
+            self.index.mark_untrimmable(release.keep_as)
+        self.stage_bytes = list(release.stage_bytes)
+
+    # -- one step of a request
+
+    def _schedule(self, origin: Origin) -> None:
+        origin.step_pending = True
+        self._engine.schedule(origin.request_id)
+
     def _step(self, origin: Origin) -> None:
         stage = self._stage
-        entry = self._engine.cache_for(origin.request_id, stage, origin.sampling)
+        entry = self._engine.cache_for(origin.request_id)
+        if entry is None:
+            raise RuntimeError("the request's cache is gone")
         remaining = len(origin.prompt) - 1 - origin.prompt_done
         if remaining > 0:
             count = min(PREFILL_CHUNK, remaining)
             ids = origin.prompt[origin.prompt_done : origin.prompt_done + count]
             origin.prompt_done += count
             sample = False
+            origin.fed.extend(ids)
         else:
             last = origin.next_input if origin.next_input is not None else origin.prompt[-1]
             # Tensor rank 0 is one stage too, but its passes sync with the members.
@@ -146,6 +271,7 @@ class Driver(Role):
                 return
             ids = [last]
             sample = True
+            origin.fed.append(last)
         out = self._forward(origin, mx.array(ids)[None], entry.cache)
         if stage.n_stages == 1:
             if sample:
@@ -153,7 +279,7 @@ class Driver(Role):
                 self._on_token(origin, token, logprobs)
             else:
                 mx.eval(stage.model.cache_state(entry.cache))
-                self._engine.schedule(origin.request_id)
+                self._schedule(origin)
             return
         message = Forward(
             origin.request_id,
@@ -163,11 +289,13 @@ class Driver(Role):
             sample=sample,
             sampling=None if origin.sent_first else origin.sampling,
         )
+        if not origin.sent_first:
+            message.reuse_entry, message.reuse_tokens = origin.reuse_entry, origin.reused
         origin.sent_first = True
         self._send(message)
         if not sample:
             # Prefill chunks stream on: stage 1 works on this chunk while we run the next.
-            self._engine.schedule(origin.request_id)
+            self._schedule(origin)
 
     def _decode_ahead(self, origin: Origin, entry: CacheEntry, last: int) -> None:
         """One decode step of a one-stage placement, run a step ahead as mlx-lm's generate
@@ -181,13 +309,18 @@ class Driver(Role):
         token = origin.ahead
         if token is None:
             token = sampler(model.forward(mx.array([[last]]), entry.cache)[:, -1, :])
+            origin.fed.append(last)
             mx.async_eval(token)
         origin.ahead = None
-        if origin.generated + 1 < origin.max_tokens:
+        fed_ahead = origin.generated + 1 < origin.max_tokens
+        if fed_ahead:
             following = model.forward(token[None], entry.cache)
             origin.ahead = sampler(following[:, -1, :])
             mx.async_eval(origin.ahead)
-        self._on_token(origin, cast(int, token.item()))
+        value = cast(int, token.item())
+        if fed_ahead:
+            origin.fed.append(value)
+        self._on_token(origin, value)
 
     def _forward(self, origin: Origin, ids: mx.array, cache: list[object]) -> mx.array:
         stage = self._stage
@@ -200,7 +333,10 @@ class Driver(Role):
         passes = origin.passes
 
         def hand_on(hidden: mx.array) -> None:
-            self._broadcast(Forward(origin.request_id, stage.epoch, passes, to_wire(hidden)))
+            message = Forward(origin.request_id, stage.epoch, passes, to_wire(hidden))
+            if passes == 1:
+                message.reuse_entry, message.reuse_tokens = origin.reuse_entry, origin.reused
+            self._broadcast(message)
 
         collective.begin(origin.request_id, passes)
         return stage.model.forward(ids, cache, input_tap=hand_on)
@@ -222,13 +358,15 @@ class Driver(Role):
         if token in self._stage.eos_token_ids:
             self._finish(origin, "stop")
             return
+        if origin.generated == 0:
+            origin.emit(PromptEvent(origin.reused))
         origin.generated += 1
         origin.next_input = token
         origin.emit(TokenEvent(token, logprobs))
         if origin.generated >= origin.max_tokens:
             self._finish(origin, "length")
             return
-        self._engine.schedule(origin.request_id)
+        self._schedule(origin)
 
     def _finish(self, origin: Origin, reason: FinishReason) -> None:
         now = time.perf_counter()
@@ -240,21 +378,30 @@ class Driver(Role):
                 completion_tokens=origin.generated,
                 prefill_seconds=first - origin.started,
                 decode_seconds=now - first,
+                cached_tokens=origin.reused,
             )
         )
-        self._end(origin)
+        self.index.record(len(origin.prompt), origin.reused)
+        self._end(origin, keep=True)
 
     def _fail(self, origin: Origin, message: str) -> None:
         origin.emit(ErrorEvent(message))
-        self._end(origin)
+        self._end(origin, keep=False)
 
-    def _end(self, origin: Origin) -> None:
+    def _end(self, origin: Origin, *, keep: bool) -> None:
         self.origins.pop(origin.request_id, None)
-        self._engine.drop(origin.request_id)
         stage = self._stage
-        if stage.broadcast is not None and origin.passes:
-            self._broadcast(Release(origin.request_id, stage.epoch))
+        tensor = stage.broadcast is not None
+        # Every stage holds the request's cache: it ran there.
+        everywhere = origin.passes > 0 if tensor else stage.n_stages == 1 or origin.sent_first
+        if keep and everywhere and self._caching:
+            release = self._keep(origin)
+        else:
+            self._engine.drop(origin.request_id)
+            release = Release(origin.request_id, stage.epoch)
+        if tensor and origin.passes:
+            self._broadcast(release)
         if stage.n_stages > 1 and origin.sent_first:
-            # Follows the request's last work down the same streams, so it frees every
-            # stage's cache after that stage is done with it.
-            self._send(Release(origin.request_id, stage.epoch))
+            # Follows the request's last work down the same streams, so it frees (or
+            # keeps) every stage's cache after that stage is done with it.
+            self._send(release)

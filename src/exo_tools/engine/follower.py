@@ -19,7 +19,9 @@ class TensorFollower(Role):
         match message:
             case Forward():
                 self._pass(message)
-            case Release() | Failure():
+            case Release():
+                self._engine.release(self._stage, message)
+            case Failure():
                 self._engine.drop(message.request_id)
             case _:
                 log.warning("a tensor member got an unexpected %s", type(message).__name__)
@@ -28,8 +30,23 @@ class TensorFollower(Role):
         stage = self._stage
         collective = stage.collective
         assert collective is not None
-        entry = self._engine.cache_for(message.request_id, stage, None)
         try:
+            if message.step != 1:
+                entry = self._engine.cache_for(message.request_id)
+                if entry is None:
+                    raise RuntimeError("this member holds no state for the request")
+            else:
+                # A request's first pass. A member that lost the prefix cache entry rank 0
+                # chose cannot contribute and fails the collective below; members keep
+                # what rank 0 keeps and evict what it evicts, so only a broken placement
+                # gets there.
+                entry = self._engine.open_cache(
+                    message.request_id,
+                    stage,
+                    None,
+                    reuse_entry=message.reuse_entry,
+                    reuse_tokens=message.reuse_tokens,
+                )
             collective.begin(message.request_id, message.step)
             out = stage.model.forward(from_wire(message.hidden), entry.cache)
             mx.eval(out, stage.model.cache_state(entry.cache))

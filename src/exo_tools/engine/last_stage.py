@@ -35,17 +35,21 @@ class LastStage(Relay):
                 self._sample_batch([message, *self._engine.queued_samples(MAX_SAMPLE_BATCH - 1)])
             case Forward():
                 try:
-                    self._prefill(message)
+                    entry = self.entry_for(message)
+                    if entry is not None:
+                        self._prefill(entry, message)
                 except Exception as error:
                     self.fail(message, error)
             case Release():
-                self._engine.drop(message.request_id)  # the ring ends here
+                release = self._engine.release(self._stage, message)
+                if release.keep_as:
+                    # Back to stage 0, whose index learns what the stages evicted.
+                    self.send(release)
             case _:
                 super().on_message(message)
 
-    def _prefill(self, message: Forward) -> None:
+    def _prefill(self, entry: CacheEntry, message: Forward) -> None:
         """A prefill chunk: the cache is all it leaves."""
-        entry = self._engine.cache_for(message.request_id, self._stage, message.sampling)
         self._stage.model.forward(from_wire(message.hidden), entry.cache)
         mx.eval(self._stage.model.cache_state(entry.cache))
 
@@ -54,7 +58,9 @@ class LastStage(Relay):
         finished: list[tuple[Forward, CacheEntry, mx.array]] = []
         for message in messages:
             try:
-                entry = self._engine.cache_for(message.request_id, stage, message.sampling)
+                entry = self.entry_for(message)
+                if entry is None:
+                    continue
                 hidden = stage.model.blocks(from_wire(message.hidden), entry.cache)
                 finished.append((message, entry, hidden[:, -1, :]))
             except Exception as error:

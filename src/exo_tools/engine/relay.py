@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 from ..types import Failure, Forward, Release, StageMessage
+from .prefix_cache import CacheMiss
 from .role import Role
 from .tensors import from_wire, to_wire
+
+if TYPE_CHECKING:
+    from .core import CacheEntry
 
 log = logging.getLogger(__name__)
 
@@ -16,19 +21,54 @@ class Relay(Role):
         match message:
             case Forward():
                 try:
-                    self._forward(message)
+                    entry = self.entry_for(message)
+                    if entry is not None:
+                        self._forward(message, entry)
                 except Exception as error:
                     self.fail(message, error)
-            case Release() | Failure():
-                # On down the ring: a release frees every stage, a failure reaches stage 0.
+            case Release():
+                self.send(self._engine.release(self._stage, message))
+            case Failure():
+                # On down the ring to stage 0, which reports it (or recomputes on a miss).
                 self._engine.drop(message.request_id)
                 self.send(message)
             case _:
                 log.warning("a middle stage got an unexpected %s", type(message).__name__)
 
-    def _forward(self, message: Forward) -> None:
+    def entry_for(self, message: Forward) -> CacheEntry | None:
+        """The request's cache here: opened by its first message (from a prefix cache
+        entry when stage 0 chose one). None when the request cannot go on here; stage 0
+        has been told (a cache miss, or state lost)."""
+        engine, stage = self._engine, self._stage
+        if message.sampling is not None:
+            try:
+                return engine.open_cache(
+                    message.request_id,
+                    stage,
+                    message.sampling,
+                    reuse_entry=message.reuse_entry,
+                    reuse_tokens=message.reuse_tokens,
+                )
+            except CacheMiss as miss:
+                log.info("request %s: %s; stage 0 recomputes it", message.request_id, miss)
+                engine.mark_missed(message.request_id)
+                self.send(Failure(message.request_id, stage.epoch, str(miss), cache_miss=True))
+                return None
+        entry = engine.cache_for(message.request_id)
+        if entry is None and engine.mark_missed(message.request_id):
+            # Not started here, or dropped as idle: going on from a fresh cache would be
+            # a wrong answer.
+            self.send(
+                Failure(
+                    message.request_id,
+                    stage.epoch,
+                    f"{self.describe()} holds no state for this request (idle too long?)",
+                )
+            )
+        return entry
+
+    def _forward(self, message: Forward, entry: CacheEntry) -> None:
         stage = self._stage
-        entry = self._engine.cache_for(message.request_id, stage, message.sampling)
         out = stage.model.forward(from_wire(message.hidden), entry.cache)
         self.send(
             Forward(
@@ -38,21 +78,23 @@ class Relay(Role):
                 to_wire(out),
                 sample=message.sample,
                 sampling=message.sampling,
+                reuse_entry=message.reuse_entry,
+                reuse_tokens=message.reuse_tokens,
             )
         )
 
     def send(self, message: StageMessage) -> None:
         self._engine.send(self._stage, message)
 
+    def describe(self) -> str:
+        shard = self._stage.model.shard
+        return f"stage [{shard.start_layer}, {shard.end_layer})"
+
     def fail(self, message: StageMessage, error: Exception) -> None:
         """This request failed here: drop it and tell stage 0 (down the ring)."""
         log.exception("request %s failed on this stage", message.request_id)
         self._engine.drop(message.request_id)
-        shard = self._stage.model.shard
+        self._engine.mark_missed(message.request_id)
         self.send(
-            Failure(
-                message.request_id,
-                self._stage.epoch,
-                f"stage [{shard.start_layer}, {shard.end_layer}) failed: {error}",
-            )
+            Failure(message.request_id, self._stage.epoch, f"{self.describe()} failed: {error}")
         )

@@ -234,16 +234,20 @@ class ActivationMessage(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., epoch: _Optional[int] = ..., sent_ns: _Optional[int] = ..., forward: _Optional[_Union[ForwardPass, _Mapping]] = ..., token: _Optional[_Union[SampledToken, _Mapping]] = ..., release: _Optional[_Union[Release, _Mapping]] = ..., failure: _Optional[_Union[Failure, _Mapping]] = ...) -> None: ...
 
 class ForwardPass(_message.Message):
-    __slots__ = ("step", "hidden", "sample", "sampling")
+    __slots__ = ("step", "hidden", "sample", "sampling", "reuse_entry", "reuse_tokens")
     STEP_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
     SAMPLE_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    REUSE_ENTRY_FIELD_NUMBER: _ClassVar[int]
+    REUSE_TOKENS_FIELD_NUMBER: _ClassVar[int]
     step: int
     hidden: Tensor
     sample: bool
     sampling: SamplingParams
-    def __init__(self, step: _Optional[int] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., sample: _Optional[bool] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ...) -> None: ...
+    reuse_entry: int
+    reuse_tokens: int
+    def __init__(self, step: _Optional[int] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., sample: _Optional[bool] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., reuse_entry: _Optional[int] = ..., reuse_tokens: _Optional[int] = ...) -> None: ...
 
 class SampledToken(_message.Message):
     __slots__ = ("step", "token_id", "has_logprobs", "logprob", "top_token_ids", "top_logprobs")
@@ -262,14 +266,26 @@ class SampledToken(_message.Message):
     def __init__(self, step: _Optional[int] = ..., token_id: _Optional[int] = ..., has_logprobs: _Optional[bool] = ..., logprob: _Optional[float] = ..., top_token_ids: _Optional[_Iterable[int]] = ..., top_logprobs: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class Release(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("keep_as", "keep_tokens", "evict", "untrimmable", "stage_bytes")
+    KEEP_AS_FIELD_NUMBER: _ClassVar[int]
+    KEEP_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    EVICT_FIELD_NUMBER: _ClassVar[int]
+    UNTRIMMABLE_FIELD_NUMBER: _ClassVar[int]
+    STAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    keep_as: int
+    keep_tokens: int
+    evict: _containers.RepeatedScalarFieldContainer[int]
+    untrimmable: bool
+    stage_bytes: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, keep_as: _Optional[int] = ..., keep_tokens: _Optional[int] = ..., evict: _Optional[_Iterable[int]] = ..., untrimmable: _Optional[bool] = ..., stage_bytes: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class Failure(_message.Message):
-    __slots__ = ("error",)
+    __slots__ = ("error", "cache_miss")
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    CACHE_MISS_FIELD_NUMBER: _ClassVar[int]
     error: str
-    def __init__(self, error: _Optional[str] = ...) -> None: ...
+    cache_miss: bool
+    def __init__(self, error: _Optional[str] = ..., cache_miss: _Optional[bool] = ...) -> None: ...
 
 class AllReduceMessage(_message.Message):
     __slots__ = ("request_id", "epoch", "step", "layer", "phase", "rank", "tensor", "error")

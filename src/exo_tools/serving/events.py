@@ -55,6 +55,7 @@ class Finished:
     prefill_seconds: float
     decode_seconds: float
     stop_sequence: str | None = None  # the stop string that ended the text, if one did
+    cached_tokens: int = 0  # prompt tokens the prefix cache served
 
 
 ChatEvent = ContentDelta | ReasoningDelta | ToolCallEvent | LogprobsDelta | Finished

@@ -6,7 +6,14 @@ import asyncio
 from collections.abc import AsyncIterator, Sequence
 
 from ..models.tokenizer import IncrementalDetokenizer, TextTokenizer
-from ..types import ErrorEvent, FinishEvent, SamplingParams, TokenEvent, TokenGenerator
+from ..types import (
+    ErrorEvent,
+    FinishEvent,
+    PromptEvent,
+    SamplingParams,
+    TokenEvent,
+    TokenGenerator,
+)
 from .errors import GenerationError
 from .events import Finished
 
@@ -70,11 +77,14 @@ async def generate_text(
     detokenizer = IncrementalDetokenizer(tokenizer, skip_special_tokens=skip_special_tokens)
     matcher = StopStringMatcher(stop)
     completion_tokens = 0
+    cached_tokens = 0
     finished = False
     try:
         while True:
             event = await handle.events.get()
-            if isinstance(event, TokenEvent):
+            if isinstance(event, PromptEvent):
+                cached_tokens = event.cached_tokens
+            elif isinstance(event, TokenEvent):
                 completion_tokens += 1
                 text, stopped = matcher.feed(detokenizer.add(event.token_id))
                 if text:
@@ -85,7 +95,13 @@ async def generate_text(
                     handle.cancel()
                     finished = True
                     yield Finished(
-                        "stop", len(prompt), completion_tokens, 0.0, 0.0, matcher.matched
+                        "stop",
+                        len(prompt),
+                        completion_tokens,
+                        0.0,
+                        0.0,
+                        matcher.matched,
+                        cached_tokens,
                     )
                     return
             elif isinstance(event, FinishEvent):
@@ -102,6 +118,7 @@ async def generate_text(
                     event.prefill_seconds,
                     event.decode_seconds,
                     matcher.matched,
+                    event.cached_tokens,
                 )
                 return
             elif isinstance(event, ErrorEvent):
