@@ -180,7 +180,7 @@ class Node:
 
     async def run(self) -> int:
         """Serve until SIGINT/SIGTERM."""
-        app = create_app(self, api_key=self.config.api_key)
+        app = create_app(self, api_key=self.config.api_key, log_requests=self.config.log_requests)
         # handler_cancellation: a client that disconnects cancels its handler, which
         # cancels its generation and frees its KV cache.
         runner = web.AppRunner(app, handler_cancellation=True, access_log=None)

@@ -15,6 +15,7 @@ from exo_tools.models.catalog import CATALOG, DEFAULT_MODEL_ID, HFFolderSource, 
 from exo_tools.models.gguf import read_gguf
 from exo_tools.models.loader import LoadedModel, load_model, parameter_arrays
 from exo_tools.types import Shard
+from tests.helpers.model_export import export_hf_folder
 from tests.helpers.nodes import node_environment, start_node
 
 pytestmark = pytest.mark.slow
@@ -111,27 +112,6 @@ def test_shard_holds_only_its_layers(model_path: Path) -> None:
     assert not any(name.startswith(("model.embed_tokens", "model.norm")) for name in names)
     # Layers keep their positions in the model (the model's own code indexes them).
     assert {int(name.split(".")[2]) for name in names if ".layers." in name} == set(range(10, 20))
-
-
-def export_hf_folder(loaded: LoadedModel, folder: Path) -> None:
-    """Write the loaded model the way Hugging Face / mlx-lm save one."""
-    folder.mkdir(parents=True, exist_ok=True)
-    mx.save_safetensors(str(folder / "model.safetensors"), dict(parameter_arrays(loaded.model)))
-    config = {k: v for k, v in loaded.config.items() if k != "add_bos_token"}
-    config["architectures"] = ["LlamaForCausalLM"]
-    (folder / "config.json").write_text(json.dumps(config))
-    loaded.tokenizer.backend.save(str(folder / "tokenizer.json"))
-    assert loaded.tokenizer.chat_template is not None
-    (folder / "tokenizer_config.json").write_text(
-        json.dumps(
-            {
-                "chat_template": loaded.tokenizer.chat_template.source,
-                "bos_token": "<|im_start|>",
-                "eos_token": "<|im_end|>",
-                "add_bos_token": False,
-            }
-        )
-    )
 
 
 def test_hf_folder_source_matches_gguf(loaded: LoadedModel, tmp_path: Path) -> None:

@@ -64,7 +64,9 @@ def test_anthropic_history_becomes_chat_messages() -> None:
         thinking={"type": "enabled", "budget_tokens": 1024},
     )
     request = anthropic_messages.to_chat_request(body)
-    system = "x-anthropic-billing-header: cc_version=2.1;\n\nBe brief.\n\nAlso be kind."
+    # The per-request billing header is not part of the prompt (it would break the cached
+    # prefix of every turn).
+    system = "Be brief.\n\nAlso be kind."
     assert request.messages == [
         {"role": "system", "content": system},
         {"role": "user", "content": "Weather?"},

@@ -210,6 +210,10 @@ def _template_messages(body: CountTokensRequest) -> list[dict[str, Any]]:
     """
     system = body.system
     system_texts = [system] if isinstance(system, str) else [b.text for b in system or []]
+    # Claude Code's first system block is a per-request header (its version, entry point
+    # and a hash that changes per request): not instructions, and in the prompt it would
+    # end every conversation's cached prefix at its first tokens.
+    system_texts = [text for text in system_texts if not _is_request_header(text)]
     messages: list[dict[str, Any]] = []
     for message in body.messages:
         content = message.content
@@ -302,6 +306,13 @@ def _usage(finished: Finished) -> Usage:
         output_tokens=finished.completion_tokens,
         cache_read_input_tokens=finished.cached_tokens,
     )
+
+
+REQUEST_HEADER_PREFIXES = ("x-anthropic-billing-header:",)
+
+
+def _is_request_header(text: str) -> bool:
+    return text.lstrip().lower().startswith(REQUEST_HEADER_PREFIXES)
 
 
 class Message(BaseModel):

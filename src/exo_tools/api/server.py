@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import hmac
 import json
+import time
 from collections.abc import Awaitable, Callable, Mapping
+from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 import aiohttp
@@ -72,11 +74,38 @@ def _auth_middleware(api_key: str | None) -> Callable[..., Awaitable[web.StreamR
     return check
 
 
-def create_app(backend: NodeBackend, *, api_key: str | None = None) -> web.Application:
-    app = web.Application(
-        client_max_size=MAX_BODY_BYTES,
-        middlewares=[error_middleware, _auth_middleware(api_key)],
-    )
+# The routes whose bodies `--log-requests` records: what a client's session sends.
+LOGGED_ROUTES = frozenset({"/v1/chat/completions", "/v1/messages", "/v1/responses"})
+
+
+def _request_log_middleware(path: Path) -> Callable[..., Awaitable[web.StreamResponse]]:
+    """Append each generation request's body to `path` as one JSON line (for replays)."""
+
+    @web.middleware
+    async def record(
+        request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        if request.method == "POST" and request.path in LOGGED_ROUTES:
+            raw = await request.read()  # aiohttp keeps it for the handler
+            try:
+                body: Any = json.loads(raw)
+            except ValueError:
+                body = raw.decode(errors="replace")
+            line = json.dumps({"time": time.time(), "path": request.path, "body": body})
+            with path.open("a", encoding="utf-8") as log_file:
+                log_file.write(line + "\n")
+        return await handler(request)
+
+    return record
+
+
+def create_app(
+    backend: NodeBackend, *, api_key: str | None = None, log_requests: Path | None = None
+) -> web.Application:
+    middlewares = [error_middleware, _auth_middleware(api_key)]
+    if log_requests is not None:
+        middlewares.append(_request_log_middleware(log_requests))
+    app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=middlewares)
     routes = _Routes(backend)
     app.on_cleanup.append(routes.close)
     app.router.add_get("/health", routes.health)
