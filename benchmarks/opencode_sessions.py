@@ -91,6 +91,12 @@ def main() -> None:
     )
     parser.add_argument("--modes", default="tool-on-user-turn", help="comma-separated modes")
     parser.add_argument("--events", type=Path, help="write each session's JSON events here")
+    parser.add_argument(
+        "--record",
+        type=Path,
+        help="the node records every request body here (--log-requests), for "
+        "benchmarks/agent_turns.py --replay",
+    )
     args = parser.parse_args()
 
     from tests.helpers.nodes import node_environment, start_node
@@ -103,6 +109,8 @@ def main() -> None:
     for mode in args.modes.split(","):
         # One node on the machine: both cores for its BLAS.
         flags = [*MODES[mode], "--default-max-tokens", str(args.default_max_tokens)]
+        if args.record:
+            flags += ["--log-requests", str(args.record)]
         node = start_node(*flags, env=node_environment(threads=2))
         try:
             sessions = []
