@@ -176,6 +176,7 @@ class Parallelism(StrEnum):
 class SamplingParams:
     temperature: float = 1.0
     top_p: float = 1.0
+    top_k: int = 0  # sample among the k most likely tokens (0: all)
     seed: int | None = None
     # A grammar constraint for this request (see exo_tools.constraints), as its serialized
     # spec so it can travel to whichever node samples; None = unconstrained.

@@ -78,6 +78,17 @@ def test_seeded_sampler_is_reproducible_and_top_p_filters() -> None:
     assert {sampler(logits).tolist()[0] for _ in range(50)} <= {0, 1}
 
 
+def test_top_k_draws_only_among_the_k_most_likely() -> None:
+    # Nearly flat: without top_k all five tokens come up in 200 draws.
+    logits = mx.array([[1.0, 1.1, 0.9, 1.05, 0.95]])
+    free = Sampler(SamplingParams(temperature=1.0, seed=11))
+    assert {free(logits).tolist()[0] for _ in range(200)} == {0, 1, 2, 3, 4}
+    top_two = Sampler(SamplingParams(temperature=1.0, top_k=2, seed=11))
+    assert {top_two(logits).tolist()[0] for _ in range(200)} == {1, 3}
+    top_one = Sampler(SamplingParams(temperature=1.0, top_k=1, seed=11))
+    assert {top_one(logits).tolist()[0] for _ in range(20)} == {1}
+
+
 def test_shard_bounds() -> None:
     shard = Shard("m", 0, 10, 30)
     assert shard.is_first and not shard.is_last and shard.n_local_layers == 10

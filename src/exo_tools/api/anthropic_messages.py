@@ -177,6 +177,7 @@ def to_chat_request(body: CountTokensRequest) -> ChatRequest:
         max_tokens=body.max_tokens,
         temperature=1.0 if body.temperature is None else body.temperature,
         top_p=1.0 if body.top_p is None else body.top_p,
+        top_k=body.top_k or 0,
         stop=tuple(body.stop_sequences or ()),
         response_format=None
         if output_format is None

@@ -62,6 +62,7 @@ def to_chat_request(body: ChatCompletionRequest) -> ChatRequest:
         max_tokens=body.token_limit(),
         temperature=1.0 if body.temperature is None else body.temperature,
         top_p=1.0 if body.top_p is None else body.top_p,
+        top_k=body.top_k or 0,
         seed=body.seed,
         stop=tuple(body.stop_list()),
         response_format=None

@@ -127,6 +127,8 @@ class ChatCompletionRequest(GuidedGenerationFields):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    # Not OpenAI's; vLLM's and llama.cpp's servers take it too.
+    top_k: int | None = Field(default=None, ge=0)
     seed: int | None = None
     stop: str | list[str] | None = None
     n: int | None = Field(default=None, ge=1, le=1)

@@ -157,6 +157,7 @@ def sampling_to_proto(params: SamplingParams) -> node_pb2.SamplingParams:
     return node_pb2.SamplingParams(
         temperature=params.temperature,
         top_p=params.top_p,
+        top_k=params.top_k,
         seed=params.seed or 0,
         has_seed=params.seed is not None,
         constraint=params.constraint or "",
@@ -170,6 +171,7 @@ def sampling_from_proto(message: node_pb2.SamplingParams) -> SamplingParams:
     return SamplingParams(
         temperature=message.temperature,
         top_p=message.top_p,
+        top_k=message.top_k,
         seed=int(message.seed) if message.has_seed else None,
         constraint=message.constraint if message.has_constraint else None,
         logprobs=message.logprobs,

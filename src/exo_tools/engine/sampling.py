@@ -76,6 +76,8 @@ class Sampler:
             return mx.argmax(logits, axis=-1)
         self._key, step_key = mx.random.split(self._key)
         scaled = logits.astype(mx.float32) / self.params.temperature
+        if 0 < self.params.top_k < scaled.shape[-1]:
+            scaled = _top_k_filter(scaled, self.params.top_k)
         if self.params.top_p < 1.0:
             scaled = _top_p_filter(scaled, self.params.top_p)
         return mx.random.categorical(scaled, key=step_key)
@@ -99,6 +101,12 @@ def _build_constraint(spec: str, tokenizer: GrammarTokenizer | None) -> TokenCon
     if tokenizer is None:
         raise ConstraintError("this node has no tokenizer to constrain with")
     return TokenConstraint.from_serialized(spec, tokenizer)
+
+
+def _top_k_filter(logits: mx.array, top_k: int) -> mx.array:
+    """Keep the `top_k` most likely tokens (and any tied with the last of them)."""
+    threshold = mx.min(mx.topk(logits, top_k, axis=-1), axis=-1, keepdims=True)
+    return mx.where(logits >= threshold, logits, -mx.inf)
 
 
 def _top_p_filter(logits: mx.array, top_p: float) -> mx.array:

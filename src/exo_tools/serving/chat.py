@@ -273,6 +273,7 @@ class ChatService:
         sampling = SamplingParams(
             temperature=request.temperature,
             top_p=request.top_p,
+            top_k=request.top_k,
             seed=request.seed,
             constraint=self._constraint(request, shown, choice, max_tokens),
             logprobs=request.logprobs,

@@ -55,6 +55,7 @@ class ChatRequest:
     max_tokens: int | None = None  # None: whatever the context leaves
     temperature: float = 1.0
     top_p: float = 1.0
+    top_k: int = 0  # 0: no top-k filter
     seed: int | None = None
     stop: tuple[str, ...] = ()
     response_format: ResponseFormat | None = None
