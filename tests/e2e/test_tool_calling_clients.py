@@ -1,9 +1,9 @@
-"""Tool calling through a real node with real clients: requests, the OpenAI SDK, opencode."""
+"""Tool calling through a real node with real clients: requests, the OpenAI SDK, LangChain
+(opencode, Claude Code and Codex run in tests/e2e/test_agent_clis.py)."""
 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +13,6 @@ import pytest
 import requests
 
 from tests.helpers.nodes import REPO, NodeProcess, start_node
-from tests.helpers.opencode import opencode_binary, opencode_environment
 
 pytestmark = pytest.mark.slow
 MODEL = "smollm2-135m"
@@ -86,43 +85,6 @@ def test_tool_choice_errors(node: NodeProcess) -> None:
     assert reply.status_code == 400
     reply = chat(node, messages=question, tools=[{"type": "function", "function": {}}])
     assert reply.status_code == 400
-
-
-def test_opencode_session_completes_without_protocol_error(
-    node: NodeProcess, tmp_path: Path
-) -> None:
-    binary = opencode_binary()
-    if binary is None:
-        message = "opencode not installed (scripts/install.sh --test installs it with npm)"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
-    (tmp_path / "notes.txt").write_text("hello\n")
-    env = opencode_environment(tmp_path, node.url, MODEL, output_limit=96)
-    result = subprocess.run(
-        [
-            binary,
-            "run",
-            "--format",
-            "json",
-            "--model",
-            f"exo/{MODEL}",
-            "--title",
-            "exo-tools test",
-            "What is in notes.txt?",
-        ],
-        cwd=tmp_path,
-        env=env,
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=420,
-    )
-    events = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
-    errors = [event for event in events if event.get("type") == "error"]
-    assert not errors, json.dumps(errors)[:3000]
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert any(event.get("type") == "step_finish" for event in events), result.stdout[-2000:]
 
 
 def run_example(node: NodeProcess, *args: str) -> subprocess.CompletedProcess[str]:

@@ -128,8 +128,9 @@ TENSOR_FAMILIES = [
     "qwen3_moe",
 ]
 TENSOR_PARTS = [TensorSlice(0, 2, 0, 1, 0, 64), TensorSlice(1, 2, 1, 2, 64, 128)]
-# Members add partial sums in another order than one matmul (float32 rounding).
-TENSOR_TOLERANCE = 2e-4
+# Members add partial sums in another order than one matmul (float32 rounding; with
+# OpenBLAS, whose blocking differs by shape, up to ~2.3e-4 measured on gemma3_text).
+TENSOR_TOLERANCE = 5e-4
 
 
 def tensor_logits(folder: Path, tokens: list[int]) -> list[mx.array]:

@@ -30,6 +30,7 @@ from mlx_lm.models.cache import KVCache
 
 from ..models.pruning import SkippedLayer, embedding_key, layers_path, module_at
 from ..types import Shard
+from . import cpu_attention
 
 # Blocks per asynchronous evaluation in a forward pass. Measured on 15 SmolLM2 blocks
 # (2-core x86, float32): every 1-5 blocks all save ~2.5 ms of ~38 ms per decode step;
@@ -140,6 +141,7 @@ class ShardModel:
             )
         self._inner = inner
         self.model_type = str(model_type)
+        cpu_attention.install(model)  # on a CPU device only
         # Tensor members other than rank 0 run every block on rank 0's embedded input and
         # leave the head to rank 0.
         follower = shard.tensor is not None and not shard.tensor.is_root
