@@ -14,21 +14,15 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
-
-import pytest
 
 from exo_tools.engine.core import InstalledStage, StageEngine
 from exo_tools.engine.shard import ShardModel
-from exo_tools.models.catalog import CATALOG, DEFAULT_MODEL_ID
-from exo_tools.models.loader import load_model, model_layout
 from exo_tools.models.tokenizer import TextTokenizer
 from exo_tools.types import (
     ErrorEvent,
     FinishEvent,
     PromptEvent,
     SamplingParams,
-    Shard,
     TokenEvent,
 )
 from tests.helpers.cluster_checks import wait_for
@@ -38,19 +32,6 @@ EOS = frozenset({2})
 MAX_TOKENS = 4
 LARGE = 1 << 30
 SYSTEM = "You are a careful assistant for a shop that sells bicycles, lamps and maps."
-
-
-@pytest.fixture(scope="module")
-def halves(model_path: Path) -> tuple[ShardModel, ShardModel]:
-    card = CATALOG[DEFAULT_MODEL_ID]
-    n_layers = model_layout(card, model_path).n_layers
-    middle = n_layers // 2
-    models = []
-    for start, end in [(0, middle), (middle, n_layers)]:
-        shard = Shard(DEFAULT_MODEL_ID, start, end, n_layers)
-        loaded = load_model(card, model_path, shard=shard, dtype="float32", progress=False)
-        models.append(ShardModel(loaded.model, loaded.shard))
-    return models[0], models[1]
 
 
 @contextmanager

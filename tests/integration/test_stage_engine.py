@@ -14,35 +14,18 @@ from __future__ import annotations
 
 import queue
 import time
-from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
-import pytest
 
 from exo_tools.engine.core import InstalledStage, StageEngine
 from exo_tools.engine.shard import ShardModel
 from exo_tools.engine.tensors import to_wire
-from exo_tools.models.catalog import CATALOG, DEFAULT_MODEL_ID
-from exo_tools.models.loader import load_model, model_layout
-from exo_tools.types import Forward, SampledToken, SamplingParams, Shard, StageMessage
+from exo_tools.types import Forward, SampledToken, SamplingParams, StageMessage
 from tests.helpers.cluster_checks import wait_for
 
 PROMPTS = [[1, 9690, 314, 260], [1, 504, 3458, 314, 260, 2777], [1, 2683, 28, 1834]]
 EPOCH = 7
-
-
-@pytest.fixture(scope="module")
-def halves(model_path: Path) -> tuple[ShardModel, ShardModel]:
-    card = CATALOG[DEFAULT_MODEL_ID]
-    n_layers = model_layout(card, model_path).n_layers
-    middle = n_layers // 2
-    models = []
-    for start, end in [(0, middle), (middle, n_layers)]:
-        shard = Shard(DEFAULT_MODEL_ID, start, end, n_layers)
-        loaded = load_model(card, model_path, shard=shard, dtype="float32", progress=False)
-        models.append(ShardModel(loaded.model, loaded.shard))
-    return models[0], models[1]
 
 
 def _first_position(first: ShardModel, prompt: list[int], request_id: str) -> Forward:

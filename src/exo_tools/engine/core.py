@@ -235,7 +235,6 @@ class StageEngine:
             "hops_measured": len(hops),
             "refused_stale": self._refused,
             "samples_batched": self.samples_batched,
-            "prefix_cache": self.prefix_cache_stats(),
         }
 
     @property
