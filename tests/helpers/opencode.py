@@ -36,6 +36,10 @@ def opencode_environment(root: Path, url: str, model: str, output_limit: int) ->
         "small_model": f"exo/{model}",
         "autoupdate": False,
         "share": "disabled",
+        # `opencode run` rejects every permission prompt, and the 135M model often names a
+        # workdir outside the project; a rejection ends the session without an answer.
+        # The project is a throwaway folder, so the sessions may go anywhere.
+        "permission": {"external_directory": "allow"},
     }
     (root / "opencode.json").write_text(json.dumps(config))
     return dict(
