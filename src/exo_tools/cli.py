@@ -15,7 +15,7 @@ from typing import Any
 from . import __version__
 from .models.catalog import ModelCard
 from .placement.plan import NodeResources, PlacementError, plan_placement
-from .types import ModelLayout
+from .types import DEFAULT_MAX_BATCH, DEFAULT_MAX_QUEUED, DEFAULT_MAX_RUNNING, ModelLayout
 
 
 def _existing_file(text: str) -> Path:
@@ -165,6 +165,38 @@ def build_parser() -> argparse.ArgumentParser:
         "default: a quarter of the memory free at start, at most 8192",
     )
     node.add_argument(
+        "--max-batch",
+        type=_positive_int,
+        default=DEFAULT_MAX_BATCH,
+        metavar="N",
+        help="decode steps of running requests computed as one batched pass (a pass reads "
+        "the weights once, so 8 streams cost little more than one); default: %(default)s",
+    )
+    node.add_argument(
+        "--max-running",
+        type=_positive_int,
+        default=DEFAULT_MAX_RUNNING,
+        metavar="N",
+        help="requests this node (as master) runs at once; more wait in its queue; "
+        "default: %(default)s",
+    )
+    node.add_argument(
+        "--max-queued",
+        type=_non_negative_int,
+        default=DEFAULT_MAX_QUEUED,
+        metavar="N",
+        help="requests that may wait for a place; beyond that a request gets 503 with "
+        "Retry-After; default: %(default)s",
+    )
+    node.add_argument(
+        "--kv-cache-mb",
+        type=_positive_int,
+        default=None,
+        metavar="MB",
+        help="KV memory for the running requests (each reserves its prompt and token "
+        "limit); a request that would exceed it waits; default: half the memory free at start",
+    )
+    node.add_argument(
         "--log-requests",
         type=Path,
         default=None,
@@ -285,6 +317,10 @@ def _run_node(args: argparse.Namespace) -> int:
                 if args.prefix_cache_mb is None
                 else args.prefix_cache_mb << 20,
                 log_requests=args.log_requests,
+                max_batch=args.max_batch,
+                max_running=args.max_running,
+                max_queued=args.max_queued,
+                kv_cache_bytes=None if args.kv_cache_mb is None else args.kv_cache_mb << 20,
             )
         )
     except UnknownModelError as error:

@@ -26,7 +26,13 @@ from .placement.views import CoordinatorState, WorkerState
 from .placement.worker import Worker, memory_report
 from .proto import node_pb2_grpc
 from .serving.chat import ChatService
-from .types import ModelLayout, Parallelism
+from .types import (
+    DEFAULT_MAX_BATCH,
+    DEFAULT_MAX_QUEUED,
+    DEFAULT_MAX_RUNNING,
+    ModelLayout,
+    Parallelism,
+)
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +59,10 @@ class NodeConfig:
     default_max_tokens: int | None = None
     prefix_cache_bytes: int | None = None  # None: the default share of free memory
     log_requests: Path | None = None
+    max_batch: int = DEFAULT_MAX_BATCH
+    max_running: int = DEFAULT_MAX_RUNNING
+    max_queued: int = DEFAULT_MAX_QUEUED
+    kv_cache_bytes: int | None = None  # None: the default share of free memory
 
 
 class Node:
@@ -71,7 +81,13 @@ class Node:
         self._service: ChatService | None = None
         self.cluster = ClusterNode(config.cluster) if config.cluster else None
         self.node_id = config.cluster.node_id if config.cluster else "local"
-        self.engine = StageEngine(prefix_cache_bytes=config.prefix_cache_bytes)
+        self.engine = StageEngine(
+            prefix_cache_bytes=config.prefix_cache_bytes,
+            max_batch=config.max_batch,
+            max_running=config.max_running,
+            max_queued=config.max_queued,
+            kv_budget_bytes=config.kv_cache_bytes,
+        )
         template = config.chat_template_file.read_text() if config.chat_template_file else None
         self.worker = Worker(
             card=card,

@@ -260,8 +260,27 @@ class GenerationHandle:
             self._on_cancel()
 
 
+# A node's scheduling limits (its --max-batch, --max-running and --max-queued): decode
+# steps per batched pass, requests running at once, requests waiting for a place.
+DEFAULT_MAX_BATCH = 16
+DEFAULT_MAX_RUNNING = 32
+DEFAULT_MAX_QUEUED = 128
+
+
+class Overloaded(RuntimeError):
+    """The node's queue is full: the client should retry after `retry_after_s` seconds."""
+
+    def __init__(self, message: str, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
 class TokenGenerator(Protocol):
     """What serving needs from the engine: submit a prompt, get a stream of events."""
+
+    def overloaded(self) -> Overloaded | None:
+        """Why a request submitted now would be refused (its queue is full), or None."""
+        ...
 
     def submit(
         self,
@@ -271,7 +290,9 @@ class TokenGenerator(Protocol):
         sampling: SamplingParams,
         max_tokens: int,
         loop: asyncio.AbstractEventLoop,
-    ) -> GenerationHandle: ...
+    ) -> GenerationHandle:
+        """Raises `Overloaded` when the node cannot take the request."""
+        ...
 
 
 # ---------------------------------------------------------------- the data plane
@@ -302,6 +323,14 @@ class Forward:
     # its first `reuse_tokens` tokens (0: a fresh cache).
     reuse_entry: int = 0
     reuse_tokens: int = 0
+    # A batched decode step (engine.batching): the hidden state's rows belong to these
+    # requests, in order (`request_id` is the first); empty for one request.
+    rows: list[str] = field(default_factory=list[str])
+
+    @property
+    def request_ids(self) -> list[str]:
+        """The requests of this step's rows."""
+        return self.rows or [self.request_id]
 
 
 @dataclass

@@ -15,6 +15,10 @@ import requests
 from exo_tools.models.catalog import CATALOG, DEFAULT_MODEL_ID
 from exo_tools.models.loader import load_model
 from tests.helpers.cluster_runs import LOGPROB_TOLERANCE
+from tests.helpers.concurrency import (
+    assert_cancelled_stream_leaves_others_undisturbed,
+    assert_concurrent_requests_match_alone,
+)
 from tests.helpers.conversations import (
     assert_each_turn_reuses_the_last,
     assert_matches_cold_runs,
@@ -178,6 +182,14 @@ def test_concurrent_requests_are_never_mixed(node: NodeProcess) -> None:
     for prompt in PROMPTS:
         got = results[prompt]["choices"][0]["message"]["content"]
         assert got == expected[prompt]["choices"][0]["message"]["content"]
+
+
+def test_concurrent_requests_match_each_alone(node: NodeProcess) -> None:
+    assert_concurrent_requests_match_alone(node)
+
+
+def test_cancelled_stream_leaves_others_undisturbed(node: NodeProcess) -> None:
+    assert_cancelled_stream_leaves_others_undisturbed(node)
 
 
 def test_client_disconnect_stops_generation(node: NodeProcess) -> None:

@@ -7,7 +7,6 @@ node processes share this machine's cores at a time.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,10 @@ from tests.helpers.cluster_runs import (
     chat,
     start_cluster,
     wait_idle,
+)
+from tests.helpers.concurrency import (
+    assert_cancelled_stream_leaves_others_undisturbed,
+    assert_concurrent_requests_match_alone,
 )
 from tests.helpers.conversations import (
     assert_each_turn_reuses_the_last,
@@ -97,24 +100,15 @@ class TestTwoStages:
         # The last stage computes them and sends them back with the token.
         assert_logprobs_match(cluster.master, reference_runs)
 
-    def test_concurrent_requests_stay_apart(
-        self, cluster: Cluster, reference: dict[str, list[int]], tokenizer: TextTokenizer
-    ) -> None:
-        results: dict[str, str] = {}
-
-        def run(prompt: str) -> None:
-            results[prompt] = chat(cluster.master, prompt, max_tokens=MAX_TOKENS).json()["choices"][
-                0
-            ]["message"]["content"]
-
-        threads = [threading.Thread(target=run, args=(p,)) for p in PROMPTS]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(timeout=120)
-        assert results == {p: tokenizer.decode(ids) for p, ids in reference.items()}
+    def test_concurrent_requests_match_each_alone(self, cluster: Cluster) -> None:
+        # Batched passes through both stages: each request as it comes alone.
+        assert_concurrent_requests_match_alone(cluster.master)
         hops = [node.health()["pipeline"]["hops_measured"] for node in cluster.nodes]
         assert all(count > 0 for count in hops), hops
+        wait_idle(cluster)
+
+    def test_cancelled_stream_leaves_others_undisturbed(self, cluster: Cluster) -> None:
+        assert_cancelled_stream_leaves_others_undisturbed(cluster.master)
         wait_idle(cluster)
 
     def test_conversation_turns_reuse_every_stage_cache(

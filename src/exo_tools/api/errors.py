@@ -14,6 +14,7 @@ from pydantic import TypeAdapter, ValidationError
 from ..serving.errors import (
     ContextLengthExceeded,
     InvalidChatRequest,
+    ServerBusy,
     ServingError,
     UnsupportedSchema,
 )
@@ -56,9 +57,11 @@ class APIError(Exception):
         param: str | None = None,
         code: str | None = None,
         error_type: str | None = None,
+        retry_after_s: int | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
+        self.retry_after_s = retry_after_s
         self.message = message
         self.param = param
         self.code = code
@@ -79,7 +82,8 @@ class APIError(Exception):
         """The error in the dialect of the route `request` went to (OpenAI's by default)."""
         anthropic = request is not None and _speaks_anthropic(request.path)
         body = self.anthropic_body() if anthropic else self.body()
-        return web.json_response(body, status=self.status)
+        headers = {"Retry-After": str(self.retry_after_s)} if self.retry_after_s else None
+        return web.json_response(body, status=self.status, headers=headers)
 
 
 def _speaks_anthropic(path: str) -> bool:
@@ -122,13 +126,16 @@ _CODE_BY_SERVING_ERROR: dict[type[ServingError], str] = {
 def from_serving_error(
     error: ServingError, param_by_field: Mapping[str, str] | None = None
 ) -> APIError:
-    """A 400 when the client has to change its request, a 500 when the generation failed.
+    """A 400 when the client has to change its request, a 503 (with Retry-After) when the
+    node's queue is full, a 500 when the generation failed.
 
     `param_by_field` gives the request-body names of the serving request's fields where
     this API's body names them differently.
     """
     field = error.field
     param = (param_by_field or {}).get(field, field) if field is not None else None
+    if isinstance(error, ServerBusy):
+        return APIError(503, error.message, code="server_busy", retry_after_s=error.retry_after_s)
     if isinstance(error, InvalidChatRequest):
         code = _CODE_BY_SERVING_ERROR.get(type(error))
         return APIError(400, error.message, param=param, code=code)

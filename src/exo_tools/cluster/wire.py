@@ -192,6 +192,7 @@ def stage_message_to_proto(message: StageMessage) -> node_pb2.ActivationMessage:
             if message.sampling is not None:
                 forward.sampling.CopyFrom(sampling_to_proto(message.sampling))
             forward.reuse_entry, forward.reuse_tokens = message.reuse_entry, message.reuse_tokens
+            forward.rows.extend(message.rows)
         case SampledToken():
             token = envelope.token
             token.step, token.token_id = message.step, message.token_id
@@ -231,6 +232,7 @@ def stage_message_from_proto(envelope: node_pb2.ActivationMessage) -> StageMessa
             sent_ns=sent_ns,
             reuse_entry=forward.reuse_entry,
             reuse_tokens=forward.reuse_tokens,
+            rows=list(forward.rows),
         )
     if kind == "token":
         token = envelope.token

@@ -29,9 +29,14 @@ from typing import TYPE_CHECKING, Any
 import mlx.core as mx
 
 from ..types import (
+    DEFAULT_MAX_BATCH,
+    DEFAULT_MAX_QUEUED,
+    DEFAULT_MAX_RUNNING,
     ErrorEvent,
+    FinishEvent,
     Forward,
     GenerationHandle,
+    Overloaded,
     Release,
     RequestEvent,
     SamplingParams,
@@ -46,6 +51,7 @@ from .prefix_cache import (
     cache_length,
     cache_trimmable,
     default_budget_bytes,
+    default_kv_budget_bytes,
 )
 from .relay import Relay
 from .role import Role
@@ -63,6 +69,8 @@ SWEEP_INTERVAL_S = 1.0
 DEFAULT_IDLE_TIMEOUT_S = 300.0
 HOP_WINDOW = 128
 MISSED_MEMORY = 1024
+# What a refused client is told to wait before retrying (Retry-After).
+RETRY_AFTER_S = 2
 
 Send = Callable[[StageMessage], None]
 
@@ -136,10 +144,6 @@ class _ForRequest:
     request_id: str
 
 
-class Step(_ForRequest):
-    """Run the request's next step."""
-
-
 class Cancel(_ForRequest):
     """The consumer went away: finish the request now."""
 
@@ -161,7 +165,7 @@ class Stop:
     pass
 
 
-InboxItem = Start | Deliver | Step | Cancel | FailAll | Install | Stop
+InboxItem = Start | Deliver | Cancel | FailAll | Install | Stop
 
 
 class StageEngine:
@@ -172,8 +176,27 @@ class StageEngine:
         *,
         idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S,
         prefix_cache_bytes: int | None = None,
+        max_batch: int = DEFAULT_MAX_BATCH,
+        max_running: int = DEFAULT_MAX_RUNNING,
+        max_queued: int = DEFAULT_MAX_QUEUED,
+        kv_budget_bytes: int | None = None,
     ) -> None:
         self._idle_timeout_s = idle_timeout_s
+        if max_batch < 1 or max_running < 1 or max_queued < 0:
+            raise ValueError("max_batch and max_running must be at least 1, max_queued 0")
+        self.max_batch = max_batch
+        # Requests running at once on stage 0, and waiting for a place; beyond both a
+        # request is refused (Overloaded).
+        self.max_running = max_running
+        self.max_queued = max_queued
+        # KV memory of the running requests (their prompt and token limit, at what the
+        # cache holds per token): a request that would exceed it waits.
+        self.kv_budget_bytes = (
+            default_kv_budget_bytes() if kv_budget_bytes is None else kv_budget_bytes
+        )
+        # Requests submitted and not yet ended (running or waiting), from any thread.
+        self._admission = threading.Lock()
+        self._admitted = 0
         # Prefix caching is off with a budget of 0.
         budget = default_budget_bytes() if prefix_cache_bytes is None else prefix_cache_bytes
         self.prefix_store = PrefixStore(budget)
@@ -188,6 +211,9 @@ class StageEngine:
         self._hops: deque[float] = deque(maxlen=HOP_WINDOW)
         self._refused = 0
         self.samples_batched = 0  # decode positions sampled in batches of more than one
+        # Stage 0: batched decode passes, and the request steps they ran.
+        self.decode_batches = 0
+        self.decode_rows_batched = 0
         # Seconds the MLX thread spent on work (not waiting): with a run's token count, what
         # a token costs on this stage, the rest of its time being hops and wakeups.
         self._busy_s = 0.0
@@ -221,6 +247,7 @@ class StageEngine:
     def stats(self) -> dict[str, Any]:
         hops = list(self._hops)
         stage = self._stage
+        driver = self._driver
         collective = stage.collective if stage is not None else None
         reduces = list(collective.latencies_us) if collective is not None else []
         waits = list(collective.waits_us) if collective is not None else []
@@ -235,6 +262,14 @@ class StageEngine:
             "hops_measured": len(hops),
             "refused_stale": self._refused,
             "samples_batched": self.samples_batched,
+            "running": len(driver.origins) if driver is not None else 0,
+            "queued": len(driver.waiting) if driver is not None else 0,
+            "max_running": self.max_running,
+            "max_queued": self.max_queued,
+            "max_batch": self.max_batch,
+            "kv_budget_bytes": self.kv_budget_bytes,
+            "decode_batches": self.decode_batches,
+            "decode_rows_batched": self.decode_rows_batched,
         }
 
     @property
@@ -277,12 +312,25 @@ class StageEngine:
         """The TokenGenerator protocol: stage 0 drives the request around the ring."""
         if not prompt:
             raise ValueError("prompt is empty")
+        refused = self.overloaded()
+        if refused is not None:
+            raise refused
+        with self._admission:
+            self._admitted += 1
         cancelled = threading.Event()
         handle = GenerationHandle(
             request_id, cancelled, on_cancel=lambda: self._inbox.put(Cancel(request_id))
         )
+        ended = False
 
         def emit(event: RequestEvent) -> None:
+            nonlocal ended
+            if ended:
+                return
+            if isinstance(event, FinishEvent | ErrorEvent):
+                ended = True  # every request ends with exactly one of these
+                with self._admission:
+                    self._admitted -= 1
             # The loop may be gone at shutdown; the event has no one to go to then.
             with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(handle.events.put_nowait, event)
@@ -298,6 +346,19 @@ class StageEngine:
         )
         self._inbox.put(Start(origin))
         return handle
+
+    def overloaded(self) -> Overloaded | None:
+        """The refusal for a request submitted now, when the running requests and the
+        queue are full."""
+        with self._admission:
+            admitted = self._admitted
+        if admitted < self.max_running + self.max_queued:
+            return None
+        return Overloaded(
+            f"this node is busy: {self.max_running} requests running and {self.max_queued} "
+            "waiting (--max-running, --max-queued); retry shortly",
+            RETRY_AFTER_S,
+        )
 
     def deliver(self, message: StageMessage) -> None:
         """A message from the previous stage's stream (called on the event loop)."""
@@ -321,21 +382,31 @@ class StageEngine:
         with mx.stream(stream):
             while True:
                 item: InboxItem | None
+                driver = self._driver
+                # Messages first (tokens, arrivals, cancels), then a round of the ready work.
+                working = driver is not None and driver.has_work
                 if self._carried is not None:
                     item, self._carried = self._carried, None
                 else:
                     try:
-                        item = self._inbox.get(timeout=SWEEP_INTERVAL_S)
+                        if working:
+                            item = self._inbox.get_nowait()
+                        else:
+                            item = self._inbox.get(timeout=SWEEP_INTERVAL_S)
                     except queue.Empty:
                         item = None
                 if isinstance(item, Stop):
                     break
                 began = time.perf_counter()
-                if item is not None:
-                    try:
+                try:
+                    if item is not None:
                         self._handle(item)
-                    except Exception:  # one bad message must not stop the stage
-                        log.exception("stage failed handling %s", type(item).__name__)
+                    elif working and driver is not None:
+                        driver.run_ready()
+                except Exception:  # one bad message must not stop the stage
+                    log.exception(
+                        "stage failed handling %s", type(item).__name__ if item else "a round"
+                    )
                 self._busy_s += time.perf_counter() - began
                 now = time.monotonic()
                 if now - self._last_sweep >= SWEEP_INTERVAL_S:
@@ -349,9 +420,6 @@ class StageEngine:
             case Deliver(message):
                 if self._admit(message) and self._role is not None:
                     self._role.on_message(message)
-            case Step(request_id):
-                if self._driver is not None:
-                    self._driver.step(request_id)
             case Start(origin):
                 self._start(origin)
             case Cancel(request_id):
@@ -439,10 +507,6 @@ class StageEngine:
             self.drop(request_id)
 
     # ---------------------------------------------------------------- for the roles
-
-    def schedule(self, request_id: str) -> None:
-        """Run the request's next step later, so other requests' work interleaves fairly."""
-        self._inbox.put(Step(request_id))
 
     def open_cache(
         self,

@@ -1,4 +1,9 @@
-"""Prefill attention on CPUs: the softmax in numpy, the products in MLX.
+"""The stage's hook on the model's attention: batched passes, and prefill on CPUs.
+
+Batched decode passes (engine.batching) hand the attention one set of keys and values per
+row; the hook computes each row against its own (on every device).
+
+On CPUs, prefill attention computes the softmax in numpy and the products in MLX.
 
 A warm agent turn is a prefill of a few hundred new tokens over thousands of cached ones,
 and on a CPU its cost is the attention softmax: for 9 x 186 x 4186 scores MLX's CPU
@@ -22,6 +27,8 @@ from typing import Any, cast
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+
+from .batching import PerRow, attention_per_row
 
 # Fewer queries than this (decode steps, a prompt's last token) keep MLX's fused kernel:
 # their scores are too few for the softmax to matter.
@@ -54,7 +61,7 @@ def _grouped_mask(mask: mx.array, kv_heads: int, repeats: int) -> mx.array:
     return mask
 
 
-def make_attention(original: Attention) -> Attention:
+def make_attention(original: Attention, *, cpu: bool) -> Attention:
     def attention(
         queries: mx.array,
         keys: Any,
@@ -64,9 +71,12 @@ def make_attention(original: Attention) -> Attention:
         mask: Any,
         sinks: Any = None,
     ) -> mx.array:
+        if isinstance(keys, PerRow):
+            return attention_per_row(attention, queries, keys, values, cache, scale, mask, sinks)
         batch, heads, length, dim = queries.shape
         if (
-            length < MIN_QUERIES
+            not cpu
+            or length < MIN_QUERIES
             or sinks is not None
             or hasattr(cache, "bits")  # quantized KV: mlx-lm's own quantized kernel
             or not isinstance(keys, mx.array)
@@ -96,13 +106,13 @@ def make_attention(original: Attention) -> Attention:
 
 
 def install(model: nn.Module) -> bool:
-    """On a CPU device, route the prefill attention of `model`'s architecture through
-    this module; whether it did (GPU devices and models without the hook keep theirs).
+    """Route the attention of `model`'s architecture through this module; whether it did
+    (a model that does not call `scaled_dot_product_attention` keeps its own, and cannot
+    run batched passes).
 
     Every module defining one of the model's submodules is patched: a family's attention
     may live in another family's module (a wrapper model, shared blocks)."""
-    if mx.default_device().type != mx.DeviceType.cpu:
-        return False
+    cpu = mx.default_device().type == mx.DeviceType.cpu
     names = {type(part).__module__ for _, part in model.named_modules()}
     names.add(type(model).__module__)
     patched = False
@@ -112,6 +122,6 @@ def install(model: nn.Module) -> bool:
         if module is None or not callable(original):
             continue
         if getattr(original, "__wrapped__", None) is None:
-            setattr(module, _NAME, make_attention(cast(Attention, original)))
+            setattr(module, _NAME, make_attention(cast(Attention, original), cpu=cpu))
         patched = True
     return patched

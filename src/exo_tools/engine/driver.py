@@ -2,16 +2,26 @@
 
 The driver prefills the prompt in chunks, runs every decode step's first blocks, and emits
 each token as it comes back (from the last stage, or from its own head with one stage).
-Tensor rank 0 is a one-stage driver whose passes it also hands to the other members. A
-one-stage driver whose sampling needs nothing from the host decodes a step ahead, as
+Tensor rank 0 is a one-stage driver whose passes it also hands to the other members.
+
+Scheduling is continuous batching: requests whose next step can run wait in `ready`, and
+each round (`run_ready`, called whenever the inbox is empty) runs the decode steps of the
+ready requests as one batched pass (engine.batching), then one prefill chunk of the next
+request waiting for one. While others decode, prompts are prefilled in short chunks, so a
+long prompt delays the running streams by one short chunk per token, not by its whole
+prefill. On a pipeline a round sends at most 1/stages of the decoding requests, so the
+batches flow as micro-batches and every stage has one to work on. A request decoding
+alone on one stage, whose sampling needs nothing from the host, decodes a step ahead, as
 mlx-lm's generate does.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, cast
@@ -33,7 +43,15 @@ from ..types import (
     TokenEvent,
     TokenLogprobs,
 )
-from .prefix_cache import MIN_REUSE_TOKENS, CacheMiss, PrefixIndex, cache_length, cache_trimmable
+from .batching import row_caches
+from .prefix_cache import (
+    MIN_REUSE_TOKENS,
+    CacheMiss,
+    PrefixIndex,
+    cache_bytes,
+    cache_length,
+    cache_trimmable,
+)
 from .role import Role
 from .sampling import Sampler, sample_token
 from .tensors import to_wire
@@ -46,6 +64,9 @@ log = logging.getLogger(__name__)
 # mlx-lm's generate prefills in 2048-token chunks and runs the last prompt token on its
 # own; doing the same keeps greedy output token-identical to it.
 PREFILL_CHUNK = 2048
+# While other requests decode, a prompt is prefilled this many tokens between two of their
+# steps: on this 2-core CPU a 64-token chunk costs about one 8-row decode step.
+PREFILL_CHUNK_BUSY = 64
 
 
 @dataclass
@@ -68,11 +89,20 @@ class Origin:
     fed: list[int] = field(default_factory=list[int])
     reuse_entry: int = 0  # the prefix cache entry it started from (0: none)
     reused: int = 0  # prompt tokens it took from that entry
-    step_pending: bool = False  # a Step of it waits in the inbox
     # One-stage decode runs a step ahead: the next token, still being computed.
     ahead: mx.array | None = None
     started: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
+
+    @property
+    def decoding(self) -> bool:
+        """Its prompt is in the cache but for the last token: its steps are decode steps."""
+        return self.prompt_done >= len(self.prompt) - 1
+
+
+def _reserved_tokens(origin: Origin) -> int:
+    """The most tokens the request's cache will hold."""
+    return len(origin.prompt) + origin.max_tokens
 
 
 def _can_run_ahead(sampler: Sampler | None) -> bool:
@@ -85,6 +115,13 @@ class Driver(Role):
     def __init__(self, engine: StageEngine, stage: InstalledStage) -> None:
         super().__init__(engine, stage)
         self.origins: dict[str, Origin] = {}
+        # Requests whose next step can run now, in the order they became ready.
+        self.ready: dict[str, Origin] = {}
+        # Requests waiting for a place (--max-running, or the KV budget), oldest first.
+        self.waiting: deque[Origin] = deque()
+        self.max_batch = engine.max_batch
+        # What the cache holds per token on this stage, once a request has measured it.
+        self._kv_bytes_per_token: float | None = None
         self.index = PrefixIndex()
         # The other stages' prefix cache bytes, as their last kept release reported them.
         self.stage_bytes: list[int] = []
@@ -92,9 +129,51 @@ class Driver(Role):
     # -- from the engine's inbox
 
     def start(self, origin: Origin) -> None:
-        if origin.request_id in self.origins:
+        running = origin.request_id in self.origins
+        if running or any(o.request_id == origin.request_id for o in self.waiting):
             origin.emit(ErrorEvent(f"request id {origin.request_id} is already running"))
             return
+        if self.waiting or not self._has_room(origin):
+            self.waiting.append(origin)
+            return
+        self._begin(origin)
+
+    def _has_room(self, origin: Origin) -> bool:
+        """Whether `origin` may start now: a place among --max-running, and its KV (prompt
+        and token limit) within the budget beside the running requests' (a request alone
+        always starts; the context limit bounds it)."""
+        engine = self._engine
+        if not self.origins:
+            return True
+        if len(self.origins) >= engine.max_running:
+            return False
+        per_token = self._kv_bytes_per_token
+        if per_token is None:
+            return True
+        tokens = sum(_reserved_tokens(o) for o in self.origins.values()) + _reserved_tokens(origin)
+        return tokens * per_token <= engine.kv_budget_bytes
+
+    def _start_waiting(self) -> None:
+        while self.waiting and self._has_room(self.waiting[0]):
+            origin = self.waiting.popleft()
+            if origin.cancelled.is_set():
+                self._finish_unstarted(origin)
+            else:
+                self._begin(origin)
+
+    def _finish_unstarted(self, origin: Origin) -> None:
+        origin.emit(FinishEvent("cancelled", len(origin.prompt), 0, 0.0, 0.0))
+
+    def _measure_kv(self, entry: CacheEntry) -> None:
+        """Learn what the cache holds per token from a request's cache."""
+        if self._kv_bytes_per_token is not None:
+            return
+        local = self._stage.model.local_caches(entry.cache)
+        length = cache_length(local)
+        if length:
+            self._kv_bytes_per_token = cache_bytes(local) / length
+
+    def _begin(self, origin: Origin) -> None:
         self.origins[origin.request_id] = origin
         try:
             self._open(origin, reuse=True)
@@ -102,23 +181,91 @@ class Driver(Role):
             log.exception("request %s failed to start", origin.request_id)
             self._fail(origin, f"generation failed: {error}")
             return
-        self._step_safely(origin)
-
-    def step(self, request_id: str) -> None:
-        origin = self.origins.get(request_id)
-        if origin is not None:
-            origin.step_pending = False
-            self._step_safely(origin)
+        self._schedule(origin)
 
     def cancel(self, request_id: str) -> None:
         origin = self.origins.get(request_id)
         if origin is not None:
             self._finish(origin, "cancelled")
+            return
+        for waiting in list(self.waiting):
+            if waiting.request_id == request_id:
+                self.waiting.remove(waiting)
+                self._finish_unstarted(waiting)
 
     def fail_all(self, reason: str) -> None:
-        for origin in list(self.origins.values()):
+        for origin in [*self.origins.values(), *self.waiting]:
             origin.emit(ErrorEvent(reason))
         self.origins.clear()
+        self.ready.clear()
+        self.waiting.clear()
+
+    # -- rounds
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.ready)
+
+    def run_ready(self) -> None:
+        """One round: the ready requests' decode steps as one batched pass, then one prefill
+        chunk of the request that has waited longest for one."""
+        decoding = [origin for origin in self.ready.values() if origin.decoding]
+        prefilling = next((o for o in self.ready.values() if not o.decoding), None)
+        if decoding:
+            self._decode_round(decoding[: self._batch_limit()])
+        if prefilling is not None and self.ready.pop(prefilling.request_id, None) is not None:
+            self._step_safely(prefilling)
+
+    def _batch_limit(self) -> int:
+        """How many decode steps one pass takes: on a pipeline, a share of the decoding
+        requests per stage, so several micro-batches are in flight at once."""
+        stages = self._stage.n_stages
+        if stages == 1:
+            return self.max_batch
+        decoding = sum(1 for origin in self.origins.values() if origin.decoding)
+        return max(1, min(self.max_batch, math.ceil(decoding / stages)))
+
+    def _decode_round(self, batch: list[Origin]) -> None:
+        for origin in batch:
+            self.ready.pop(origin.request_id, None)
+        if len(batch) > 1:
+            # A request that ran a step ahead alone joins with that step's token emitted.
+            for origin in batch:
+                if origin.ahead is not None:
+                    self._flush_ahead(origin)
+        runnable: list[Origin] = []
+        for origin in batch:
+            if origin.request_id not in self.origins:
+                continue  # finished meanwhile
+            self.ready.pop(origin.request_id, None)
+            if origin.cancelled.is_set():
+                self._finish(origin, "cancelled")
+            else:
+                runnable.append(origin)
+        together = [origin for origin in runnable if self._batchable(origin)]
+        if len(together) < 2:
+            together = []
+        for origin in runnable:
+            if origin not in together:
+                self._step_safely(origin)
+        if together:
+            self._decode_batch(together)
+
+    def _batchable(self, origin: Origin) -> bool:
+        """Whether the request's next decode step can share a pass: every stage holds its
+        state already (its first message went alone) and its caches batch."""
+        stage = self._stage
+        entry = self._engine.caches.get(origin.request_id)
+        if entry is None or not stage.model.can_batch(entry.cache):
+            return False
+        if stage.broadcast is not None:
+            return origin.passes > 0
+        return stage.n_stages == 1 or origin.sent_first
+
+    def _flush_ahead(self, origin: Origin) -> None:
+        ahead, origin.ahead = origin.ahead, None
+        assert ahead is not None
+        self._on_token(origin, cast(int, ahead.item()))
 
     def on_message(self, message: StageMessage) -> None:
         """A sampled token (or a failure) came back around the ring, or a release that
@@ -192,8 +339,7 @@ class Driver(Role):
         origin.sent_first = False
         origin.next_input = None
         self._open(origin, reuse=False)
-        if not origin.step_pending:
-            self._schedule(origin)
+        self._schedule(origin)
 
     def _evict_everywhere(self, entry_ids: list[int]) -> None:
         self.index.forget(entry_ids)
@@ -247,8 +393,8 @@ class Driver(Role):
     # -- one step of a request
 
     def _schedule(self, origin: Origin) -> None:
-        origin.step_pending = True
-        self._engine.schedule(origin.request_id)
+        """Its next step runs in a coming round."""
+        self.ready[origin.request_id] = origin
 
     def _step(self, origin: Origin) -> None:
         stage = self._stage
@@ -257,7 +403,8 @@ class Driver(Role):
             raise RuntimeError("the request's cache is gone")
         remaining = len(origin.prompt) - 1 - origin.prompt_done
         if remaining > 0:
-            count = min(PREFILL_CHUNK, remaining)
+            others_decode = any(o.decoding for o in self.origins.values())
+            count = min(PREFILL_CHUNK_BUSY if others_decode else PREFILL_CHUNK, remaining)
             ids = origin.prompt[origin.prompt_done : origin.prompt_done + count]
             origin.prompt_done += count
             sample = False
@@ -296,6 +443,72 @@ class Driver(Role):
         if not sample:
             # Prefill chunks stream on: stage 1 works on this chunk while we run the next.
             self._schedule(origin)
+
+    def _decode_batch(self, batch: list[Origin]) -> None:
+        """One decode step of every request of `batch` as one pass."""
+        engine, stage = self._engine, self._stage
+        entries = [engine.caches[origin.request_id] for origin in batch]
+        inputs: list[int] = []
+        for origin in batch:
+            last = origin.next_input if origin.next_input is not None else origin.prompt[-1]
+            origin.fed.append(last)
+            inputs.append(last)
+        engine.decode_batches += 1
+        engine.decode_rows_batched += len(batch)
+        ids = mx.array(inputs)[:, None]
+        caches = [entry.cache for entry in entries]
+        try:
+            out = self._forward_rows(batch, ids, caches)
+            if stage.n_stages > 1:
+                first = batch[0]
+                self._send(
+                    Forward(
+                        first.request_id,
+                        stage.epoch,
+                        first.generated,
+                        to_wire(out),
+                        sample=True,
+                        rows=[origin.request_id for origin in batch],
+                    )
+                )
+                return
+            logits = out[:, -1, :]
+            mx.eval(logits)
+        except Exception as error:  # the pass failed: every request in it fails
+            log.exception("a batched decode step of %d requests failed", len(batch))
+            for origin in batch:
+                if origin.request_id in self.origins:
+                    self._fail(origin, f"generation failed: {error}")
+            return
+        for index, (origin, entry) in enumerate(zip(batch, entries, strict=True)):
+            try:
+                token, logprobs = sample_token(entry.sampler, logits[index : index + 1])
+            except Exception as error:
+                log.exception("request %s failed to sample", origin.request_id)
+                self._fail(origin, f"generation failed: {error}")
+                continue
+            self._on_token(origin, token, logprobs)
+
+    def _forward_rows(
+        self, batch: list[Origin], ids: mx.array, caches: list[list[object]]
+    ) -> mx.array:
+        stage = self._stage
+        collective = stage.collective
+        if collective is None or stage.broadcast is None:
+            return stage.model.forward_rows(ids, caches)
+        for origin in batch:
+            origin.passes += 1
+        first = batch[0]
+        passes = first.passes
+        rows = [origin.request_id for origin in batch]
+
+        def hand_on(hidden: mx.array) -> None:
+            self._broadcast(
+                Forward(first.request_id, stage.epoch, passes, to_wire(hidden), rows=rows)
+            )
+
+        collective.begin(first.request_id, passes)
+        return stage.model.forward(ids, row_caches(caches), input_tap=hand_on)
 
     def _decode_ahead(self, origin: Origin, entry: CacheEntry, last: int) -> None:
         """One decode step of a one-stage placement, run a step ahead as mlx-lm's generate
@@ -390,6 +603,10 @@ class Driver(Role):
 
     def _end(self, origin: Origin, *, keep: bool) -> None:
         self.origins.pop(origin.request_id, None)
+        self.ready.pop(origin.request_id, None)
+        entry = self._engine.caches.get(origin.request_id)
+        if entry is not None:
+            self._measure_kv(entry)
         stage = self._stage
         tensor = stage.broadcast is not None
         # Every stage holds the request's cache: it ran there.
@@ -405,3 +622,4 @@ class Driver(Role):
             # Follows the request's last work down the same streams, so it frees (or
             # keeps) every stage's cache after that stage is done with it.
             self._send(release)
+        self._start_waiting()

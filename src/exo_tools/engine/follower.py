@@ -31,6 +31,9 @@ class TensorFollower(Role):
         collective = stage.collective
         assert collective is not None
         try:
+            if message.rows:
+                self._rows_pass(message)
+                return
             if message.step != 1:
                 entry = self._engine.cache_for(message.request_id)
                 if entry is None:
@@ -58,3 +61,18 @@ class TensorFollower(Role):
             log.exception("request %s failed on this member", message.request_id)
             collective.fail_peers(f"tensor member {stage.tensor_rank} failed: {error}")
             self._engine.drop_all()
+
+    def _rows_pass(self, message: Forward) -> None:
+        """A batched decode pass of requests that all started here."""
+        stage = self._stage
+        assert stage.collective is not None
+        entries = []
+        for request_id in message.rows:
+            entry = self._engine.cache_for(request_id)
+            if entry is None:
+                raise RuntimeError(f"this member holds no state for request {request_id}")
+            entries.append(entry)
+        caches = [entry.cache for entry in entries]
+        stage.collective.begin(message.request_id, message.step)
+        out = stage.model.forward_rows(from_wire(message.hidden), caches)
+        mx.eval(out, [stage.model.cache_state(cache) for cache in caches])

@@ -55,14 +55,18 @@ class LastStage(Relay):
 
     def _sample_batch(self, messages: list[Forward]) -> None:
         stage = self._stage
-        finished: list[tuple[Forward, CacheEntry, mx.array]] = []
+        # Each request's row: its id, step, cache and last hidden state.
+        finished: list[tuple[str, int, CacheEntry, mx.array]] = []
         for message in messages:
+            if message.rows:
+                finished.extend(self._rows_blocks(message))
+                continue
             try:
                 entry = self.entry_for(message)
                 if entry is None:
                     continue
                 hidden = stage.model.blocks(from_wire(message.hidden), entry.cache)
-                finished.append((message, entry, hidden[:, -1, :]))
+                finished.append((message.request_id, message.step, entry, hidden[:, -1, :]))
             except Exception as error:
                 self.fail(message, error)
         if not finished:
@@ -72,14 +76,29 @@ class LastStage(Relay):
         try:
             logits = stage.model.head(mx.concatenate([row for *_, row in finished], axis=0))
         except Exception as error:
-            for message, _, _ in finished:
-                self.fail(message, error)
+            for request_id, *_ in finished:
+                self.fail_request(request_id, error)
             return
-        for index, (message, entry, _) in enumerate(finished):
+        for index, (request_id, step, entry, _) in enumerate(finished):
             try:
                 token, logprobs = sample_token(entry.sampler, logits[index : index + 1])
-                self.send(
-                    SampledToken(message.request_id, stage.epoch, message.step, token, logprobs)
-                )
+                self.send(SampledToken(request_id, stage.epoch, step, token, logprobs))
             except Exception as error:
-                self.fail(message, error)
+                self.fail_request(request_id, error)
+
+    def _rows_blocks(self, message: Forward) -> list[tuple[str, int, CacheEntry, mx.array]]:
+        """A batched decode step's blocks, one pass for its rows."""
+        held = self.held_rows(message)
+        if held is None:
+            return []
+        request_ids, entries, hidden = held
+        try:
+            out = self._stage.model.blocks_rows(hidden, [entry.cache for entry in entries])
+        except Exception as error:
+            for request_id in request_ids:
+                self.fail_request(request_id, error)
+            return []
+        return [
+            (request_id, message.step, entry, out[index : index + 1, -1, :])
+            for index, (request_id, entry) in enumerate(zip(request_ids, entries, strict=True))
+        ]

@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 # The default budget: this share of the memory free when the node starts, at most the cap.
 DEFAULT_BUDGET_SHARE = 0.25
 DEFAULT_BUDGET_CAP = 8 << 30
+DEFAULT_KV_SHARE = 0.5
 # Shorter shared prefixes are not worth copying an entry for.
 MIN_REUSE_TOKENS = 16
 _TRIE_KEY = "prefix"  # PromptTrie keys its tries by model; one index serves one model
@@ -46,6 +47,12 @@ def default_budget_bytes() -> int:
     """The per-node budget when `--prefix-cache-mb` is not given."""
     free = psutil.virtual_memory().available
     return int(min(free * DEFAULT_BUDGET_SHARE, DEFAULT_BUDGET_CAP))
+
+
+def default_kv_budget_bytes() -> int:
+    """The per-node budget for the running requests' KV when `--kv-cache-mb` is not given:
+    half of the memory free at start."""
+    return int(psutil.virtual_memory().available * DEFAULT_KV_SHARE)
 
 
 def _unique(caches: Iterable[Any]) -> list[Any]:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
+import mlx.core as mx
+
 from ..types import Failure, Forward, Release, StageMessage
 from .prefix_cache import CacheMiss
 from .role import Role
@@ -19,6 +21,8 @@ log = logging.getLogger(__name__)
 class Relay(Role):
     def on_message(self, message: StageMessage) -> None:
         match message:
+            case Forward(rows=rows) if rows:
+                self._forward_rows(message)
             case Forward():
                 try:
                     entry = self.entry_for(message)
@@ -54,18 +58,62 @@ class Relay(Role):
                 engine.mark_missed(message.request_id)
                 self.send(Failure(message.request_id, stage.epoch, str(miss), cache_miss=True))
                 return None
-        entry = engine.cache_for(message.request_id)
-        if entry is None and engine.mark_missed(message.request_id):
-            # Not started here, or dropped as idle: going on from a fresh cache would be
-            # a wrong answer.
+        return self._held(message.request_id)
+
+    def _held(self, request_id: str) -> CacheEntry | None:
+        """The cache of a request that started here; None (and stage 0 told, once) when
+        it did not, or was dropped as idle: going on from a fresh cache would be a wrong
+        answer."""
+        engine = self._engine
+        entry = engine.cache_for(request_id)
+        if entry is None and engine.mark_missed(request_id):
             self.send(
                 Failure(
-                    message.request_id,
-                    stage.epoch,
+                    request_id,
+                    self._stage.epoch,
                     f"{self.describe()} holds no state for this request (idle too long?)",
                 )
             )
         return entry
+
+    def held_rows(self, message: Forward) -> tuple[list[str], list[CacheEntry], mx.array] | None:
+        """A batched step's requests this stage holds, their caches, and their rows of
+        the hidden state (None: it holds none of them)."""
+        kept: list[int] = []
+        request_ids: list[str] = []
+        entries: list[CacheEntry] = []
+        for index, request_id in enumerate(message.rows):
+            entry = self._held(request_id)
+            if entry is not None:
+                kept.append(index)
+                request_ids.append(request_id)
+                entries.append(entry)
+        if not kept:
+            return None
+        hidden = from_wire(message.hidden)
+        if len(kept) < len(message.rows):
+            hidden = hidden[mx.array(kept)]
+        return request_ids, entries, hidden
+
+    def _forward_rows(self, message: Forward) -> None:
+        held = self.held_rows(message)
+        if held is None:
+            return
+        request_ids, entries, hidden = held
+        stage = self._stage
+        try:
+            out = stage.model.forward_rows(hidden, [entry.cache for entry in entries])
+            wire = to_wire(out)
+        except Exception as error:
+            for request_id in request_ids:
+                self.fail_request(request_id, error)
+            return
+        rows = request_ids if len(request_ids) > 1 else []
+        self.send(
+            Forward(
+                request_ids[0], stage.epoch, message.step, wire, sample=message.sample, rows=rows
+            )
+        )
 
     def _forward(self, message: Forward, entry: CacheEntry) -> None:
         stage = self._stage
@@ -92,9 +140,10 @@ class Relay(Role):
 
     def fail(self, message: StageMessage, error: Exception) -> None:
         """This request failed here: drop it and tell stage 0 (down the ring)."""
-        log.exception("request %s failed on this stage", message.request_id)
-        self._engine.drop(message.request_id)
-        self._engine.mark_missed(message.request_id)
-        self.send(
-            Failure(message.request_id, self._stage.epoch, f"{self.describe()} failed: {error}")
-        )
+        self.fail_request(message.request_id, error)
+
+    def fail_request(self, request_id: str, error: Exception) -> None:
+        log.exception("request %s failed on this stage", request_id)
+        self._engine.drop(request_id)
+        self._engine.mark_missed(request_id)
+        self.send(Failure(request_id, self._stage.epoch, f"{self.describe()} failed: {error}"))

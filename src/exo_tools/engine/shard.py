@@ -31,6 +31,7 @@ from mlx_lm.models.cache import KVCache
 from ..models.pruning import SkippedLayer, embedding_key, layers_path, module_at
 from ..types import Shard
 from . import cpu_attention
+from .batching import batchable, row_caches
 
 # Blocks per asynchronous evaluation in a forward pass. Measured on 15 SmolLM2 blocks
 # (2-core x86, float32): every 1-5 blocks all save ~2.5 ms of ~38 ms per decode step;
@@ -141,7 +142,8 @@ class ShardModel:
             )
         self._inner = inner
         self.model_type = str(model_type)
-        cpu_attention.install(model)  # on a CPU device only
+        # Batched passes need the model's attention to go through the hook.
+        self.batches = cpu_attention.install(model)
         # Tensor members other than rank 0 run every block on rank 0's embedded input and
         # leave the head to rank 0.
         follower = shard.tensor is not None and not shard.tensor.is_root
@@ -247,6 +249,19 @@ class ShardModel:
         this stage's last block, or the logits on the last stage. `input_tap` sees the
         first block's input on a stage that embeds (tensor rank 0 hands it on)."""
         return self._run(lambda token_ids: self.model(token_ids, cache=cache), inputs, input_tap)
+
+    def can_batch(self, cache: list[Any]) -> bool:
+        """Whether a request with this cache can join batched passes (engine.batching)."""
+        return self.batches and batchable(cache)
+
+    def forward_rows(self, inputs: mx.array, caches: list[list[Any]]) -> mx.array:
+        """One decode step of several requests as one pass: row i of `inputs` (one token
+        id, or one hidden state) is request i's, attending to its own `caches[i]`."""
+        return self.forward(inputs, row_caches(caches))
+
+    def blocks_rows(self, inputs: mx.array, caches: list[list[Any]]) -> mx.array:
+        """`blocks` of a batched decode step (see `forward_rows`)."""
+        return self.blocks(inputs, row_caches(caches))
 
     def blocks(self, inputs: mx.array, cache: list[Any]) -> mx.array:
         """The last stage without its head: the inner model's output (after its final

@@ -44,7 +44,7 @@ from ..tools import (
     tools_for_choice,
 )
 from ..types import SamplingParams, TokenEvent, TokenGenerator
-from .errors import ContextLengthExceeded, InvalidChatRequest, UnsupportedSchema
+from .errors import ContextLengthExceeded, InvalidChatRequest, ServerBusy, UnsupportedSchema
 from .events import (
     ChatEvent,
     ContentDelta,
@@ -249,6 +249,9 @@ class ChatService:
         `request_id` names the generation in the engine and the logs; an API passes the id
         it answers with, so that both agree.
         """
+        busy = self.generator.overloaded()
+        if busy is not None:
+            raise ServerBusy(str(busy), retry_after_s=busy.retry_after_s)
         choice, shown, prompt_ids = self._prompt(request)
         if self._requires_call(choice, request.messages):
             # One call, not several: small models repeat a call until the bound.

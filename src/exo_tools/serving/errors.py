@@ -29,3 +29,11 @@ class UnsupportedSchema(InvalidChatRequest):
 
 class GenerationError(ServingError):
     """The generation failed inside the cluster after it started."""
+
+
+class ServerBusy(ServingError):
+    """The node's queue is full; the client may retry after `retry_after_s` seconds."""
+
+    def __init__(self, message: str, *, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s

@@ -9,12 +9,13 @@ from ..models.tokenizer import IncrementalDetokenizer, TextTokenizer
 from ..types import (
     ErrorEvent,
     FinishEvent,
+    Overloaded,
     PromptEvent,
     SamplingParams,
     TokenEvent,
     TokenGenerator,
 )
-from .errors import GenerationError
+from .errors import GenerationError, ServerBusy
 from .events import Finished
 
 
@@ -71,9 +72,12 @@ async def generate_text(
     one `Finished`; raises `GenerationError`. Cancels the generation if the consumer stops
     early."""
     loop = asyncio.get_running_loop()
-    handle = generator.submit(
-        request_id, prompt, sampling=sampling, max_tokens=max_tokens, loop=loop
-    )
+    try:
+        handle = generator.submit(
+            request_id, prompt, sampling=sampling, max_tokens=max_tokens, loop=loop
+        )
+    except Overloaded as busy:
+        raise ServerBusy(str(busy), retry_after_s=busy.retry_after_s) from busy
     detokenizer = IncrementalDetokenizer(tokenizer, skip_special_tokens=skip_special_tokens)
     matcher = StopStringMatcher(stop)
     completion_tokens = 0
