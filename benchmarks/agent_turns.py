@@ -25,13 +25,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -39,10 +35,10 @@ import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import default_model_path, print_table
+from benchmarks.common import load_default, mlx_lm_server, print_table
 from tests.helpers.cluster_runs import start_cluster
 from tests.helpers.model_export import export_hf_folder
-from tests.helpers.nodes import free_port, node_environment, start_node
+from tests.helpers.nodes import node_environment, start_node
 
 MODEL = "smollm2-135m"
 ANSWER_TOKENS = 16
@@ -131,44 +127,6 @@ def run_conversation(
     return results
 
 
-@contextmanager
-def mlx_lm_server(folder: Path) -> Iterator[str]:
-    from exo_tools.blas import find_openblas
-
-    port = free_port()
-    env = dict(os.environ)
-    env["OPENBLAS_NUM_THREADS"] = "2"
-    library = find_openblas()
-    if library and sys.platform.startswith("linux"):
-        env["LD_PRELOAD"] = library
-    log = (folder.parent / "mlx_lm_server.log").open("wb")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "mlx_lm.server", "--model", str(folder), "--port", str(port)],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env=env,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"mlx_lm.server exited; see {log.name}")
-            try:
-                if requests.get(f"{url}/v1/models", timeout=2).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError("mlx_lm.server did not start")
-            time.sleep(0.5)
-        yield url
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
-        log.close()
-
-
 def measure(
     target: str, folder: Path, system: str, turns: list[str]
 ) -> list[tuple[float, int, int]]:
@@ -187,15 +145,6 @@ def measure(
         return run_conversation(cluster.master.url, MODEL, system, turns, target)
     finally:
         cluster.stop()
-
-
-def load_default() -> Any:
-    from exo_tools.models.catalog import CATALOG, DEFAULT_MODEL_ID
-    from exo_tools.models.loader import load_model
-
-    return load_model(
-        CATALOG[DEFAULT_MODEL_ID], default_model_path(), dtype="float32", progress=False
-    )
 
 
 def agent_turns(args: argparse.Namespace) -> int:

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import os
 import resource
 import statistics
+import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+import requests
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -98,3 +104,53 @@ def print_table(title: str, header: list[str], rows: list[list[str]]) -> None:
     print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
     for row in rows:
         print("| " + " | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) + " |")
+
+
+@contextmanager
+def mlx_lm_server(folder: Path) -> Iterator[str]:
+    """`python -m mlx_lm.server` on an MLX folder, with the OpenBLAS preload the nodes
+    use (2 threads); yields its URL."""
+    from exo_tools.blas import find_openblas
+    from tests.helpers.nodes import free_port
+
+    port = free_port()
+    env = dict(os.environ)
+    env["OPENBLAS_NUM_THREADS"] = "2"
+    library = find_openblas()
+    if library and sys.platform.startswith("linux"):
+        env["LD_PRELOAD"] = library
+    log = (folder.parent / "mlx_lm_server.log").open("wb")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mlx_lm.server", "--model", str(folder), "--port", str(port)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"mlx_lm.server exited; see {log.name}")
+            try:
+                if requests.get(f"{url}/v1/models", timeout=2).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError("mlx_lm.server did not start")
+            time.sleep(0.5)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+        log.close()
+
+
+def load_default() -> Any:
+    from exo_tools.models.catalog import CATALOG, DEFAULT_MODEL_ID
+    from exo_tools.models.loader import load_model
+
+    return load_model(
+        CATALOG[DEFAULT_MODEL_ID], default_model_path(), dtype="float32", progress=False
+    )

@@ -181,6 +181,7 @@ class Node:
         body["stage"] = self.worker.view().model_dump(exclude_none=True)
         body["active_requests"] = self.engine.active_requests
         body["pipeline"] = self.engine.stats()
+        body["scheduler"] = self.engine.scheduler_stats()
         body["prefix_cache"] = self.engine.prefix_cache_stats()
         loaded = self.worker.loaded
         if loaded is not None:

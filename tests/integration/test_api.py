@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -15,10 +14,7 @@ import requests
 from exo_tools.models.catalog import CATALOG, DEFAULT_MODEL_ID
 from exo_tools.models.loader import load_model
 from tests.helpers.cluster_runs import LOGPROB_TOLERANCE
-from tests.helpers.concurrency import (
-    assert_cancelled_stream_leaves_others_undisturbed,
-    assert_concurrent_requests_match_alone,
-)
+from tests.helpers.concurrency import assert_concurrent_requests_match_alone
 from tests.helpers.conversations import (
     assert_each_turn_reuses_the_last,
     assert_matches_cold_runs,
@@ -164,32 +160,8 @@ def test_seeded_sampling_is_reproducible(node: NodeProcess) -> None:
     assert first == second
 
 
-def test_concurrent_requests_are_never_mixed(node: NodeProcess) -> None:
-    expected = {
-        prompt: chat(node, messages=user(prompt), max_tokens=16, temperature=0).json()
-        for prompt in PROMPTS
-    }
-    results: dict[str, Any] = {}
-
-    def run(prompt: str) -> None:
-        results[prompt] = chat(node, messages=user(prompt), max_tokens=16, temperature=0).json()
-
-    threads = [threading.Thread(target=run, args=(prompt,)) for prompt in PROMPTS]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    for prompt in PROMPTS:
-        got = results[prompt]["choices"][0]["message"]["content"]
-        assert got == expected[prompt]["choices"][0]["message"]["content"]
-
-
 def test_concurrent_requests_match_each_alone(node: NodeProcess) -> None:
     assert_concurrent_requests_match_alone(node)
-
-
-def test_cancelled_stream_leaves_others_undisturbed(node: NodeProcess) -> None:
-    assert_cancelled_stream_leaves_others_undisturbed(node)
 
 
 def test_client_disconnect_stops_generation(node: NodeProcess) -> None:

@@ -339,7 +339,6 @@ def test_constrained_requests_through_two_nodes(model_path: Path, parallelism: s
         named = {"type": "function", "function": {"name": "bash"}}
         for prompt, choice in [
             ("Read the file src/main.py", "required"),
-            ("Find all markdown files under docs", "required"),
             ("Run the tests with pytest", named),
         ]:
             message = {"role": "user", "content": prompt}
@@ -351,7 +350,7 @@ def test_constrained_requests_through_two_nodes(model_path: Path, parallelism: s
             name = calls[0]["function"]["name"]
             assert choice == "required" or name == "bash", calls
             jsonschema.validate(json.loads(calls[0]["function"]["arguments"]), SCHEMAS[name])
-        for prompt in JSON_PROMPTS[:2]:
+        for prompt in JSON_PROMPTS[:1]:
             messages = [
                 {"role": "system", "content": JSON_SYSTEM},
                 {"role": "user", "content": prompt},

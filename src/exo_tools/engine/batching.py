@@ -51,16 +51,25 @@ class RowCaches:
 
     def __init__(self, rows: list[Any]) -> None:
         self.rows = rows
+        self._offsets: mx.array | None = None
 
     @property
     def offset(self) -> mx.array:
-        # Rotary embeddings take an offset per batch row.
-        return mx.array([row.offset for row in self.rows])
+        # Rotary embeddings take an offset per batch row (asked for twice a layer, before
+        # the update).
+        if self._offsets is None:
+            self._offsets = mx.array([row.offset for row in self.rows])
+        return self._offsets
 
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[PerRow, PerRow]:
+        self._offsets = None
+        count = len(self.rows)
+        # One split per array, not one slice per row: a pass's op count is its cost here.
+        key_rows = mx.split(keys, count, axis=0) if count > 1 else [keys]
+        value_rows = mx.split(values, count, axis=0) if count > 1 else [values]
         fetched = [
-            row.update_and_fetch(keys[index : index + 1], values[index : index + 1])
-            for index, row in enumerate(self.rows)
+            row.update_and_fetch(key, value)
+            for row, key, value in zip(self.rows, key_rows, value_rows, strict=True)
         ]
         return PerRow([k for k, _ in fetched]), PerRow([v for _, v in fetched])
 
@@ -100,11 +109,13 @@ def attention_per_row(
 ) -> mx.array:
     """A batched pass's attention: each row against its own keys and values (what the
     same request computes alone), stacked back into the batch."""
-    rows = cache.rows if isinstance(cache, RowCaches) else [None] * len(keys.rows)
-    masks = mask.rows if isinstance(mask, PerRow) else [mask] * len(keys.rows)
+    count = len(keys.rows)
+    rows = cache.rows if isinstance(cache, RowCaches) else [None] * count
+    masks = mask.rows if isinstance(mask, PerRow) else [mask] * count
+    query_rows = mx.split(queries, count, axis=0) if count > 1 else [queries]
     outputs = [
         attend(
-            queries[index : index + 1],
+            query_rows[index],
             keys.rows[index],
             values.rows[index],
             cache=rows[index],
@@ -112,6 +123,6 @@ def attention_per_row(
             mask=masks[index],
             sinks=sinks,
         )
-        for index in range(len(keys.rows))
+        for index in range(count)
     ]
     return mx.concatenate(outputs, axis=0)

@@ -247,7 +247,6 @@ class StageEngine:
     def stats(self) -> dict[str, Any]:
         hops = list(self._hops)
         stage = self._stage
-        driver = self._driver
         collective = stage.collective if stage is not None else None
         reduces = list(collective.latencies_us) if collective is not None else []
         waits = list(collective.waits_us) if collective is not None else []
@@ -262,14 +261,24 @@ class StageEngine:
             "hops_measured": len(hops),
             "refused_stale": self._refused,
             "samples_batched": self.samples_batched,
+            "decode_batches": self.decode_batches,
+            "decode_rows_batched": self.decode_rows_batched,
+        }
+
+    def scheduler_stats(self) -> dict[str, Any]:
+        """Stage 0's requests running and waiting, its limits, and its batched passes."""
+        driver = self._driver
+        batches = self.decode_batches
+        return {
             "running": len(driver.origins) if driver is not None else 0,
             "queued": len(driver.waiting) if driver is not None else 0,
             "max_running": self.max_running,
             "max_queued": self.max_queued,
             "max_batch": self.max_batch,
             "kv_budget_bytes": self.kv_budget_bytes,
-            "decode_batches": self.decode_batches,
-            "decode_rows_batched": self.decode_rows_batched,
+            "kv_reserved_bytes": driver.kv_reserved_bytes() if driver is not None else 0,
+            "decode_batches": batches,
+            "mean_batch_rows": round(self.decode_rows_batched / batches, 2) if batches else None,
         }
 
     @property

@@ -153,6 +153,11 @@ class Driver(Role):
         tokens = sum(_reserved_tokens(o) for o in self.origins.values()) + _reserved_tokens(origin)
         return tokens * per_token <= engine.kv_budget_bytes
 
+    def kv_reserved_bytes(self) -> int:
+        """The KV the running requests may grow to (0 until a request measured it)."""
+        per_token = self._kv_bytes_per_token or 0.0
+        return int(sum(_reserved_tokens(o) for o in self.origins.values()) * per_token)
+
     def _start_waiting(self) -> None:
         while self.waiting and self._has_room(self.waiting[0]):
             origin = self.waiting.popleft()
