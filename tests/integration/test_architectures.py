@@ -205,3 +205,50 @@ def test_tensor_split_is_refused_where_it_is_not_defined(
         )
     with pytest.raises(ModelLoadError, match="cannot be tensor-split"):
         load_model(card, folder, dtype="float32", progress=False, tensor=TENSOR_PARTS[0])
+
+
+# Batched decode (engine.batching): rows of different lengths, past the sliding windows.
+ROW_PROMPTS = [PROMPT[:20], PROMPT[:28], PROMPT]
+
+
+@pytest.mark.parametrize("architecture", sorted(CONFIGS))
+def test_batched_decode_matches_each_row_alone(folders: dict[str, Path], architecture: str) -> None:
+    """Three requests' decode steps as one pass over their own caches, through 2 stages,
+    against each request alone; a family that cannot batch falls back to one request a
+    pass (same results) and says so."""
+    models = stages(folders[architecture], 2)
+
+    def prefilled() -> list[list[list[Any]]]:
+        per_row = []
+        for prompt in ROW_PROMPTS:
+            caches = [model.make_cache() for model in models]
+            out: Any = mx.array(prompt[:-1])[None]
+            for model, cache in zip(models, caches, strict=True):
+                out = model.forward(out, cache)
+            per_row.append(caches)
+        return per_row
+
+    alone_caches, batch_caches = prefilled(), prefilled()
+    inputs = [prompt[-1] for prompt in ROW_PROMPTS]
+    errors: list[float] = []
+    for _ in range(DECODE_STEPS):
+        alone = []
+        for row, caches in zip(inputs, alone_caches, strict=True):
+            out = mx.array([[row]])
+            for model, cache in zip(models, caches, strict=True):
+                out = model.forward(out, cache)
+            alone.append(out[:, -1, :])
+        batched: Any = mx.array(inputs)[:, None]
+        for stage, model in enumerate(models):
+            batched = model.forward_rows(batched, [caches[stage] for caches in batch_caches])
+        expected = mx.concatenate(alone, axis=0)
+        errors.append(float(mx.max(mx.abs(batched[:, -1, :] - expected)).item()))
+        inputs = [int(token) for token in mx.argmax(expected, axis=-1).tolist()]  # type: ignore[union-attr]
+    assert max(errors) <= TOLERANCE, f"{architecture}: errors {errors}"
+    batched_still = all(model.can_batch(model.make_cache()) for model in models)
+    assert batched_still == (architecture not in UNBATCHED_FAMILIES)
+
+
+# Families that decode one request a pass: state-space caches (Qwen3-Next), chunked caches
+# (Llama 4), attention that works on the cached keys itself (DeepSeek V3's MLA).
+UNBATCHED_FAMILIES = {"deepseek_v3", "llama4", "qwen3_next"}

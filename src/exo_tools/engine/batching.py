@@ -16,9 +16,10 @@ which the model passes unopened to `scaled_dot_product_attention`, where
 own cache. mlx-lm's `BatchKVCache` pads every request to the longest and is rebuilt when
 requests join or leave; keeping the requests' caches avoids both.
 
-Only caches whose behaviour is fully known here batch (`KVCache`, `RotatingKVCache`);
-a model with any other kind (state-space layers, quantized KV) decodes one request at a
-time.
+Only caches whose behaviour is fully known here batch (`KVCache`, `RotatingKVCache`); a
+model with any other kind (state-space layers, Llama 4's chunked caches, quantized KV), or
+whose attention works on the keys itself (`ShardModel` finds out on its first batched
+pass, undoes it and stops batching), decodes one request at a time.
 """
 
 from __future__ import annotations

@@ -21,6 +21,7 @@ position's cache (offsets, windows) are right for the blocks that use them.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -32,6 +33,8 @@ from ..models.pruning import SkippedLayer, embedding_key, layers_path, module_at
 from ..types import Shard
 from . import cpu_attention
 from .batching import batchable, row_caches
+
+log = logging.getLogger(__name__)
 
 # Blocks per asynchronous evaluation in a forward pass. Measured on 15 SmolLM2 blocks
 # (2-core x86, float32): every 1-5 blocks all save ~2.5 ms of ~38 ms per decode step;
@@ -257,11 +260,47 @@ class ShardModel:
     def forward_rows(self, inputs: mx.array, caches: list[list[Any]]) -> mx.array:
         """One decode step of several requests as one pass: row i of `inputs` (one token
         id, or one hidden state) is request i's, attending to its own `caches[i]`."""
-        return self.forward(inputs, row_caches(caches))
+        return self._rows(self.forward, inputs, caches)
 
     def blocks_rows(self, inputs: mx.array, caches: list[list[Any]]) -> mx.array:
         """`blocks` of a batched decode step (see `forward_rows`)."""
-        return self.blocks(inputs, row_caches(caches))
+        return self._rows(self.blocks, inputs, caches)
+
+    def _rows(
+        self,
+        run: Callable[[mx.array, list[Any]], mx.array],
+        inputs: mx.array,
+        caches: list[list[Any]],
+    ) -> mx.array:
+        if all(self.can_batch(cache) for cache in caches):
+            before = [self._offsets(cache) for cache in caches]
+            try:
+                return run(inputs, row_caches(caches))
+            except (AttributeError, TypeError) as error:
+                if "PerRow" not in str(error) and "RowCaches" not in str(error):
+                    raise
+                # The model works on the keys or the caches itself (DeepSeek's MLA, ...):
+                # undo the rows' cache updates and decode one request a pass from now on.
+                self._rewind(caches, before)
+                self.batches = False
+                log.warning(
+                    "%s: its attention does not take batched rows (%s); decoding one "
+                    "request a pass",
+                    self.model_type,
+                    error,
+                )
+        outputs = [run(inputs[index : index + 1], cache) for index, cache in enumerate(caches)]
+        return mx.concatenate(outputs, axis=0)
+
+    def _offsets(self, cache: list[Any]) -> list[int]:
+        return [int(layer.offset) for layer in self.local_caches(cache)]
+
+    def _rewind(self, caches: list[list[Any]], offsets: list[list[int]]) -> None:
+        for cache, before in zip(caches, offsets, strict=True):
+            for layer, offset in zip(self.local_caches(cache), before, strict=True):
+                grown = int(layer.offset) - offset
+                if grown and layer.trim(grown) != grown:
+                    raise RuntimeError("a batched pass failed and its cache cannot be rewound")
 
     def blocks(self, inputs: mx.array, cache: list[Any]) -> mx.array:
         """The last stage without its head: the inner model's output (after its final
