@@ -104,7 +104,7 @@ def run_example(node: NodeProcess, *args: str) -> subprocess.CompletedProcess[st
 
 
 def test_example_script_runs_to_the_end(node: NodeProcess) -> None:
-    result = run_example(node, "--max-turns", "3")
+    result = run_example(node, "--max-turns", "2")
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.strip()
 

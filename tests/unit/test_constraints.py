@@ -8,7 +8,7 @@ import json
 import weakref
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import jsonschema
 import mlx.core as mx
@@ -22,6 +22,7 @@ from exo_tools.models.tokenizer import TextTokenizer
 from exo_tools.tools import parse_tool_calls, render_assistant_tool_calls
 from exo_tools.types import SamplingParams
 from tests.helpers.agent_tools import SCHEMA_2020, tool
+from tests.helpers.generators import PrepareOnly
 
 KEY = "test-smollm2"
 
@@ -270,7 +271,7 @@ def _chat_service(tokenizer: TextTokenizer, fmt: str, *, lazy: bool) -> Any:
         chat_template="{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}",
     )
     card = CATALOG[DEFAULT_MODEL_ID].with_tool_format(fmt)
-    return ChatService(card, templated, 8192, cast(Any, None), lazy_tool_grammar=lazy)
+    return ChatService(card, templated, 8192, PrepareOnly(), lazy_tool_grammar=lazy)
 
 
 @pytest.mark.parametrize(

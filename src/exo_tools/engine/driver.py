@@ -91,6 +91,8 @@ class Origin:
     reused: int = 0  # prompt tokens it took from that entry
     # One-stage decode runs a step ahead: the next token, still being computed.
     ahead: mx.array | None = None
+    # The micro-batch it is in flight with on a pipeline (None: none).
+    group: int | None = None
     started: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
 
@@ -117,6 +119,11 @@ class Driver(Role):
         self.origins: dict[str, Origin] = {}
         # Requests whose next step can run now, in the order they became ready.
         self.ready: dict[str, Origin] = {}
+        # Pipelines: each micro-batch in flight, the requests not yet back, and those back
+        # and held until the rest are.
+        self._in_flight: dict[int, set[str]] = {}
+        self._held: dict[int, list[Origin]] = {}
+        self._groups = 0
         # Requests waiting for a place (--max-running, or the KV budget), oldest first.
         self.waiting: deque[Origin] = deque()
         self.max_batch = engine.max_batch
@@ -204,6 +211,8 @@ class Driver(Role):
         self.origins.clear()
         self.ready.clear()
         self.waiting.clear()
+        self._in_flight.clear()
+        self._held.clear()
 
     # -- rounds
 
@@ -283,7 +292,11 @@ class Driver(Role):
             return  # cancelled meanwhile; its release is already on its way
         match message:
             case SampledToken(token_id=token_id, logprobs=logprobs):
-                self._on_token(origin, token_id, logprobs)
+                try:
+                    self._on_token(origin, token_id, logprobs)
+                except Exception as error:  # the request fails, never hangs
+                    log.exception("request %s failed taking its token", origin.request_id)
+                    self._fail(origin, f"generation failed: {error}")
             case Failure(cache_miss=True) if origin.generated == 0:
                 self._recompute(origin)
             case Failure(error=error):
@@ -398,8 +411,29 @@ class Driver(Role):
     # -- one step of a request
 
     def _schedule(self, origin: Origin) -> None:
-        """Its next step runs in a coming round."""
+        """Its next step runs in a coming round; on a pipeline, once the rest of its
+        micro-batch is back too (their tokens come in one after another, and a round
+        started on the first few would split the batch into ever smaller ones)."""
+        group = self._leave_group(origin)
+        if group is not None and self._in_flight[group]:
+            self._held.setdefault(group, []).append(origin)
+            return
         self.ready[origin.request_id] = origin
+
+    def _leave_group(self, origin: Origin) -> int | None:
+        """Take `origin` out of its in-flight micro-batch; the batch's id. When it was the
+        last one out, the others held back become ready."""
+        group, origin.group = origin.group, None
+        if group is None:
+            return None
+        waiting = self._in_flight[group]
+        waiting.discard(origin.request_id)
+        if not waiting:
+            del self._in_flight[group]
+            for held in self._held.pop(group, []):
+                if held.request_id in self.origins:
+                    self.ready[held.request_id] = held
+        return group if waiting else None
 
     def _step(self, origin: Origin) -> None:
         stage = self._stage
@@ -466,6 +500,10 @@ class Driver(Role):
             out = self._forward_rows(batch, ids, caches)
             if stage.n_stages > 1:
                 first = batch[0]
+                self._groups += 1
+                self._in_flight[self._groups] = {origin.request_id for origin in batch}
+                for origin in batch:
+                    origin.group = self._groups
                 self._send(
                     Forward(
                         first.request_id,
@@ -609,6 +647,7 @@ class Driver(Role):
     def _end(self, origin: Origin, *, keep: bool) -> None:
         self.origins.pop(origin.request_id, None)
         self.ready.pop(origin.request_id, None)
+        self._leave_group(origin)
         entry = self._engine.caches.get(origin.request_id)
         if entry is not None:
             self._measure_kv(entry)
