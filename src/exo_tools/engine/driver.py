@@ -64,9 +64,15 @@ log = logging.getLogger(__name__)
 # mlx-lm's generate prefills in 2048-token chunks and runs the last prompt token on its
 # own; doing the same keeps greedy output token-identical to it.
 PREFILL_CHUNK = 2048
-# While other requests decode, a prompt is prefilled this many tokens between two of their
-# steps: on this 2-core CPU a 64-token chunk costs about one 8-row decode step.
+# While other requests decode, a prompt is prefilled in chunks that cost about one of
+# their decode rounds (measured), so a running stream waits at most about twice its usual
+# time per token: at least MIN_BUSY_CHUNK tokens; before anything is measured, and for the
+# rest of a prompt up to PREFILL_CHUNK_BUSY tokens (a short prompt stays one chunk),
+# PREFILL_CHUNK_BUSY.
 PREFILL_CHUNK_BUSY = 64
+MIN_BUSY_CHUNK = 16
+# Weight of the latest measurement in the running averages of round costs.
+COST_SMOOTHING = 0.3
 
 
 @dataclass
@@ -102,6 +108,10 @@ class Origin:
         return self.prompt_done >= len(self.prompt) - 1
 
 
+def _smoothed(average: float | None, value: float) -> float:
+    return value if average is None else average + COST_SMOOTHING * (value - average)
+
+
 def _reserved_tokens(origin: Origin) -> int:
     """The most tokens the request's cache will hold."""
     return len(origin.prompt) + origin.max_tokens
@@ -124,6 +134,9 @@ class Driver(Role):
         self._in_flight: dict[int, set[str]] = {}
         self._held: dict[int, list[Origin]] = {}
         self._groups = 0
+        # Running averages: a decode round's seconds, and a prefill token's.
+        self._decode_round_s: float | None = None
+        self._prefill_token_s: float | None = None
         # Requests waiting for a place (--max-running, or the KV budget), oldest first.
         self.waiting: deque[Origin] = deque()
         self.max_batch = engine.max_batch
@@ -226,9 +239,25 @@ class Driver(Role):
         decoding = [origin for origin in self.ready.values() if origin.decoding]
         prefilling = next((o for o in self.ready.values() if not o.decoding), None)
         if decoding:
+            began = time.perf_counter()
             self._decode_round(decoding[: self._batch_limit()])
+            self._decode_round_s = _smoothed(self._decode_round_s, time.perf_counter() - began)
         if prefilling is not None and self.ready.pop(prefilling.request_id, None) is not None:
+            done, began = prefilling.prompt_done, time.perf_counter()
             self._step_safely(prefilling)
+            fed = prefilling.prompt_done - done
+            if fed > 0:
+                per_token = (time.perf_counter() - began) / fed
+                self._prefill_token_s = _smoothed(self._prefill_token_s, per_token)
+
+    def _busy_chunk(self, remaining: int) -> int:
+        """The next prefill chunk while other requests decode (see PREFILL_CHUNK_BUSY)."""
+        if remaining <= PREFILL_CHUNK_BUSY:
+            return remaining
+        round_s, token_s = self._decode_round_s, self._prefill_token_s
+        if round_s is None or token_s is None or token_s <= 0:
+            return PREFILL_CHUNK_BUSY
+        return max(MIN_BUSY_CHUNK, min(PREFILL_CHUNK, int(round_s / token_s)))
 
     def _batch_limit(self) -> int:
         """How many decode steps one pass takes: on a pipeline, a share of the decoding
@@ -443,7 +472,8 @@ class Driver(Role):
         remaining = len(origin.prompt) - 1 - origin.prompt_done
         if remaining > 0:
             others_decode = any(o.decoding for o in self.origins.values())
-            count = min(PREFILL_CHUNK_BUSY if others_decode else PREFILL_CHUNK, remaining)
+            limit = self._busy_chunk(remaining) if others_decode else PREFILL_CHUNK
+            count = min(limit, remaining)
             ids = origin.prompt[origin.prompt_done : origin.prompt_done + count]
             origin.prompt_done += count
             sample = False
