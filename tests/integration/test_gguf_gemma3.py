@@ -278,14 +278,17 @@ def test_a_two_node_pipeline_serves_it_as_mlx_lm_does(
     cluster = start_cluster(2, "--model", GEMMA3_270M_ID, "--dtype", "float32")
     try:
         body = {"model": GEMMA3_270M_ID, "messages": messages, "max_tokens": 8, "temperature": 0}
-        reply = requests.post(f"{cluster.master.url}/v1/chat/completions", json=body, timeout=300)
-        if reply.status_code == 503 and reply.json()["error"]["code"] == "model_loading":
-            # Under CPU contention the cluster may re-place right after its first placement
-            # (a CI run saw it once); a client retries a 503 "retry shortly", as this does.
-            cluster.wait_placed(2)
+        for _ in range(3):
             reply = requests.post(
                 f"{cluster.master.url}/v1/chat/completions", json=body, timeout=300
             )
+            error = reply.json().get("error") or {} if reply.status_code != 200 else {}
+            # On a slow machine the member can miss its heartbeats while it builds gemma's
+            # 262k-token grammar tokenizer (FINDINGS), and the master re-places: a client
+            # retries what it is told is a re-placement or a load, as this does.
+            if error.get("code") != "model_loading" and "re-plac" not in error.get("message", ""):
+                break
+            cluster.wait_placed(2)
         assert reply.status_code == 200, reply.text
         stages = cluster.view()["placement"]["stages"]
         assert [(s["start_layer"], s["end_layer"]) for s in stages] == [(0, 9), (9, 18)]
