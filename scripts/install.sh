@@ -41,4 +41,15 @@ if [ "$(uname -s)" = Linux ] && ! ls /usr/lib/*-linux-gnu/openblas-pthread/libop
     echo "tip: 'sudo apt-get install libopenblas0-pthread' makes CPU inference much faster" >&2
   fi
 fi
+# The dashboard test opens the page in headless Chromium (Debian's `chromium`).
+if [ "${1:-}" = "--test" ] && [ "$(uname -s)" = Linux ] && ! command -v chromium >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "Installing chromium (apt) for the dashboard test ..."
+    apt-get install -y -qq chromium >/dev/null 2>&1 ||
+      { apt-get update -qq && apt-get install -y -qq chromium >/dev/null; } ||
+      echo "note: could not install chromium; the dashboard browser test will be skipped" >&2
+  else
+    echo "note: install chromium ('sudo apt-get install chromium') for the dashboard test" >&2
+  fi
+fi
 echo "Installed. Run: .venv/bin/exo-tools --help"

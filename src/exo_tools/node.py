@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psutil
 from aiohttp import web
 
 from .api.server import create_app
@@ -173,8 +174,19 @@ class Node:
             return CoordinatorState.STANDBY
         return self.worker.state
 
+    def ready(self) -> bool:
+        """Whether a generation request sent here now would be served: on the master its
+        placement is ready; elsewhere this node's own stage is loaded and a master known."""
+        if self.coordinator.is_master:
+            return self.coordinator.ready and self.worker.loaded is not None
+        return self.worker.state == WorkerState.READY and self.master_api_url() is not None
+
     def health(self) -> dict[str, Any]:
-        body: dict[str, Any] = {"status": self._status(), "model": self.card.id}
+        body: dict[str, Any] = {
+            "status": self._status(),
+            "ready": self.ready(),
+            "model": self.card.id,
+        }
         if self.cluster is not None:
             body["node_id"] = self.cluster.node_id
             body["master"] = self.cluster.master_id
@@ -188,6 +200,14 @@ class Node:
             body["dtype"] = loaded.dtype
             body["weight_bytes"] = loaded.weight_bytes
             body["memory"] = memory_report()
+        system = psutil.virtual_memory()
+        body["system_memory"] = {"total": int(system.total), "available": int(system.available)}
+        if self.coordinator.is_master:
+            coordinator = self.coordinator
+            body["placements"] = {
+                "placed": coordinator.placements_made,
+                "re_placed": coordinator.re_placements,
+            }
         error = self.coordinator.error if self.coordinator.is_master else self.worker.error
         if error:
             body["error"] = error

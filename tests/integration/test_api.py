@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -10,9 +11,12 @@ from typing import Any
 import openai
 import pytest
 import requests
+from openapi_spec_validator import validate as validate_openapi
+from prometheus_client.parser import text_string_to_metric_families
 
 from exo_tools.models.catalog import CATALOG, DEFAULT_MODEL_ID
 from exo_tools.models.loader import load_model
+from tests.helpers.browser import dump_dom
 from tests.helpers.cluster_runs import LOGPROB_TOLERANCE
 from tests.helpers.concurrency import assert_concurrent_requests_match_alone
 from tests.helpers.conversations import (
@@ -300,12 +304,133 @@ def test_openai_sdk(node: NodeProcess) -> None:
         client.chat.completions.create(model=MODEL, messages=[])
 
 
+def _samples(node: NodeProcess) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """Every sample of the node's /metrics, parsed by prometheus_client's own parser."""
+    text = requests.get(f"{node.url}/metrics", timeout=10).text
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def _metric(
+    samples: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str, **labels: str
+) -> float:
+    return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+def test_metrics_access_log_and_request_ids(node: NodeProcess) -> None:
+    chat_route = {"method": "POST", "route": "/v1/chat/completions", "status": "200"}
+    api = {"api": "chat.completions"}
+    before = _samples(node)
+    plain = chat(node, messages=user("Name a color."), max_tokens=6, temperature=0)
+    given_id = "client-chosen.id-42"
+    streamed_body = {
+        "model": MODEL,
+        "messages": user("Count to five."),
+        "max_tokens": 8,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    with requests.post(
+        f"{node.url}/v1/chat/completions",
+        json=streamed_body,
+        headers={"X-Request-Id": given_id},
+        stream=True,
+        timeout=120,
+    ) as streamed:
+        assert streamed.headers["X-Request-Id"] == given_id  # a client's own id is kept
+        lines = b"".join(streamed.iter_content(None)).split(b"\n")
+    chunks = [json.loads(line[6:]) for line in lines if line.startswith(b"data: {")]
+    streamed_usage = next(chunk["usage"] for chunk in chunks if chunk.get("usage"))
+    bad = chat(node, messages=user("hi"), temperature=5)
+    after = _samples(node)
+
+    def grew(name: str, **labels: str) -> float:
+        return _metric(after, name, **labels) - _metric(before, name, **labels)
+
+    assert grew("exo_tools_requests_total", **chat_route) == 2
+    assert grew("exo_tools_requests_total", **{**chat_route, "status": "400"}) == 1
+    assert grew("exo_tools_time_to_first_token_seconds_count", **api) == 2
+    plain_usage = plain.json()["usage"]
+    prompts = plain_usage["prompt_tokens"] + streamed_usage["prompt_tokens"]
+    assert grew("exo_tools_prompt_tokens_total", **api) == prompts
+    completion = grew("exo_tools_completion_tokens_total", **api)
+    assert completion == plain_usage["completion_tokens"] + streamed_usage["completion_tokens"]
+    # Every token after a request's first is one inter-token gap.
+    assert grew("exo_tools_inter_token_latency_seconds_count", **api) == completion - 2
+    assert _metric(after, "exo_tools_ready") == 1
+    assert _metric(after, "exo_tools_weight_bytes") > 0
+    # One access line per request, named by the id its response carried.
+    log = node.log()
+    for response, status in ((plain, 200), (bad, 400)):
+        request_id = response.headers["X-Request-Id"]
+        lines = [line for line in log.splitlines() if f"id={request_id} " in line]
+        assert len(lines) == 1, lines
+        assert f"POST /v1/chat/completions {status} " in lines[0]
+    streamed_line = next(line for line in log.splitlines() if f"id={given_id} " in line)
+    assert f"completion_tokens={streamed_usage['completion_tokens']} " in streamed_line
+
+
+def test_openapi_describes_every_route(node: NodeProcess) -> None:
+    document = requests.get(f"{node.url}/openapi.json", timeout=10).json()
+    validate_openapi(document)  # raises on anything OpenAPI 3.1 does not allow
+    paths = document["paths"]
+    for route in (
+        "/v1/chat/completions",
+        "/v1/messages",
+        "/v1/messages/count_tokens",
+        "/v1/responses",
+        "/v1/responses/{response_id}",
+        "/v1/models",
+        "/v1/models/{model_id}",
+        "/v1/cluster",
+        "/v1/dashboard",
+        "/health",
+        "/ready",
+        "/metrics",
+    ):
+        assert route in paths, route
+    chat_body = paths["/v1/chat/completions"]["post"]["requestBody"]["content"]
+    ref = chat_body["application/json"]["schema"]["$ref"].rsplit("/", 1)[-1]
+    assert {"messages", "tools", "tool_choice"} <= set(
+        document["components"]["schemas"][ref]["properties"]
+    )
+    page = requests.get(f"{node.url}/docs", timeout=10)
+    assert page.status_code == 200 and "/openapi.json" in page.text
+
+
 def test_api_key_guards_every_route_but_health(model_path: Path) -> None:
-    guarded = start_node("--api-key", "sekrit")
+    guarded = start_node("--api-key", "sekrit", wait=False)
     try:
-        assert requests.get(f"{guarded.url}/health", timeout=10).status_code == 200
+        # Readiness answers 503 while the model is being placed and loaded, then 200;
+        # /health answers 200 throughout.
+        readiness: list[int] = []
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and 200 not in readiness:
+            try:
+                readiness.append(requests.get(f"{guarded.url}/ready", timeout=5).status_code)
+                assert requests.get(f"{guarded.url}/health", timeout=5).status_code == 200
+            except requests.ConnectionError:
+                pass  # not listening yet
+            time.sleep(0.1)
+        assert readiness[0] == 503 and readiness[-1] == 200, readiness
+        guarded.wait_ready()
         response = requests.get(f"{guarded.url}/v1/models", timeout=10)
         assert _error(response, 401)["code"] == "invalid_api_key"
+        # The page and the API description hold no data: they load without the key, and
+        # the page asks for it; its data and the metrics need it.
+        assert requests.get(f"{guarded.url}/", timeout=10).status_code == 200
+        assert requests.get(f"{guarded.url}/openapi.json", timeout=10).status_code == 200
+        for route in ("/v1/dashboard", "/metrics", "/v1/node"):
+            _error(requests.get(f"{guarded.url}{route}", timeout=10), 401)
+            keyed = requests.get(
+                f"{guarded.url}{route}", headers={"Authorization": "Bearer sekrit"}, timeout=10
+            )
+            assert keyed.status_code == 200, route
+        dom = dump_dom(f"{guarded.url}/")
+        assert re.search(r'<form id="key-form"(?! hidden)', dom), "the page did not ask for the key"
         response = requests.post(
             f"{guarded.url}/v1/chat/completions",
             json={"model": MODEL, "messages": user("hi")},

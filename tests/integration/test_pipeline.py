@@ -7,6 +7,7 @@ node processes share this machine's cores at a time.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from exo_tools.models.catalog import CATALOG
 from exo_tools.models.loader import model_layout
 from exo_tools.models.tokenizer import TextTokenizer
 from exo_tools.proto import node_pb2, node_pb2_grpc
+from tests.helpers.browser import dump_dom, screenshot
 from tests.helpers.cluster_runs import (
     MAX_TOKENS,
     MODEL,
@@ -117,6 +119,49 @@ class TestTwoStages:
 
     def test_client_disconnect_frees_every_stage(self, cluster: Cluster) -> None:
         assert_disconnect_frees_every_node(cluster)
+
+    def test_dashboard_shows_the_cluster_live(self, cluster: Cluster) -> None:
+        master, member = cluster.nodes
+        view = cluster.view()
+        ids = [str(node.health()["node_id"]) for node in cluster.nodes]
+        # A caller without the cluster secret: the member refuses it, and says so.
+        member_grpc = next(node["grpc_port"] for node in view["nodes"] if node["id"] == ids[1])
+        intruder = ClusterAuth(b"not-the-cluster-secret", cluster.name)
+        method = "/exo_tools.v1.Worker/LoadShard"
+        with (
+            grpc.insecure_channel(f"127.0.0.1:{member_grpc}") as channel,
+            pytest.raises(grpc.RpcError),
+        ):
+            list(
+                node_pb2_grpc.WorkerStub(channel).LoadShard(
+                    node_pb2.LoadShardRequest(),
+                    metadata=intruder.sign_call("intruder", method),
+                    timeout=10,
+                )
+            )
+        # A request through the member, which forwards it to the master.
+        reply = chat(member, "Tell me about the sea.", max_tokens=24)
+        assert reply.status_code == 200
+        request_id = reply.headers["X-Request-Id"]
+        # The member's page: its figures come from the master, which gathers every node's.
+        dom = dump_dom(f"{member.url}/")
+        for node_id, layers in zip(ids, ("0-15", "15-30"), strict=True):
+            assert f'<g data-node-id="{node_id}">' in dom  # drawn in the topology
+            assert f'<g data-node-id="{node_id}" data-layers="{layers}">' in dom  # placement
+        last_rate = re.search(r'id="last-request-tps" data-value="([0-9.]+)"', dom)
+        assert last_rate is not None and float(last_rate.group(1)) > 0
+        row = re.search(rf'<tr data-request-id="{request_id}">(.*?)</tr>', dom)
+        assert row is not None, "the request is not listed"
+        rate = re.search(r'<td class="tokens-per-second">([0-9.]+)</td>', row.group(1))
+        assert rate is not None and float(rate.group(1)) > 0
+        assert "refused peer intruder" in dom  # the member's warning, on the master's page
+        assert f"{ids[1]} (this page)" in dom
+        screenshot(f"{member.url}/", "dashboard-two-stages.png")
+        # One access line per node for the request, under the id its response carried.
+        for node, part in ((master, "completion_tokens="), (member, "forwarded_to=")):
+            lines = [line for line in node.log().splitlines() if f"id={request_id} " in line]
+            assert len(lines) == 1 and "POST /v1/chat/completions 200 " in lines[0], lines
+            assert part in lines[0]
 
     def test_messages_of_another_epoch_are_refused(self, cluster: Cluster) -> None:
         view = cluster.view()

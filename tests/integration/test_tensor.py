@@ -19,6 +19,7 @@ from exo_tools.models.catalog import CATALOG
 from exo_tools.models.loader import model_layout
 from exo_tools.models.tokenizer import TextTokenizer
 from exo_tools.types import TensorSlice
+from tests.helpers.browser import dump_dom
 from tests.helpers.cluster_runs import (
     MODEL,
     Cluster,
@@ -116,6 +117,13 @@ class TestTwoMembers:
         assert sorted(p.kv_head_end - p.kv_head_start for p in parts) == [1, 2]
         master = str(cluster.master.health()["node_id"])
         assert placement["stages"][0]["node_id"] == master
+        # The page draws each member's share across every layer.
+        dom = dump_dom(f"{cluster.master.url}/")
+        for stage in placement["stages"]:
+            start, end = stage["kv_heads"]
+            assert f'<g data-node-id="{stage["node_id"]}" data-layers="0-30">' in dom
+            heads = f"KV head {start}" if end - start == 1 else f"KV heads {start}\u2013{end - 1}"
+            assert heads in dom
         member = cluster.nodes[1].health()["stage"]
         assert (
             member["tensor_rank"] == 1 and member["kv_heads"] == placement["stages"][1]["kv_heads"]

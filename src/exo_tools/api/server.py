@@ -7,24 +7,32 @@ into serving requests and serving events back into its bodies.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
+import logging
+import re
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 import aiohttp
 from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ValidationError
 
 from .. import __version__
 from ..serving.chat import ChatService
 from ..serving.errors import ServingError
-from . import anthropic_messages, openai_chat, openai_responses
+from ..serving.telemetry import RequestRecord, current_record, recording
+from . import anthropic_messages, dashboard, openai_chat, openai_responses
 from .errors import APIError, error_middleware, from_serving_error, from_validation_error
+from .openapi import openapi_document
 from .response_store import ResponseStore
 from .schemas import ChatCompletionRequest, ModelList, ModelObject
+from .telemetry import API_BY_ROUTE, Telemetry
 
 _Body = TypeVar("_Body", bound=BaseModel)
 
@@ -32,6 +40,27 @@ MAX_BODY_BYTES = 8 * 1024 * 1024
 # Marks a request one node already forwarded, so views that briefly disagree on the
 # master never bounce a request between nodes.
 FORWARDED_HEADER = "X-Exo-Tools-Forwarded-By"
+# Names each request in the access log and its response; a client's own id is kept.
+REQUEST_ID_HEADER = "X-Request-Id"
+_CLIENT_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+# Routes that hold no data and answer without the API key: the page itself asks for it.
+OPEN_ROUTES = frozenset({"/health", "/ready", "/", "/docs", "/openapi.json"})
+# Routes polled by monitors and the page: their access lines are logged at DEBUG.
+MONITORING_ROUTES = frozenset(
+    {
+        "/health",
+        "/ready",
+        "/metrics",
+        "/v1/cluster",
+        "/v1/dashboard",
+        "/v1/node",
+        "/",
+        "/docs",
+        "/openapi.json",
+    }
+)
+# How long the master waits for a member's figures when building the dashboard.
+MEMBER_STATUS_TIMEOUT_S = 1.5
 
 
 class NodeBackend(Protocol):
@@ -49,6 +78,10 @@ class NodeBackend(Protocol):
 
     def health(self) -> dict[str, Any]: ...
 
+    def ready(self) -> bool:
+        """Whether a generation request sent to this node now would be served."""
+        ...
+
     def cluster_view(self) -> dict[str, Any] | None:
         """GET /v1/cluster; None on a node that runs without the cluster layer."""
         ...
@@ -63,7 +96,7 @@ def _auth_middleware(api_key: str | None) -> Callable[..., Awaitable[web.StreamR
     async def check(
         request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
     ) -> web.StreamResponse:
-        if api_key and request.path != "/health":
+        if api_key and request.path not in OPEN_ROUTES:
             # OpenAI clients send a bearer token, Anthropic's SDK and Claude Code `x-api-key`.
             bearer = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
             tokens = (bearer, request.headers.get("x-api-key", "").strip())
@@ -99,16 +132,75 @@ def _request_log_middleware(path: Path) -> Callable[..., Awaitable[web.StreamRes
     return record
 
 
+def _request_id(request: web.Request) -> str:
+    given = request.headers.get(REQUEST_ID_HEADER, "")
+    return given if _CLIENT_REQUEST_ID.fullmatch(given) else f"req-{uuid.uuid4().hex[:16]}"
+
+
+def _telemetry_middleware(telemetry: Telemetry) -> Callable[..., Awaitable[web.StreamResponse]]:
+    """Open each request's record (outermost, so it sees the status errors become), count
+    it and write its access line when it ends."""
+
+    @web.middleware
+    async def observe(
+        request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        resource = request.match_info.route.resource
+        route = resource.canonical if resource is not None else "unmatched"
+        record = RequestRecord(
+            request_id=_request_id(request),
+            method=request.method,
+            route=route,
+            api=API_BY_ROUTE.get(route, "other"),
+        )
+        request["record"] = record
+        telemetry.begin(record)
+        status = 500
+        try:
+            with recording(record):
+                response = await handler(request)
+            status = response.status
+            return response
+        except web.HTTPException as error:
+            status = error.status
+            raise
+        except asyncio.CancelledError:
+            status = 499  # the client went away (nginx's convention)
+            raise
+        finally:
+            record.finish(status)
+            quiet = request.path in MONITORING_ROUTES and status < 400
+            telemetry.end(record, log_level=logging.DEBUG if quiet else logging.INFO)
+
+    return observe
+
+
+async def _add_request_id(request: web.Request, response: web.StreamResponse) -> None:
+    record = request.get("record")
+    if isinstance(record, RequestRecord):
+        response.headers[REQUEST_ID_HEADER] = record.request_id
+
+
 def create_app(
     backend: NodeBackend, *, api_key: str | None = None, log_requests: Path | None = None
 ) -> web.Application:
-    middlewares = [error_middleware, _auth_middleware(api_key)]
+    routes = _Routes(backend)
+    telemetry = routes.telemetry
+    middlewares = [_telemetry_middleware(telemetry), error_middleware, _auth_middleware(api_key)]
     if log_requests is not None:
         middlewares.append(_request_log_middleware(log_requests))
     app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=middlewares)
-    routes = _Routes(backend)
+    app.on_response_prepare.append(_add_request_id)
+    app.on_startup.append(routes.start)
     app.on_cleanup.append(routes.close)
+    app.router.add_get("/", routes.page)
+    app.router.add_get("/docs", routes.docs_page)
+    app.router.add_get("/openapi.json", routes.openapi)
+    app.router.add_get("/metrics", routes.metrics)
     app.router.add_get("/health", routes.health)
+    app.router.add_get("/ready", routes.ready)
+    app.router.add_get("/v1/node", routes.node_status)
+    app.router.add_get("/v1/dashboard", routes.dashboard)
     app.router.add_get("/v1/cluster", routes.cluster)
     app.router.add_get("/v1/models", routes.list_models)
     app.router.add_get("/v1/models/{model_id:.+}", routes.get_model)
@@ -127,14 +219,108 @@ class _Routes:
         self._session: aiohttp.ClientSession | None = None
         # Responses stored for previous_response_id: on the master, which answers them.
         self.responses = ResponseStore()
+        self.telemetry = Telemetry(self._health_body, backend.cluster_view)
+        self._openapi: dict[str, Any] | None = None
+
+    async def start(self, _: web.Application) -> None:
+        logging.getLogger("exo_tools").addHandler(self.telemetry.warnings)
 
     async def close(self, _: web.Application) -> None:
+        logging.getLogger("exo_tools").removeHandler(self.telemetry.warnings)
         if self._session is not None:
             await self._session.close()
 
+    def _client(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=5)
+            )
+        return self._session
+
+    def _health_body(self) -> dict[str, Any]:
+        return {"version": __version__, **self.backend.health()}
+
     async def health(self, _: web.Request) -> web.Response:
-        body = {"version": __version__, **self.backend.health()}
+        return web.json_response(self._health_body())
+
+    async def ready(self, _: web.Request) -> web.Response:
+        """200 once generation requests are served here, 503 before (for readiness probes
+        and load balancers; `/health` answers 200 whenever the process does)."""
+        health = self.backend.health()
+        body = {"ready": bool(health.get("ready")), "status": health.get("status")}
+        return web.json_response(body, status=200 if body["ready"] else 503)
+
+    async def metrics(self, _: web.Request) -> web.Response:
+        body = await asyncio.to_thread(self.telemetry.exposition)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def openapi(self, _: web.Request) -> web.Response:
+        if self._openapi is None:
+            self._openapi = openapi_document(__version__)
+        return web.json_response(self._openapi)
+
+    async def page(self, _: web.Request) -> web.Response:
+        return web.Response(text=dashboard.page_html(), content_type="text/html")
+
+    async def docs_page(self, _: web.Request) -> web.Response:
+        return web.Response(text=dashboard.docs_html(), content_type="text/html")
+
+    def _node_status(self) -> dict[str, Any]:
+        """This node alone: its health, warnings and request figures."""
+        telemetry = self.telemetry
+        return {
+            **self._health_body(),
+            "time": time.time(),
+            "warnings": list(telemetry.warnings.entries),
+            "tokens_generated": telemetry.tokens_generated(),
+        }
+
+    async def node_status(self, _: web.Request) -> web.Response:
+        return web.json_response(self._node_status())
+
+    async def dashboard(self, request: web.Request) -> web.StreamResponse:
+        """Everything the page draws, built on the master from its own figures and each
+        member's `/v1/node`; other nodes forward here."""
+        if master_url := self._master_elsewhere(request):
+            return await self._forward(request, master_url)
+        local = self._node_status()
+        view = self.backend.cluster_view()
+        members = [
+            node for node in (view or {}).get("nodes", []) if node.get("id") != local.get("node_id")
+        ]
+        statuses = await asyncio.gather(*(self._member_status(request, node) for node in members))
+        telemetry = self.telemetry
+        body = dashboard.dashboard_body(
+            local=local,
+            view=view,
+            member_statuses=dict(zip((node["id"] for node in members), statuses, strict=True)),
+            recent=list(telemetry.recent),
+            running=telemetry.running(),
+        )
         return web.json_response(body)
+
+    async def _member_status(
+        self, request: web.Request, node: dict[str, Any]
+    ) -> dict[str, Any] | str:
+        """A member's `/v1/node`, or why it could not be read."""
+        addresses = node.get("addresses") or []
+        if not addresses or not node.get("api_port"):
+            return "its API address is unknown"
+        url = f"http://{_host(addresses[0])}:{node['api_port']}/v1/node"
+        headers = {
+            name: request.headers[name]
+            for name in ("Authorization", "x-api-key")
+            if name in request.headers
+        }
+        try:
+            async with self._client().get(
+                url, headers=headers, timeout=aiohttp.ClientTimeout(total=MEMBER_STATUS_TIMEOUT_S)
+            ) as answer:
+                if answer.status != 200:
+                    return f"{url} answered {answer.status}"
+                return await answer.json()
+        except (aiohttp.ClientError, TimeoutError, ValueError) as error:
+            return f"{url} did not answer: {error or type(error).__name__}"
 
     async def cluster(self, _: web.Request) -> web.Response:
         view = self.backend.cluster_view()
@@ -144,27 +330,27 @@ class _Routes:
 
     async def _forward(self, request: web.Request, master_url: str) -> web.StreamResponse:
         """Relay a request to the same route on the master; stream its answer back unchanged."""
-        if self._session is None:
-            self._session = aiohttp.ClientSession(
-                timeout=aiohttp.ClientTimeout(total=None, sock_connect=5)
-            )
         headers = {
             name: request.headers[name]
             for name in ("Authorization", "x-api-key", "Content-Type")
             if name in request.headers
         }
         headers[FORWARDED_HEADER] = request.host
+        if (record := current_record()) is not None:
+            record.forwarded_to = master_url
+            headers[REQUEST_ID_HEADER] = record.request_id
         body = await request.read()
         try:
-            async with self._session.request(
+            async with self._client().request(
                 request.method, f"{master_url}{request.path_qs}", data=body, headers=headers
             ) as upstream:
-                response = web.StreamResponse(
-                    status=upstream.status,
-                    headers={
-                        "Content-Type": upstream.headers.get("Content-Type", "application/json")
-                    },
-                )
+                relayed = {
+                    name: upstream.headers[name]
+                    for name in ("Content-Type", "Retry-After")
+                    if name in upstream.headers
+                }
+                relayed.setdefault("Content-Type", "application/json")
+                response = web.StreamResponse(status=upstream.status, headers=relayed)
                 await response.prepare(request)
                 async for piece in upstream.content.iter_any():
                     await response.write(piece)
@@ -214,6 +400,8 @@ class _Routes:
                 param="model",
                 code="model_not_found",
             )
+        if (record := current_record()) is not None:
+            record.model = model
         service = self.backend.chat_service()
         if service is None:
             raise APIError(503, "the model is still loading; retry shortly", code="model_loading")
@@ -283,3 +471,7 @@ class _Routes:
         openai_responses.stored(self.responses, response_id)
         self.responses.delete(response_id)
         return web.json_response({"id": response_id, "object": "response", "deleted": True})
+
+
+def _host(address: str) -> str:
+    return f"[{address}]" if ":" in address else address

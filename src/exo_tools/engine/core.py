@@ -21,7 +21,7 @@ import queue
 import statistics
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
@@ -214,6 +214,7 @@ class StageEngine:
         # Stage 0: batched decode passes, and the request steps they ran.
         self.decode_batches = 0
         self.decode_rows_batched = 0
+        self.decode_batch_rows: Counter[int] = Counter()  # passes by their number of rows
         # Seconds the MLX thread spent on work (not waiting): with a run's token count, what
         # a token costs on this stage, the rest of its time being hops and wakeups.
         self._busy_s = 0.0
@@ -279,6 +280,7 @@ class StageEngine:
             "kv_reserved_bytes": driver.kv_reserved_bytes() if driver is not None else 0,
             "decode_batches": batches,
             "mean_batch_rows": round(self.decode_rows_batched / batches, 2) if batches else None,
+            "batch_rows": {str(rows): n for rows, n in sorted(self.decode_batch_rows.items())},
         }
 
     @property

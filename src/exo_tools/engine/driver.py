@@ -524,6 +524,7 @@ class Driver(Role):
             inputs.append(last)
         engine.decode_batches += 1
         engine.decode_rows_batched += len(batch)
+        engine.decode_batch_rows[len(batch)] += 1
         ids = mx.array(inputs)[:, None]
         caches = [entry.cache for entry in entries]
         try:

@@ -64,6 +64,9 @@ class Coordinator:
         self.view: PlacementView | None = None
         self._epoch = 0
         self._placed_once = False
+        # Placements made while master, and those that replaced a lost or broken one.
+        self.placements_made = 0
+        self.re_placements = 0
         self._members: frozenset[str] = frozenset()
         self._changed_at = time.monotonic()
         self._broken_at: float | None = None
@@ -206,6 +209,9 @@ class Coordinator:
             log.error("cannot place the model: %s", error)
             return
         self._epoch = epoch
+        self.placements_made += 1
+        if self._placed_once:
+            self.re_placements += 1
         self.placement, self._broken_at, self.error = placement, None, None
         self.view = PlacementView.of(placement, PlacementState.LOADING)
         self.state = CoordinatorState.LOADING

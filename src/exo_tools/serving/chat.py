@@ -55,6 +55,7 @@ from .events import (
 )
 from .generation import generate_text
 from .request import ChatRequest, GuidedOutput
+from .telemetry import current_record
 
 DEFAULT_TOOL_FORMAT = "hermes"
 
@@ -326,6 +327,8 @@ class ChatService:
                         yield event
                     if parser.tool_calls:
                         item = replace(item, reason="tool_calls")
+                        if (record := current_record()) is not None:
+                            record.finish_reason = "tool_calls"
                 yield item
 
     def _logprobs(self, event: TokenEvent) -> LogprobsDelta:

@@ -17,6 +17,7 @@ from ..types import (
 )
 from .errors import GenerationError, ServerBusy
 from .events import Finished
+from .telemetry import current_record
 
 
 class StopStringMatcher:
@@ -80,6 +81,9 @@ async def generate_text(
         raise ServerBusy(str(busy), retry_after_s=busy.retry_after_s) from busy
     detokenizer = IncrementalDetokenizer(tokenizer, skip_special_tokens=skip_special_tokens)
     matcher = StopStringMatcher(stop)
+    record = current_record()
+    if record is not None:
+        record.prompt_tokens += len(prompt)
     completion_tokens = 0
     cached_tokens = 0
     finished = False
@@ -88,8 +92,12 @@ async def generate_text(
             event = await handle.events.get()
             if isinstance(event, PromptEvent):
                 cached_tokens = event.cached_tokens
+                if record is not None:
+                    record.cached_tokens += cached_tokens
             elif isinstance(event, TokenEvent):
                 completion_tokens += 1
+                if record is not None:
+                    record.token()
                 text, stopped = matcher.feed(detokenizer.add(event.token_id))
                 if text:
                     yield text
@@ -98,6 +106,8 @@ async def generate_text(
                 if stopped:
                     handle.cancel()
                     finished = True
+                    if record is not None:
+                        record.finish_reason = "stop"
                     yield Finished(
                         "stop",
                         len(prompt),
@@ -115,6 +125,8 @@ async def generate_text(
                 if tail:
                     yield tail
                 reason = "stop" if stopped or event.reason == "stop" else event.reason
+                if record is not None:
+                    record.finish_reason = reason
                 yield Finished(
                     reason,
                     event.prompt_tokens,
