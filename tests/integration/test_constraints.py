@@ -1,5 +1,6 @@
-"""Constrained decoding with the real default model, in-process and through a 2-node
-pipeline of real node processes.
+"""Constrained decoding with the real default model, in-process (the pipeline and tensor
+test classes run the same checks through two node processes:
+`tests.helpers.constraint_cases.assert_constrained_requests_valid`).
 
 Every constrained output must be valid: tool calls parse with the Hermes parser and
 their raw arguments validate against the tool's schema; JSON documents validate against
@@ -29,7 +30,15 @@ from exo_tools.models.catalog import CATALOG, DEFAULT_MODEL_ID
 from exo_tools.models.loader import LoadedModel, load_model
 from exo_tools.tools import parse_tool_calls, render_tools_system_prompt
 from exo_tools.types import SamplingParams
-from tests.helpers.agent_tools import SCHEMA_2020, string, tool
+from tests.helpers.constraint_cases import (
+    JSON_PROMPTS,
+    JSON_SYSTEM,
+    PERSON,
+    SCHEMAS,
+    TOOL_PROMPTS,
+    TOOLS,
+    valid_document,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -37,96 +46,6 @@ MAX_TOKENS = 256
 # Unconstrained runs are only a comparison (a call would start within these tokens); they
 # are opt-in because on a small CPU they would take the test past its time limit.
 COMPARE_TOKENS = int(os.environ.get("EXO_CONSTRAINTS_COMPARE_TOKENS", "0"))
-
-# Shaped like opencode's built-in tools; the wording these tests were written against
-# (benchmarks/constrained_accuracy.py measures with tests/helpers/agent_tools.TOOLS, worded
-# slightly differently): a 135M model's greedy output depends on every word of the prompt.
-TOOLS = [
-    tool(
-        "read",
-        "Reads a file from the local filesystem.",
-        {
-            "filePath": string("The absolute path to the file to read"),
-            "offset": {"type": "number", "description": "The line number to start reading from"},
-            "limit": {"type": "number", "description": "The number of lines to read"},
-        },
-        ["filePath"],
-    ),
-    tool(
-        "bash",
-        "Executes a bash command in a shell.",
-        {
-            "command": string("The command to execute"),
-            "description": string(
-                "Clear, concise description of what this command does in 5-10 words"
-            ),
-            "timeout": {"type": "number", "description": "Optional timeout in milliseconds"},
-        },
-        ["command", "description"],
-    ),
-    tool(
-        "edit",
-        "Performs exact string replacements in files.",
-        {
-            "filePath": string("The absolute path to the file to modify"),
-            "oldString": string("The text to replace"),
-            "newString": string("The text to replace it with"),
-            "replaceAll": {"type": "boolean", "description": "Replace all occurrences"},
-        },
-        ["filePath", "oldString", "newString"],
-    ),
-    tool(
-        "glob",
-        "Fast file pattern matching tool.",
-        {
-            "pattern": string("The glob pattern to match files against"),
-            "path": string("The directory to search in"),
-        },
-        ["pattern"],
-    ),
-]
-SCHEMAS = {tool["function"]["name"]: tool["function"]["parameters"] for tool in TOOLS}
-
-TOOL_PROMPTS = [
-    "Read the file src/main.py",
-    "List all python files in the repo",
-    "Run the tests with pytest",
-    "Replace foo with bar in app.js",
-    "What's in README.md?",
-    "Show me the git status",
-    "Find all markdown files under docs",
-    "Change the port from 8080 to 9090 in config.yaml",
-    "Read lines 10 to 20 of server.py",
-    "Count the lines of code in this project",
-]
-
-PERSON = {
-    "$schema": SCHEMA_2020,
-    "type": "object",
-    "properties": {
-        "name": {"type": "string", "description": "Full name"},
-        "age": {"type": "integer", "minimum": 0, "maximum": 150},
-        "city": {"type": "string"},
-        "hobbies": {"type": "array", "items": {"type": "string"}, "maxItems": 5},
-        "role": {"enum": ["engineer", "artist", "teacher", "other"]},
-    },
-    "required": ["name", "age", "role"],
-    "additionalProperties": False,
-}
-JSON_SYSTEM = "Reply with a JSON object describing the person: name, age, city, hobbies, role."
-JSON_PROMPTS = [
-    "Alice is a 34 year old engineer from Paris who likes climbing.",
-    "Describe a retired teacher named Bob.",
-    "Make up a character for a fantasy novel.",
-    "Tom, 12, plays football and chess in Leeds.",
-    "My grandmother was a painter in Rome; she is 90.",
-    "A software developer who loves hiking and coffee.",
-    "Give me a random person.",
-    "Maria teaches math in Madrid and is 45.",
-    "An artist from Tokyo, age 28, who enjoys photography.",
-    "Who is Sherlock Holmes?",
-]
-
 
 # The suite runs a few prompts of each kind to stay quick on a 2-core CPU; set
 # EXO_CONSTRAINTS_PROMPTS=10 for the whole set.
@@ -223,14 +142,6 @@ def _valid_calls(text: str) -> tuple[int, str]:
     return len(calls), ""
 
 
-def _valid_document(text: str) -> str:
-    try:
-        jsonschema.validate(json.loads(text), PERSON)
-    except (ValueError, jsonschema.ValidationError) as error:
-        return f"invalid: {str(error).splitlines()[0]}"
-    return ""
-
-
 def _report(title: str, rows: list[tuple[str, str, str, str]], constrained: int) -> None:
     """Print each output, then how many were valid: the first `constrained` rows ran under
     the grammar, the rest (if any) without."""
@@ -306,73 +217,12 @@ def test_json_schema_documents_are_valid(generator: Generator) -> None:
     failures: list[str] = []
     for user, prompt in zip(JSON_PROMPTS, prompts, strict=True):
         out = generator.generate(prompt, spec, MAX_TOKENS)
-        problem = _valid_document(out.text) or ("" if out.finished else "did not end")
+        problem = valid_document(out.text) or ("" if out.finished else "did not end")
         rows.append((user, "json_schema", problem, out.text))
         if problem:
             failures.append(f"{user!r}: {problem}: {out.text!r}")
     for user, prompt in zip(JSON_PROMPTS, prompts, strict=True) if COMPARE_TOKENS else ():
         out = generator.generate(prompt, None, COMPARE_TOKENS)
-        rows.append((user, "unconstrained", _valid_document(out.text), out.text))
+        rows.append((user, "unconstrained", valid_document(out.text), out.text))
     _report("response_format json_schema", rows, len(JSON_PROMPTS))
     assert not failures, "\n".join(failures)
-
-
-@pytest.mark.parametrize("parallelism", ["pipeline", "tensor"])
-def test_constrained_requests_through_two_nodes(model_path: Path, parallelism: str) -> None:
-    """The grammar runs where the model samples (the last pipeline stage, tensor rank 0):
-    calls and documents stay valid when the model is split over two node processes."""
-    import requests
-
-    from tests.helpers.cluster_runs import start_cluster
-
-    cluster = start_cluster(2, "--parallelism", parallelism)
-    try:
-        assert cluster.view()["placement"]["parallelism"] == parallelism
-
-        def chat(body: dict[str, Any]) -> dict[str, Any]:
-            body = {"model": DEFAULT_MODEL_ID, "temperature": 0, "max_tokens": 96, **body}
-            url = f"{cluster.master.url}/v1/chat/completions"
-            reply = requests.post(url, json=body, timeout=300)
-            assert reply.status_code == 200, reply.text
-            return reply.json()
-
-        named = {"type": "function", "function": {"name": "bash"}}
-        for prompt, choice in [
-            ("Read the file src/main.py", "required"),
-            ("Run the tests with pytest", named),
-        ]:
-            message = {"role": "user", "content": prompt}
-            body = {"messages": [message], "tools": TOOLS, "tool_choice": choice}
-            answer = chat({**body, "parallel_tool_calls": False})["choices"][0]
-            assert answer["finish_reason"] == "tool_calls", answer
-            calls = answer["message"]["tool_calls"]
-            assert len(calls) == 1, calls
-            name = calls[0]["function"]["name"]
-            assert choice == "required" or name == "bash", calls
-            jsonschema.validate(json.loads(calls[0]["function"]["arguments"]), SCHEMAS[name])
-        for prompt in JSON_PROMPTS[:1]:
-            messages = [
-                {"role": "system", "content": JSON_SYSTEM},
-                {"role": "user", "content": prompt},
-            ]
-            response_format = {
-                "type": "json_schema",
-                "json_schema": {"name": "p", "schema": PERSON},
-            }
-            reply = chat({"messages": messages, "response_format": response_format})
-            answer = reply["choices"][0]
-            assert answer["finish_reason"] == "stop", answer
-            assert not _valid_document(answer["message"]["content"]), answer
-            if parallelism != "pipeline":
-                continue
-            # A budget shorter than the model's own document: the sampler closes it in time
-            # (without the budget the reply would be cut mid-document).
-            budget = 18
-            assert reply["usage"]["completion_tokens"] > budget, reply
-            short = chat(
-                {"messages": messages, "response_format": response_format, "max_tokens": budget}
-            )
-            assert short["usage"]["completion_tokens"] <= budget, short
-            assert not _valid_document(short["choices"][0]["message"]["content"]), short
-    finally:
-        cluster.stop()

@@ -36,6 +36,7 @@ from tests.helpers.cluster_runs import (
     wait_idle,
 )
 from tests.helpers.concurrency import assert_concurrent_requests_match_alone
+from tests.helpers.constraint_cases import assert_constrained_requests_valid
 from tests.helpers.conversations import (
     assert_each_turn_reuses_the_last,
     assert_matches_cold_runs,
@@ -84,6 +85,9 @@ class TestTwoStages:
             "layers_loaded": 15,
             "weight_bytes": placement["stages"][1]["weight_bytes"],
         }
+
+    def test_constrained_requests_stay_valid(self, cluster: Cluster) -> None:
+        assert_constrained_requests_valid(cluster.master.url, "pipeline")
 
     def test_greedy_output_is_token_identical_to_mlx_lm(
         self, cluster: Cluster, reference: dict[str, list[int]], tokenizer: TextTokenizer

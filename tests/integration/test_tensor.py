@@ -32,6 +32,7 @@ from tests.helpers.cluster_runs import (
     wait_idle,
 )
 from tests.helpers.concurrency import assert_concurrent_requests_match_alone
+from tests.helpers.constraint_cases import assert_constrained_requests_valid
 from tests.helpers.conversations import (
     assert_each_turn_reuses_the_last,
     assert_matches_cold_runs,
@@ -128,6 +129,9 @@ class TestTwoMembers:
         assert (
             member["tensor_rank"] == 1 and member["kv_heads"] == placement["stages"][1]["kv_heads"]
         )
+
+    def test_constrained_requests_stay_valid(self, cluster: Cluster) -> None:
+        assert_constrained_requests_valid(cluster.master.url, "tensor")
 
     def test_greedy_output_matches_mlx_lm(
         self,
