@@ -246,13 +246,21 @@ class Node:
             with contextlib.suppress(NotImplementedError):
                 loop.add_signal_handler(signum, on_signal, signum)
         self.coordinator.start()
+        waits = [asyncio.ensure_future(self._stop.wait())]
+        if self.cluster is not None:
+            # Set when this node must not run: another node has its id.
+            waits.append(asyncio.ensure_future(self.cluster.fatal.wait()))
         try:
-            await self._stop.wait()
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
         finally:
+            for wait in waits:
+                wait.cancel()
             await self.coordinator.stop()
             await self.worker.stop()
             if self.cluster is not None:
                 await self.cluster.stop()
             await runner.cleanup()
             await asyncio.to_thread(self.engine.stop)
+        if self.cluster is not None and self.cluster.fatal_error is not None:
+            raise SystemExit(f"exo-tools: {self.cluster.fatal_error}")
         return 0

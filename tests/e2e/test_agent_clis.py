@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,9 +25,16 @@ MAX_TURNS = '"subtype": "error_max_turns"'
 
 
 @pytest.fixture(scope="module")
-def agent_node(model_path: Path) -> Iterator[NodeProcess]:
+def request_log(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Every generation request body the CLIs sent (`--log-requests`)."""
+    return tmp_path_factory.mktemp("agent-node") / "requests.jsonl"
+
+
+@pytest.fixture(scope="module")
+def agent_node(model_path: Path, request_log: Path) -> Iterator[NodeProcess]:
     # The CLIs wait on the node: both cores for its BLAS.
-    process = start_node(*AGENT_NODE_FLAGS, env=node_environment(threads=2))
+    flags = (*AGENT_NODE_FLAGS, "--log-requests", str(request_log))
+    process = start_node(*flags, env=node_environment(threads=2))
     yield process
     process.stop()
 
@@ -83,3 +91,16 @@ def test_opencode_runs_a_tool_and_answers(agent_node: NodeProcess, tmp_path: Pat
     assert session.ran_a_tool, transcript(session)
     assert session.answered, transcript(session)
     assert session.returncode == 0, transcript(session)
+
+
+def test_the_access_log_has_a_line_per_request(agent_node: NodeProcess, request_log: Path) -> None:
+    """After the sessions above: each request the CLIs sent (as `--log-requests` recorded
+    its body) has exactly one access line, on its route."""
+    if not request_log.exists():
+        pytest.skip("no agent CLI session ran")
+    sent = Counter(json.loads(line)["path"] for line in request_log.read_text().splitlines())
+    access = [line for line in agent_node.log().splitlines() if "exo_tools.access: POST " in line]
+    logged = Counter(
+        line.split("exo_tools.access: POST ", 1)[1].split(" ", 1)[0] for line in access
+    )
+    assert {route: logged[route] for route in sent} == dict(sent)

@@ -14,6 +14,7 @@ import requests
 from openapi_spec_validator import validate as validate_openapi
 from prometheus_client.parser import text_string_to_metric_families
 
+from benchmarks import fuzz_api
 from exo_tools.models.catalog import CATALOG, DEFAULT_MODEL_ID
 from exo_tools.models.loader import load_model
 from tests.helpers.browser import dump_dom
@@ -236,6 +237,18 @@ def test_errors(node: NodeProcess) -> None:
     image = [{"type": "image_url", "image_url": {"url": "data:,"}}]
     _error(chat(node, messages=[{"role": "user", "content": image}]), 400)
     _error(requests.get(f"{node.url}/v1/nothing", timeout=10), 404)
+    # Seeds are unsigned 64-bit (MLX's key); out of range is the client's error.
+    for seed in (-1, 2**64):
+        assert _error(chat(node, messages=user("hi"), seed=seed), 400)["param"] == "seed"
+    assert chat(node, messages=user("hi"), seed=11805916207174113034, max_tokens=2).ok
+    # Bodies no tokenizer or validator can take: 100,000 nested arrays, a lone surrogate.
+    deep = b'{"model": "m", "messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    for route in ("/v1/chat/completions", "/v1/messages", "/v1/responses"):
+        answer = requests.post(f"{node.url}{route}", data=deep, timeout=30)
+        assert answer.status_code == 400 and "levels deep" in answer.text, answer.text
+    surrogate = b'{"model": "smollm2-135m", "messages": [{"role": "user", "content": "\\ud800"}]}'
+    error = _error(requests.post(url, data=surrogate, timeout=10), 400)
+    assert "messages.0.content" in error["message"] and "surrogate" in error["message"]
     # After all that, the node still answers.
     assert chat(node, messages=user("Hi"), max_tokens=2).status_code == 200
 
@@ -371,6 +384,19 @@ def test_metrics_access_log_and_request_ids(node: NodeProcess) -> None:
         assert f"POST /v1/chat/completions {status} " in lines[0]
     streamed_line = next(line for line in log.splitlines() if f"id={given_id} " in line)
     assert f"completion_tokens={streamed_usage['completion_tokens']} " in streamed_line
+
+
+def test_generated_bad_requests_never_cost_a_5xx(node: NodeProcess) -> None:
+    """The short form of benchmarks/fuzz_api.py (which sends 5,000)."""
+    report = fuzz_api.run(node.url, list(fuzz_api.cases(seed=1, count=300, bounded=True)))
+    failures = [
+        (o.status or o.error, o.case.path, o.case.note, o.body[:200]) for o in report.failures()
+    ]
+    assert not failures, failures
+    statuses = {o.status for o in report.outcomes}
+    assert {200, 400} <= statuses  # valid mutations answered, invalid ones refused
+    assert node.alive() and node.health()["status"] == "ready"
+    assert node.health()["active_requests"] == 0  # nothing left running
 
 
 def test_openapi_describes_every_route(node: NodeProcess) -> None:

@@ -108,6 +108,25 @@ def test_wrong_secret_is_refused(members: list[NodeProcess], tmp_path: Path, sec
     assert "could not prove" in bad.log() or "refused" in bad.log()
 
 
+def test_a_static_peer_using_our_id_is_never_admitted(
+    members: list[NodeProcess], tmp_path: Path, secret: Path
+) -> None:
+    # As after copying a home directory, node_id file included, to another machine.
+    first = start_member("twin", tmp_path / "a", secret_file=secret, discovery=False)
+    members.append(first)
+    wait_serving([first])
+    second = start_member(
+        "twin", tmp_path / "b", secret_file=secret, discovery=False, peers=[first.grpc_target]
+    )
+    members.append(second)
+    wait_serving([second])
+    wait_for(lambda: "already uses this node's id" in second.log(), 10, "the refusal")
+    refusal = next(ln for ln in second.log().splitlines() if "already uses this node's id" in ln)
+    assert first.grpc_target in refusal and "node_id" in refusal, refusal
+    assert "admitted twin" not in second.log()
+    assert all(m.alive() for m in (first, second))
+
+
 def test_other_cluster_stays_invisible(
     members: list[NodeProcess], tmp_path: Path, secret: Path
 ) -> None:

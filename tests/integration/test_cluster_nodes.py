@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import shutil
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import requests
@@ -79,3 +81,33 @@ def test_three_nodes_discover_each_other_and_forward_to_the_master(
     )
     assert reply.status_code == 200, reply.text
     assert "Paris" in reply.json()["choices"][0]["message"]["content"]
+
+
+def test_a_node_started_from_a_copied_home_is_refused(model_path: object, tmp_path: Path) -> None:
+    """A home directory copied to the next machine, node_id file included: the newcomer
+    refuses to start, naming the node that has the id and what to delete."""
+    env = node_environment()
+    env["EXO_TOOLS_SECRET"] = uuid.uuid4().hex
+    flags = ("--cluster", f"copy-{uuid.uuid4().hex[:8]}", "--interface", "127.0.0.1")
+    first = start_node(*flags, env=env, wait=False)
+    second: NodeProcess | None = None
+    try:
+        deadline = time.monotonic() + 60
+        while "advertising" not in first.log():
+            assert time.monotonic() < deadline and first.alive(), first.log()[-2000:]
+            time.sleep(0.1)
+        copied = tmp_path / "copied-home"
+        shutil.copytree(first.home, copied)
+        second = start_node(*flags, "--home", str(copied), env=env, wait=False)
+        assert second.process.wait(timeout=60) != 0
+        message = second.log()
+        assert "already uses this node's id" in message, message[-3000:]
+        assert f"delete {copied / 'node_id'}" in message, message[-3000:]
+        assert f"127.0.0.1:{first.api_port}" in message, message[-3000:]  # the other node
+        assert first.alive()
+        view = get_view(first.url)
+        assert view is not None and node_ids(view) == {view["self"]}
+    finally:
+        first.stop()
+        if second is not None:
+            second.stop()

@@ -16,7 +16,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar, cast
 
 import aiohttp
 from aiohttp import web
@@ -37,6 +37,10 @@ from .telemetry import API_BY_ROUTE, Telemetry
 _Body = TypeVar("_Body", bound=BaseModel)
 
 MAX_BODY_BYTES = 8 * 1024 * 1024
+# Far deeper than any real message or tool schema; deeper bodies would only exhaust the
+# validators' recursion.
+MAX_JSON_DEPTH = 64
+_TOO_DEEP = f"it nests arrays and objects more than {MAX_JSON_DEPTH} levels deep"
 # Marks a request one node already forwarded, so views that briefly disagree on the
 # master never bounce a request between nodes.
 FORWARDED_HEADER = "X-Exo-Tools-Forwarded-By"
@@ -384,8 +388,12 @@ class _Routes:
             body = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
             raise APIError(400, f"request body is not valid JSON: {error}") from error
+        except RecursionError as error:  # the parser's own guard, near 1,000 levels
+            raise APIError(400, f"invalid request body: {_TOO_DEEP}") from error
         if not isinstance(body, dict):
             raise APIError(400, "request body must be a JSON object")
+        if (problem := _json_problem(body, MAX_JSON_DEPTH)) is not None:
+            raise APIError(400, f"invalid request body: {problem}")
         try:
             return schema.model_validate(body)
         except ValidationError as error:
@@ -475,3 +483,43 @@ class _Routes:
 
 def _host(address: str) -> str:
     return f"[{address}]" if ":" in address else address
+
+
+def _json_problem(value: object, depth_limit: int) -> str | None:
+    """What makes a parsed JSON body unusable, if anything: nesting deeper than
+    `depth_limit` (checked iteratively, with no recursion for a hostile body to exhaust), or
+    a string with an unpaired UTF-16 surrogate (JSON's `\\ud800` escapes allow them; no
+    tokenizer or grammar can encode one)."""
+    pending: list[tuple[object, int, str]] = [(value, 1, "")]
+    while pending:
+        item, depth, where = pending.pop()
+        if isinstance(item, str):
+            if not item.isascii() and not _encodable(item):
+                return f"{where or 'the body'} holds an unpaired UTF-16 surrogate"
+            continue
+        children: list[tuple[str, object]]
+        if isinstance(item, dict):
+            entries = cast(dict[str, Any], item)
+            for key in entries:
+                if not key.isascii() and not _encodable(key):
+                    return f"a key in {where or 'the body'} holds an unpaired UTF-16 surrogate"
+            children = [
+                (f"{where}.{key}" if where else key, child) for key, child in entries.items()
+            ]
+        elif isinstance(item, list):
+            items = cast(list[Any], item)
+            children = [(f"{where}.{index}", child) for index, child in enumerate(items)]
+        else:
+            continue
+        if depth > depth_limit:
+            return _TOO_DEEP
+        pending.extend((child, depth + 1, path) for path, child in children)
+    return None
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True

@@ -31,6 +31,7 @@ class ClusterConfig:
     discovery: bool = True
     version: str = ""
     secret_source: str = ""
+    node_id_file: str | None = None  # where node_id came from (None: --node-id)
 
 
 def parse_port(text: str, *, allow_zero: bool = False) -> int:
@@ -151,6 +152,7 @@ def cluster_config_from_args(
     secret, source = load_or_create_secret(args.secret_file, home)
     return ClusterConfig(
         node_id=args.node_id or load_or_create_node_id(home),
+        node_id_file=None if args.node_id else str(home / NODE_ID_FILENAME),
         secret=secret,
         secret_source=source,
         cluster_name=args.cluster,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import secrets
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,6 +22,15 @@ log = logging.getLogger(__name__)
 
 SERVICE_TYPE = "_exo-tools._tcp.local."
 RESOLVE_TIMEOUT_MS = 3000
+
+
+def duplicate_id_message(node_id: str, other: str, id_file: str | None) -> str:
+    fix = f"delete {id_file} on this machine" if id_file else "remove the copied node_id file"
+    return (
+        f"another node already uses this node's id {node_id!r} (at {other}); its home "
+        f"directory was probably copied here. To fix it, {fix} (a new id is made at the next "
+        "start) or give this node its own --node-id, then start it again"
+    )
 
 
 @dataclass(frozen=True)
@@ -58,6 +68,9 @@ def advertised_addresses(interfaces: list[str]) -> list[str]:
 
 
 def _instance_name(node_id: str) -> str:
+    # A random part per process: two nodes that share an id (a copied home) must both be
+    # seen to be told apart, not collide in one name.
+    node_id = f"{node_id}-{secrets.token_hex(3)}"
     # DNS-SD instance labels are at most 63 bytes; the full id is in the TXT record anyway.
     return f"{node_id.encode()[:63].decode(errors='ignore')}.{SERVICE_TYPE}"
 
@@ -81,8 +94,15 @@ class Discovery:
         interfaces: list[str],
         on_found: Callable[[DiscoveredPeer], None],
         on_gone: Callable[[str], None],
+        start_time: float = 0.0,
+        on_duplicate: Callable[[str], None] | None = None,
+        id_file: str | None = None,
     ) -> None:
         self.node_id = node_id
+        self.start_time = start_time
+        # Called (on zeroconf's thread) when an older node advertises this node's id.
+        self.on_duplicate = on_duplicate
+        self.id_file = id_file
         self.cluster_name = cluster_name
         self.grpc_port = grpc_port
         self.api_port = api_port
@@ -95,6 +115,7 @@ class Discovery:
         self._info: AsyncServiceInfo | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._names: dict[str, str] = {}  # service name -> node id (for goodbyes)
+        self._duplicates: set[str] = set()  # names seen advertising our own id
 
     async def start(self) -> None:
         addresses = advertised_addresses(self.interfaces)
@@ -113,6 +134,7 @@ class Discovery:
                 "api_port": str(self.api_port),
                 "version": self.version,
                 "cluster": self.cluster_name,
+                "start_time": repr(self.start_time),
             },
         )
         # Browse first so discovery of others overlaps the ~1.6 s registration probe.
@@ -127,6 +149,28 @@ class Discovery:
             self.grpc_port,
             self.cluster_name,
         )
+
+    def _duplicate(self, name: str, address: str, properties: dict[bytes, bytes | None]) -> None:
+        """Another node advertises our id: the newer of the two refuses to run, the older
+        says so (once) and never admits it."""
+        if name in self._duplicates:
+            return
+        self._duplicates.add(name)
+        try:
+            other_start = float(_txt_value(properties, "start_time") or 0.0)
+        except ValueError:
+            other_start = 0.0
+        newer = (self.start_time, self._info.name if self._info else "") > (other_start, name)
+        if newer and self.on_duplicate is not None:
+            self.on_duplicate(duplicate_id_message(self.node_id, f"{address} (API)", self.id_file))
+        else:
+            log.error(
+                "the node at %s (API) advertises this node's id %r: it was started from a copy "
+                "of this node's home directory; it refuses to run until its node_id file is "
+                "deleted",
+                address,
+                self.node_id,
+            )
 
     async def stop(self) -> None:
         for task in list(self._tasks):
@@ -177,7 +221,7 @@ class Discovery:
         properties = info.properties
         node_id = _txt_value(properties, "node_id")
         cluster = _txt_value(properties, "cluster")
-        if not node_id or node_id == self.node_id:
+        if not node_id:
             return
         if cluster != self.cluster_name:
             log.debug("ignoring %s of cluster %r", node_id, cluster)
@@ -190,6 +234,10 @@ class Discovery:
             return
         addresses = tuple(info.parsed_addresses(IPVersion.V4Only))
         if not addresses or not grpc_port:
+            return
+        if node_id == self.node_id:
+            if self._info is not None and name != self._info.name:
+                self._duplicate(name, f"{addresses[0]}:{api_port}", properties)
             return
         self._names[name] = node_id
         self.on_found(

@@ -23,6 +23,7 @@ import grpc.aio
 from ..proto import node_pb2, node_pb2_grpc
 from .auth import AuthError, ClusterAuth, RejectLog, new_nonce
 from .capabilities import Ewma
+from .discovery import duplicate_id_message
 from .election import Candidate, Liveness, elect
 from .view import ClusterView, LinkInfo, NodeInfo
 from .wire import info_from_proto, info_to_proto
@@ -139,6 +140,11 @@ class Membership:
         self.cluster_name = cluster_name
         self.links: dict[str, PeerLink] = {}
         self.reject_log = RejectLog()
+        # The Hello challenges this node's service issued: server nonce -> (client id,
+        # client nonce, issued at); single use, short-lived. Also tells a Hello answered by
+        # this very process from one answered by another node using the same id.
+        self.challenges: dict[bytes, tuple[str, bytes, float]] = {}
+        self.duplicate_of: str | None = None  # a peer target found using our own id
         self._running = False
         self._interceptors: list[grpc.aio.ClientInterceptor] = []
         self._monitor: asyncio.Task[None] | None = None
@@ -273,7 +279,13 @@ class Membership:
                     timeout=ADMIT_TIMEOUT_S,
                 )
                 if hello.node_id == me.id:
-                    log.debug("%s is this node itself; dropping", target)
+                    if hello.nonce not in self.challenges:
+                        # Answered by another process: a node started from a copy of our
+                        # home. Never admit it: two nodes would count as one member.
+                        self.duplicate_of = target
+                        log.error("%s", duplicate_id_message(me.id, target, None))
+                    else:
+                        log.debug("%s is this node itself; dropping", target)
                     self._remove_link(link)
                     return None
                 if link.expected_id is not None and hello.node_id != link.expected_id:

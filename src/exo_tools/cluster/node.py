@@ -45,6 +45,9 @@ class ClusterNode:
             auth=self.auth, self_info=self.self_info, cluster_name=config.cluster_name
         )
         self._loop: asyncio.AbstractEventLoop | None = None
+        # Why this node must stop (another node has its id); set once, with `fatal`.
+        self.fatal_error: str | None = None
+        self.fatal = asyncio.Event()
 
     # ------------------------------------------------------------------ integrator API
     def add_servicer_hook(self, hook: ServicerHook) -> None:
@@ -140,6 +143,9 @@ class ClusterNode:
                 interfaces=self.config.interfaces,
                 on_found=self._on_found,
                 on_gone=self._on_gone,
+                id_file=self.config.node_id_file,
+                start_time=self.start_time,
+                on_duplicate=self._on_duplicate,
             )
             await self._discovery.start()
         log.info(
@@ -167,6 +173,16 @@ class ClusterNode:
             self._loop.call_soon_threadsafe(
                 self.membership.on_discovered, peer.node_id, list(peer.addresses), peer.grpc_port
             )
+
+    def _on_duplicate(self, message: str) -> None:
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._stop_for, message)
+
+    def _stop_for(self, message: str) -> None:
+        if self.fatal_error is None:
+            log.error("%s", message)
+            self.fatal_error = message
+            self.fatal.set()
 
     def _on_gone(self, node_id: str) -> None:
         if self._loop is not None:

@@ -70,23 +70,19 @@ class MembershipService(node_pb2_grpc.MembershipServicer):
     def __init__(self, membership: Membership, auth: ClusterAuth) -> None:
         self._membership = membership
         self._auth = auth
-        # server nonce -> (client id, client nonce, issued at); single use, short-lived
-        self._challenges: dict[bytes, tuple[str, bytes, float]] = {}
 
     async def Hello(
         self, request: node_pb2.HelloRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> node_pb2.HelloResponse:
         me = self._membership.self_info()
         now = time.monotonic()
-        self._challenges = {
-            nonce: challenge
-            for nonce, challenge in self._challenges.items()
-            if now - challenge[2] < CHALLENGE_TTL_S
-        }
-        if len(self._challenges) > 10_000:  # bound memory against a flood of Hellos
-            self._challenges.clear()
+        challenges = self._membership.challenges
+        for stale in [n for n, c in challenges.items() if now - c[2] >= CHALLENGE_TTL_S]:
+            del challenges[stale]
+        if len(challenges) > 10_000:  # bound memory against a flood of Hellos
+            challenges.clear()
         nonce = new_nonce()
-        self._challenges[nonce] = (request.node_id, request.nonce, now)
+        challenges[nonce] = (request.node_id, request.nonce, now)
         return node_pb2.HelloResponse(
             node_id=me.id,
             cluster_name=self._membership.cluster_name,
@@ -99,7 +95,7 @@ class MembershipService(node_pb2_grpc.MembershipServicer):
     ) -> node_pb2.AdmitResponse:
         me = self._membership.self_info()
         peer_host = parse_grpc_peer(context.peer())
-        challenge = self._challenges.pop(request.server_nonce, None)
+        challenge = self._membership.challenges.pop(request.server_nonce, None)
         ok = (
             challenge is not None
             and challenge[0] == request.node_id
