@@ -13,7 +13,15 @@ from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -130,6 +138,9 @@ class Telemetry:
             registry=registry,
         )
         registry.register(_StatsCollector(stats, cluster))
+        # The standard process figures (RSS, open fds, CPU seconds) and Python's version.
+        ProcessCollector(registry=registry)
+        PlatformCollector(registry=registry)
 
     # ---------------------------------------------------------------- requests
 

@@ -11,7 +11,6 @@ too large for the limits is a ConstraintError naming the problem (HTTP 400).
 from __future__ import annotations
 
 import json
-import weakref
 from collections.abc import Sequence
 
 import llguidance
@@ -93,16 +92,10 @@ def grammar_constraint(
     return _serialized("grammar", grammar, tokenizer, budget)
 
 
-_VOCABULARIES: weakref.WeakKeyDictionary[TextTokenizer, LLTokenizer] = weakref.WeakKeyDictionary()
-
-
 def vocabulary_of(tokenizer: TextTokenizer) -> LLTokenizer:
-    """llguidance's view of `tokenizer`, built once per tokenizer (about a second): what
-    the API node compiles client grammars against, as the sampling node will."""
-    found = _VOCABULARIES.get(tokenizer)
-    if found is None:
-        found = _VOCABULARIES[tokenizer] = build_ll_tokenizer(tokenizer)
-    return found
+    """llguidance's view of `tokenizer` (built once per vocabulary): what the API node
+    compiles client grammars against, as the sampling node will."""
+    return build_ll_tokenizer(tokenizer)
 
 
 def _check(grammar: str, what: str, vocabulary: LLTokenizer | None) -> None:
