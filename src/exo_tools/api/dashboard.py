@@ -10,21 +10,17 @@ from typing import Any
 
 
 @cache
+def _packaged(name: str) -> str:
+    """A file shipped beside this module (the pages)."""
+    return resources.files(__name__.rpartition(".")[0]).joinpath(name).read_text(encoding="utf-8")
+
+
 def page_html() -> str:
-    return (
-        resources.files(__name__.rpartition(".")[0])
-        .joinpath("dashboard.html")
-        .read_text(encoding="utf-8")
-    )
+    return _packaged("dashboard.html")
 
 
-@cache
 def docs_html() -> str:
-    return (
-        resources.files(__name__.rpartition(".")[0])
-        .joinpath("docs.html")
-        .read_text(encoding="utf-8")
-    )
+    return _packaged("docs.html")
 
 
 def dashboard_body(

@@ -80,10 +80,9 @@ class NodeBackend(Protocol):
         """None while the model is still loading."""
         ...
 
-    def health(self) -> dict[str, Any]: ...
-
-    def ready(self) -> bool:
-        """Whether a generation request sent to this node now would be served."""
+    def health(self) -> dict[str, Any]:
+        """The node's state; `ready` in it says whether a generation request sent here now
+        would be served."""
         ...
 
     def cluster_view(self) -> dict[str, Any] | None:
@@ -311,11 +310,7 @@ class _Routes:
         if not addresses or not node.get("api_port"):
             return "its API address is unknown"
         url = f"http://{_host(addresses[0])}:{node['api_port']}/v1/node"
-        headers = {
-            name: request.headers[name]
-            for name in ("Authorization", "x-api-key")
-            if name in request.headers
-        }
+        headers = _passed_on(request, ("Authorization", "x-api-key"))
         try:
             async with self._client().get(
                 url, headers=headers, timeout=aiohttp.ClientTimeout(total=MEMBER_STATUS_TIMEOUT_S)
@@ -334,11 +329,7 @@ class _Routes:
 
     async def _forward(self, request: web.Request, master_url: str) -> web.StreamResponse:
         """Relay a request to the same route on the master; stream its answer back unchanged."""
-        headers = {
-            name: request.headers[name]
-            for name in ("Authorization", "x-api-key", "Content-Type")
-            if name in request.headers
-        }
+        headers = _passed_on(request, ("Authorization", "x-api-key", "Content-Type"))
         headers[FORWARDED_HEADER] = request.host
         if (record := current_record()) is not None:
             record.forwarded_to = master_url
@@ -481,8 +472,26 @@ class _Routes:
         return web.json_response({"id": response_id, "object": "response", "deleted": True})
 
 
+def _passed_on(request: web.Request, names: tuple[str, ...]) -> dict[str, str]:
+    """The client's headers among `names`, for a call this node makes on its behalf."""
+    return {name: request.headers[name] for name in names if name in request.headers}
+
+
 def _host(address: str) -> str:
     return f"[{address}]" if ":" in address else address
+
+
+# Where a value sits in the body: (its parent's place, its key or index); built into a
+# dotted path only when something is wrong there.
+_Place = tuple["_Place", str] | None
+
+
+def _dotted(place: _Place) -> str:
+    parts: list[str] = []
+    while place is not None:
+        place, key = place
+        parts.append(key)
+    return ".".join(reversed(parts)) or "the body"
 
 
 def _json_problem(value: object, depth_limit: int) -> str | None:
@@ -490,30 +499,27 @@ def _json_problem(value: object, depth_limit: int) -> str | None:
     `depth_limit` (checked iteratively, with no recursion for a hostile body to exhaust), or
     a string with an unpaired UTF-16 surrogate (JSON's `\\ud800` escapes allow them; no
     tokenizer or grammar can encode one)."""
-    pending: list[tuple[object, int, str]] = [(value, 1, "")]
+    pending: list[tuple[object, int, _Place]] = [(value, 1, None)]
     while pending:
-        item, depth, where = pending.pop()
+        item, depth, place = pending.pop()
         if isinstance(item, str):
             if not item.isascii() and not _encodable(item):
-                return f"{where or 'the body'} holds an unpaired UTF-16 surrogate"
+                return f"{_dotted(place)} holds an unpaired UTF-16 surrogate"
             continue
         children: list[tuple[str, object]]
         if isinstance(item, dict):
             entries = cast(dict[str, Any], item)
             for key in entries:
                 if not key.isascii() and not _encodable(key):
-                    return f"a key in {where or 'the body'} holds an unpaired UTF-16 surrogate"
-            children = [
-                (f"{where}.{key}" if where else key, child) for key, child in entries.items()
-            ]
+                    return f"a key in {_dotted(place)} holds an unpaired UTF-16 surrogate"
+            children = list(entries.items())
         elif isinstance(item, list):
-            items = cast(list[Any], item)
-            children = [(f"{where}.{index}", child) for index, child in enumerate(items)]
+            children = [(str(index), child) for index, child in enumerate(cast(list[Any], item))]
         else:
             continue
         if depth > depth_limit:
             return _TOO_DEEP
-        pending.extend((child, depth + 1, path) for path, child in children)
+        pending.extend((child, depth + 1, (place, key)) for key, child in children)
     return None
 
 

@@ -40,6 +40,7 @@ API_BY_ROUTE: Mapping[str, str] = {
     "/v1/messages": "messages",
     "/v1/responses": "responses",
 }
+GENERATION_APIS = frozenset(API_BY_ROUTE.values())
 RECENT_REQUESTS = 50
 RECENT_WARNINGS = 50
 # Buckets fitted to this kind of server: a first token in 50 ms to a minute (long prompts
@@ -156,7 +157,7 @@ class Telemetry:
         self.requests.labels(record.method, record.route, status).inc()
         if record.duration_s is not None:
             self.duration.labels(record.route).observe(record.duration_s)
-        generated = record.api in API_BY_ROUTE.values() and record.forwarded_to is None
+        generated = record.api in GENERATION_APIS and record.forwarded_to is None
         if generated:
             api = record.api
             if record.first_token_s is not None:
@@ -169,7 +170,7 @@ class Telemetry:
             self.cached_tokens.labels(api).inc(record.cached_tokens)
             self.completion_tokens.labels(api).inc(record.completion_tokens)
             self.completion_tokens_done += record.completion_tokens
-        if record.api in API_BY_ROUTE.values():
+        if record.api in GENERATION_APIS:
             self.recent.appendleft(describe(record))
         access_log.log(log_level, access_line(record))
 
@@ -180,9 +181,7 @@ class Telemetry:
 
     def running(self) -> list[dict[str, Any]]:
         return [
-            describe(record)
-            for record in self.in_flight.values()
-            if record.api in API_BY_ROUTE.values()
+            describe(record) for record in self.in_flight.values() if record.api in GENERATION_APIS
         ]
 
     def exposition(self) -> bytes:
@@ -220,7 +219,7 @@ def access_line(record: RequestRecord) -> str:
     ]
     if record.forwarded_to is not None:
         parts.append(f"forwarded_to={record.forwarded_to}")
-    elif record.api in API_BY_ROUTE.values():
+    elif record.api in GENERATION_APIS:
         ttft = "-" if record.first_token_s is None else f"{record.first_token_s:.3f}s"
         parts += [
             f"model={record.model or '-'}",
