@@ -9,7 +9,10 @@ OPENBLAS_NUM_THREADS=1, so on a 2-core machine the nodes do not oversubscribe th
 Ratios are against the baseline measured in the same run.
 
     python benchmarks/pipeline.py [--prompt-tokens 128] [--max-tokens 64] [--repeats 2]
-        [--nodes 1,2,3] [--tensor 2,3] [--pipeline-peer 2] [--peer 3]
+        [--nodes 1,2,3] [--tensor 2,3] [--pipeline-peer 2] [--peer 3] [--tls on|off|both]
+
+`--tls both` measures every multi-node row with the cluster's mutual TLS and again with
+`--no-cluster-tls`, and adds a table of what TLS costs (decode tok/s, hop, all-reduce).
 """
 
 from __future__ import annotations
@@ -95,13 +98,15 @@ def aggregate(url: str, messages: list[dict[str, str]], max_tokens: int, streams
     return sum(r["tokens"] for r in results) / (time.perf_counter() - started)
 
 
-def start_pipeline(count: int, parallelism: str = "pipeline") -> list[Any]:
+def start_pipeline(count: int, parallelism: str = "pipeline", tls: bool = True) -> list[Any]:
     from tests.helpers.nodes import node_environment, start_cluster_nodes
 
     env = node_environment(threads=1)
     env["EXO_TOOLS_SECRET"] = uuid.uuid4().hex
     args = ("--cluster", f"bench-{uuid.uuid4().hex[:8]}", "--min-nodes", str(count))
     args += ("--parallelism", parallelism)
+    if not tls:
+        args += ("--no-cluster-tls",)
     nodes = start_cluster_nodes(count, *args, env=env)
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:
@@ -135,8 +140,9 @@ def measure_pipeline(
     max_tokens: int,
     repeats: int,
     parallelism: str = "pipeline",
+    tls: bool = True,
 ) -> dict[str, Any]:
-    nodes = start_pipeline(count, parallelism)
+    nodes = start_pipeline(count, parallelism, tls)
     url = nodes[0].url
     try:
         stream_once(url, messages, 8)  # warm-up: streams opened, caches allocated
@@ -206,6 +212,13 @@ def main() -> None:
         help="processes for MLX's own tensor parallelism (mx.distributed ring + mlx-lm "
         "shard); must divide the KV heads (3 for SmolLM2); 0 skips it",
     )
+    parser.add_argument(
+        "--tls",
+        choices=("on", "off", "both"),
+        default="on",
+        help="inter-node mutual TLS for the multi-node rows (both: each row twice, plus a "
+        "table of the cost)",
+    )
     args = parser.parse_args()
 
     # One BLAS thread for the baseline too (set before the re-exec loads OpenBLAS).
@@ -225,14 +238,24 @@ def main() -> None:
     baseline = measure_mlx_lm(loaded, prompt, args.max_tokens, args.repeats)
     del loaded
 
-    results = {
-        n: measure_pipeline(n, messages, args.max_tokens, args.repeats)
-        for n in [int(x) for x in args.nodes.split(",") if x]
-    }
-    tensor = {
-        n: measure_pipeline(n, messages, args.max_tokens, args.repeats, "tensor")
-        for n in [int(x) for x in args.tensor.split(",") if x]
-    }
+    settings = {"on": [True], "off": [False], "both": [True, False]}[args.tls]
+    results: dict[int, dict[str, Any]] = {}
+    plain: dict[str, tuple[int, dict[str, Any]]] = {}  # label -> (nodes, the row without TLS)
+    for n in [int(x) for x in args.nodes.split(",") if x]:
+        for tls in settings if n > 1 else settings[:1]:
+            run = measure_pipeline(n, messages, args.max_tokens, args.repeats, tls=tls)
+            if tls or len(settings) == 1:
+                results[n] = run
+            else:
+                plain[f"{n}-node pipeline"] = (n, run)
+    tensor: dict[int, dict[str, Any]] = {}
+    for n in [int(x) for x in args.tensor.split(",") if x]:
+        for tls in settings:
+            run = measure_pipeline(n, messages, args.max_tokens, args.repeats, "tensor", tls)
+            if tls or len(settings) == 1:
+                tensor[n] = run
+            else:
+                plain[f"tensor, {n} members"] = (n, run)
     from benchmarks.mlx_peer import measure_mlx_peer
 
     peers = {
@@ -260,8 +283,10 @@ def main() -> None:
             "",
         ]
     ]
-    labelled = [(f"{n}-node pipeline", n, r) for n, r in results.items()]
-    labelled += [(f"tensor, {n} members", n, r) for n, r in tensor.items()]
+    suffix = " (no TLS)" if args.tls == "off" else ""
+    labelled = [(f"{n}-node pipeline{suffix}", n, r) for n, r in results.items()]
+    labelled += [(f"tensor, {n} members{suffix}", n, r) for n, r in tensor.items()]
+    labelled += [(f"{label} (no TLS)", n, r) for label, (n, r) in plain.items()]
     for label, count, r in labelled:
         # Tensor members work at the same time, waiting inside their all-reduces: their
         # busy times neither add up to a token nor exclude the network.
@@ -329,6 +354,50 @@ def main() -> None:
             "agg tok/s 1 stream",
             "agg tok/s 4 streams",
             "4 / 1",
+        ],
+        rows,
+    )
+    if plain:
+        print_tls_cost(results, tensor, plain)
+
+
+def print_tls_cost(
+    results: dict[int, dict[str, Any]],
+    tensor: dict[int, dict[str, Any]],
+    plain: dict[str, tuple[int, dict[str, Any]]],
+) -> None:
+    encrypted = {f"{n}-node pipeline": r for n, r in results.items()}
+    encrypted |= {f"tensor, {n} members": r for n, r in tensor.items()}
+
+    def pair(key: str, on: dict[str, Any], off: dict[str, Any]) -> str:
+        if on.get(key) is None or off.get(key) is None:
+            return "-"
+        return f"{on[key]:.0f} / {off[key]:.0f}"
+
+    rows = []
+    for label, (_, off) in plain.items():
+        on = encrypted[label]
+        rows.append(
+            [
+                label,
+                f"{on['decode_tps']:.2f} / {off['decode_tps']:.2f}",
+                f"{on['decode_tps'] / off['decode_tps'] - 1:+.1%}",
+                pair("hop_us", on, off),
+                pair("allreduce_us", on, off),
+                f"{on['ttft_s'] * 1000:.0f} / {off['ttft_s'] * 1000:.0f}",
+                f"{on['agg4']:.2f} / {off['agg4']:.2f}",
+            ]
+        )
+    print_table(
+        "What the cluster's mutual TLS costs (TLS / plain, same run)",
+        [
+            "",
+            "decode tok/s",
+            "decode change",
+            "hop µs",
+            "all-reduce µs",
+            "TTFT ms",
+            "agg tok/s 4 streams",
         ],
         rows,
     )

@@ -117,6 +117,27 @@ def build_parser() -> argparse.ArgumentParser:
         "/health (default $EXO_TOOLS_API_KEY, unset = open)",
     )
     node.add_argument(
+        "--tls-cert",
+        type=_existing_file,
+        default=None,
+        metavar="FILE",
+        help="serve the API over HTTPS with this PEM certificate (chain); needs --tls-key",
+    )
+    node.add_argument(
+        "--tls-key",
+        type=_existing_file,
+        default=None,
+        metavar="FILE",
+        help="the PEM private key of --tls-cert",
+    )
+    node.add_argument(
+        "--tls-self-signed",
+        action="store_true",
+        help="serve the API over HTTPS with a self-signed certificate made on first start "
+        "and kept in <home>/api_tls (its SHA-256 fingerprint is logged at start, for "
+        "clients to pin)",
+    )
+    node.add_argument(
         "--chat-template",
         type=_existing_file,
         default=None,
@@ -276,10 +297,15 @@ def _fail(message: str) -> None:
 
 def _run_node(args: argparse.Namespace) -> int:
     from .cluster import cluster_config_from_args
+    from .cluster.auth import secret_fingerprint
     from .models.catalog import UnknownModelError
     from .node import Node, NodeConfig
 
     home, models_dir = _storage(args)
+    if (args.tls_cert is None) != (args.tls_key is None):
+        _fail("--tls-cert and --tls-key go together: give both, or --tls-self-signed")
+    if args.tls_self_signed and args.tls_cert is not None:
+        _fail("--tls-self-signed and --tls-cert are alternatives: give one")
     logging.basicConfig(
         level=args.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -289,10 +315,14 @@ def _run_node(args: argparse.Namespace) -> int:
         args, home=home, api_host=args.host, api_port=args.api_port, version=__version__
     )
     logging.getLogger("exo_tools.cluster").info(
-        "node %s, cluster %r, secret from %s",
+        "node %s, cluster %r, secret %s from %s%s",
         cluster.node_id,
         cluster.cluster_name,
+        secret_fingerprint(cluster.secret),
         cluster.secret_source,
+        f" (also accepting {len(cluster.accepted_secrets)} more: a rotation)"
+        if cluster.accepted_secrets
+        else "",
     )
     try:
         node = Node(
@@ -321,6 +351,9 @@ def _run_node(args: argparse.Namespace) -> int:
                 max_running=args.max_running,
                 max_queued=args.max_queued,
                 kv_cache_bytes=None if args.kv_cache_mb is None else args.kv_cache_mb << 20,
+                tls_cert=args.tls_cert,
+                tls_key=args.tls_key,
+                tls_self_signed=args.tls_self_signed,
             )
         )
     except UnknownModelError as error:

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import json
 import logging
 import signal
+import ssl
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,9 +18,11 @@ from typing import Any
 import psutil
 from aiohttp import web
 
+from .api import https
 from .api.server import create_app
 from .cluster import ClusterConfig, ClusterNode
 from .cluster import capabilities as node_capabilities
+from .cluster.relay import ApiRelayService, relay
 from .engine.core import StageEngine
 from .models import sources
 from .models.catalog import ModelCard, resolve_model
@@ -33,6 +38,8 @@ from .types import (
     DEFAULT_MAX_RUNNING,
     ModelLayout,
     Parallelism,
+    RelayedResponse,
+    RelayError,
 )
 
 log = logging.getLogger(__name__)
@@ -64,6 +71,9 @@ class NodeConfig:
     max_running: int = DEFAULT_MAX_RUNNING
     max_queued: int = DEFAULT_MAX_QUEUED
     kv_cache_bytes: int | None = None  # None: the default share of free memory
+    tls_cert: Path | None = None  # the API serves HTTPS with this certificate and key
+    tls_key: Path | None = None
+    tls_self_signed: bool = False  # ... or with a self-signed pair kept in <home>/api_tls
 
 
 class Node:
@@ -96,6 +106,7 @@ class Node:
             engine=self.engine,
             channel_for=self._channel,
             chat_template=template,
+            encrypted=self.cluster is not None and self.cluster.tls is not None,
         )
         self.coordinator = Coordinator(
             node_id=self.node_id,
@@ -107,10 +118,16 @@ class Node:
             min_nodes=config.min_nodes,
             dtype=config.dtype,
         )
+        self.api_scheme = "https" if config.tls_cert or config.tls_self_signed else "http"
+        self._relay_service = ApiRelayService(self._local_api_url)
         if self.cluster is not None:
             worker = self.worker
+            relay_service = self._relay_service
             self.cluster.add_servicer_hook(
                 lambda server: node_pb2_grpc.add_WorkerServicer_to_server(worker, server)
+            )
+            self.cluster.add_servicer_hook(
+                lambda server: node_pb2_grpc.add_ApiServicer_to_server(relay_service, server)
             )
 
     def _channel(self, node_id: str) -> Any:
@@ -166,6 +183,54 @@ class Node:
         """The master's API when another node is master (chat requests go there)."""
         return self.cluster.master_api_url() if self.cluster else None
 
+    async def relay(
+        self,
+        method: str,
+        path: str,
+        headers: Mapping[str, str],
+        body: bytes,
+        node_id: str | None = None,
+    ) -> RelayedResponse:
+        if self.cluster is None:
+            raise RelayError("this node runs without the cluster layer")
+        target = node_id or self.cluster.master_id
+        channel = self.cluster.channel(target)
+        if channel is None:
+            role = " (the master)" if node_id is None else ""
+            raise RelayError(f"node {target}{role} is not a healthy peer")
+        return await relay(channel, method, path, headers, body)
+
+    def _api_ssl_context(self) -> ssl.SSLContext | None:
+        config = self.config
+        if config.tls_self_signed:
+            cert, key = https.self_signed_pair(config.home, config.host)
+        elif config.tls_cert and config.tls_key:
+            cert, key = config.tls_cert, config.tls_key
+        else:
+            return None
+        try:
+            context = https.server_context(cert, key)
+        except ValueError as error:
+            raise SystemExit(f"exo-tools: {error}") from error
+        log.info(
+            "API certificate %s, SHA-256 fingerprint %s%s",
+            cert,
+            https.fingerprint(cert),
+            " (self-signed: clients must trust this file or pin the fingerprint)"
+            if config.tls_self_signed
+            else "",
+        )
+        return context
+
+    def _local_api_url(self) -> str:
+        """This node's own API, as the relay service calls it from this machine."""
+        host = self.config.host
+        if host in ("0.0.0.0", "::", ""):
+            host = "127.0.0.1"
+        if ":" in host:
+            host = f"[{host}]"
+        return f"{self.api_scheme}://{host}:{self.config.api_port}"
+
     def _status(self) -> str:
         if self.coordinator.is_master:
             return self.coordinator.state
@@ -220,9 +285,10 @@ class Node:
         app = create_app(self, api_key=self.config.api_key, log_requests=self.config.log_requests)
         # handler_cancellation: a client that disconnects cancels its handler, which
         # cancels its generation and frees its KV cache.
+        ssl_context = self._api_ssl_context()
         runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
         await runner.setup()
-        site = web.TCPSite(runner, self.config.host, self.config.api_port)
+        site = web.TCPSite(runner, self.config.host, self.config.api_port, ssl_context=ssl_context)
         try:
             await site.start()
         except OSError as error:
@@ -231,7 +297,17 @@ class Node:
                 f"exo-tools: cannot listen on {self.config.host}:{self.config.api_port} "
                 f"(--host/--api-port): {error.strerror}"
             ) from error
-        log.info("API listening on http://%s:%d", self.config.host, self.config.api_port)
+        log.info(
+            "API listening on %s://%s:%d", self.api_scheme, self.config.host, self.config.api_port
+        )
+        if not _is_loopback(self.config.host) and not self.config.api_key:
+            log.warning(
+                "the API listens on %s, beyond this machine, without an API key: anyone who "
+                "can reach this port can use the model and read the dashboard; set --api-key "
+                "(or $EXO_TOOLS_API_KEY)%s",
+                self.config.host,
+                "" if ssl_context else ", and --tls-cert/--tls-key or --tls-self-signed",
+            )
         self.engine.start()
         if self.cluster is not None:
             # After the API listens, so the api_port peers learn about already answers.
@@ -260,7 +336,17 @@ class Node:
             if self.cluster is not None:
                 await self.cluster.stop()
             await runner.cleanup()
+            await self._relay_service.close()
             await asyncio.to_thread(self.engine.stop)
         if self.cluster is not None and self.cluster.fatal_error is not None:
             raise SystemExit(f"exo-tools: {self.cluster.fatal_error}")
         return 0
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

@@ -6,14 +6,15 @@ what placement needs to know of a model (`ModelLayout`), how a request samples
 (`SamplingParams`), what the engine tells serving about a request (`TokenEvent`,
 `FinishEvent`, `ErrorEvent` through a `GenerationHandle`), and the data-plane messages
 between stages (`Forward`, `SampledToken`, `Release`, `Failure`, `Partial`), which the
-cluster layer's wire module turns into protos and back.
+cluster layer's wire module turns into protos and back, and an API request relayed to
+another node (`RelayedResponse`, `RelayError`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Literal, Protocol
@@ -426,3 +427,20 @@ class LoadProgress:
     rss: int = 0  # the member's resident memory after loading
     mlx_active: int = 0  # MLX's active memory after loading
     current_epoch: int = 0  # the member's epoch (set when it refuses an older one)
+
+
+# ---------------------------------------------------------------- API requests relayed
+
+
+class RelayError(Exception):
+    """The node an API request was relayed to could not be reached, or the relay broke."""
+
+
+@dataclass
+class RelayedResponse:
+    """The answer of a node an API request was relayed to: status and headers, then the
+    body as it streams."""
+
+    status: int
+    headers: dict[str, str]
+    body: AsyncIterator[bytes]

@@ -18,6 +18,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import grpc
+
+from exo_tools.cluster.tls import CHANNEL_TLS_OPTIONS, ClusterTLS
 from tests.helpers.nodes import NodeProcess, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -200,3 +203,10 @@ def write_secret(path: Path, value: str) -> Path:
     path.write_text(value + "\n")
     path.chmod(0o600)
     return path
+
+
+def peer_channel(target: str, secret: bytes, cluster: str = "default") -> grpc.Channel:
+    """A blocking gRPC channel to a node's gRPC port, over the cluster's mutual TLS as a
+    holder of `secret` would open it (calls still need `ClusterAuth.sign_call` metadata)."""
+    tls = ClusterTLS("tester", [secret], cluster)
+    return grpc.secure_channel(target, tls.channel_credentials(), options=CHANNEL_TLS_OPTIONS)

@@ -4,6 +4,7 @@ one wrapper for every process a test starts)."""
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -19,10 +20,27 @@ import requests
 REPO = Path(__file__).resolve().parents[2]
 
 
+# Ports handed out below the kernel's ephemeral range (32768-60999 by default): a port
+# the kernel picked with bind(0) can be taken by any outgoing connection before the
+# node binds it (CI lost a run to exactly that), but these are never picked for those.
+_PORT_RANGE = range(20000, 32000)
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A port nothing listens on, unique within this test process."""
+    for _ in range(1000):
+        port = random.choice(_PORT_RANGE)
+        if port in _handed_out:
+            continue
+        try:
+            with socket.socket() as sock:
+                sock.bind(("0.0.0.0", port))
+        except OSError:
+            continue
+        _handed_out.add(port)
+        return port
+    raise RuntimeError(f"no free port in {_PORT_RANGE}")
 
 
 def shared_models_dir() -> Path:

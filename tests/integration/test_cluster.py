@@ -204,3 +204,46 @@ def test_stopped_member_removed_then_readmitted(
     print(f"[timing] re-admission after SIGCONT: {back:.2f}s")
     # The oldest node is master again once it is back.
     assert final_master == master
+
+
+def test_secret_rotation_without_restarts(
+    members: list[NodeProcess], tmp_path: Path, secret: Path
+) -> None:
+    """docs/CLUSTER.md's procedure: every node's file becomes "new, old", then "new"; the
+    members never lose each other, and a node left on the old secret is dropped."""
+    files = {name: write_secret(tmp_path / f"secret-{name}", "old-secret") for name in "abc"}
+    nodes = {
+        name: _start(members, tmp_path, name, secret_file=path) for name, path in files.items()
+    }
+    wait_serving(list(nodes.values()))
+    urls = [m.url for m in nodes.values()]
+    wait_converged(urls, set(nodes), BOUND_S)
+
+    def rewrite(name: str, text: str, changes: int) -> None:
+        files[name].write_text(text)
+        wait_for(
+            lambda: nodes[name].log().count("cluster secret changed") == changes,
+            10,
+            f"{name} to reload its secret file",
+        )
+
+    for name in "abc":  # phase 1, one machine at a time
+        rewrite(name, "new-secret\nold-secret\n", 1)
+        wait_converged(urls, set(nodes), BOUND_S)
+        assert all(m.alive() for m in nodes.values())
+    for name in "ab":  # phase 2; c is forgotten, left holding the old secret too
+        rewrite(name, "new-secret\n", 2)
+        wait_converged(urls, set(nodes), BOUND_S)
+    # c still accepts both, so a and b (new alone) keep it: rotation done for them.
+    files["c"].write_text("old-secret\n")  # c goes back to the old secret alone
+    wait_for(lambda: nodes["c"].log().count("cluster secret changed") == 2, 10, "c reload")
+    wait_converged([nodes["a"].url, nodes["b"].url], {"a", "b"}, BOUND_S * 2)
+    wait_converged([nodes["c"].url], {"c"}, BOUND_S * 2)
+    # A newcomer with the new secret joins; one with the old is refused.
+    newcomer = _start(
+        members, tmp_path, "d", secret_file=write_secret(tmp_path / "d", "new-secret")
+    )
+    stale = _start(members, tmp_path, "e", secret_file=write_secret(tmp_path / "e", "old-secret"))
+    wait_serving([newcomer, stale])
+    wait_converged([nodes["a"].url, nodes["b"].url, newcomer.url], {"a", "b", "d"}, BOUND_S * 2)
+    assert "a" not in node_ids(get_view(stale.url))

@@ -12,6 +12,7 @@ import pytest
 
 from exo_tools.cluster import ClusterAuth, ClusterConfig, ClusterNode
 from exo_tools.cluster.auth import new_nonce
+from exo_tools.cluster.tls import CHANNEL_TLS_OPTIONS, ClusterTLS
 from exo_tools.proto import node_pb2, node_pb2_grpc
 
 HB = "/exo_tools.v1.Membership/Heartbeat"
@@ -52,7 +53,25 @@ def test_unsigned_wrong_secret_and_replayed_calls_are_refused() -> None:
         node = ClusterNode(_config("srv", b"right"))
         await node.start()
         try:
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{node.grpc_port}") as ch:
+            target = f"127.0.0.1:{node.grpc_port}"
+            # Plain text, or TLS from another secret: no connection at all.
+            for channel in (
+                grpc.aio.insecure_channel(target),
+                grpc.aio.secure_channel(
+                    target,
+                    ClusterTLS("x", [b"wrong"], "default").channel_credentials(),
+                    options=CHANNEL_TLS_OPTIONS,
+                ),
+            ):
+                async with channel:
+                    with pytest.raises(grpc.aio.AioRpcError) as e:
+                        await _heartbeat(node_pb2_grpc.MembershipStub(channel), None)
+                    assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+            # TLS from the right secret: the per-call HMAC is the second, independent check.
+            tls = ClusterTLS("x", [b"right"], "default")
+            async with grpc.aio.secure_channel(
+                target, tls.channel_credentials(), options=CHANNEL_TLS_OPTIONS
+            ) as ch:
                 stub = node_pb2_grpc.MembershipStub(ch)
                 for md in (None, ClusterAuth(b"wrong", "default").sign_call("x", HB)):
                     with pytest.raises(grpc.aio.AioRpcError) as e:
@@ -123,5 +142,46 @@ def test_servicer_hook_and_authenticated_peer_channel() -> None:
         finally:
             await b.stop()
             await a.stop()
+
+    _run(body)
+
+
+@pytest.mark.parametrize(
+    ("server", "client", "connects"),
+    [
+        ([b"old"], [b"new", b"old"], True),  # mid-rotation node calls one not yet rotated
+        ([b"new", b"old"], [b"old"], True),
+        ([b"new"], [b"new", b"old"], True),  # and one already done
+        ([b"new", b"old"], [b"new"], True),
+        ([b"new"], [b"old"], False),  # after the rotation, the old secret alone is refused
+        ([b"old"], [b"new"], False),
+        ([b"other"], [b"new", b"old"], False),
+    ],
+)
+def test_tls_during_a_rotation(server: list[bytes], client: list[bytes], connects: bool) -> None:
+    class _Membership(node_pb2_grpc.MembershipServicer):
+        async def Heartbeat(self, request: Any, context: Any) -> node_pb2.HeartbeatResponse:
+            return node_pb2.HeartbeatResponse(proof=b"ok")
+
+    async def body() -> None:
+        grpc_server = grpc.aio.server()
+        node_pb2_grpc.add_MembershipServicer_to_server(_Membership(), grpc_server)
+        tls = ClusterTLS("server", server, "default")
+        port = grpc_server.add_secure_port("127.0.0.1:0", tls.server_credentials())
+        await grpc_server.start()
+        credentials = ClusterTLS("client", client, "default").channel_credentials()
+        try:
+            async with grpc.aio.secure_channel(
+                f"127.0.0.1:{port}", credentials, options=CHANNEL_TLS_OPTIONS
+            ) as channel:
+                try:
+                    await _heartbeat(node_pb2_grpc.MembershipStub(channel), None)
+                    connected = True
+                except grpc.aio.AioRpcError as error:
+                    assert error.code() == grpc.StatusCode.UNAVAILABLE
+                    connected = False
+            assert connected == connects
+        finally:
+            await grpc_server.stop(0)
 
     _run(body)

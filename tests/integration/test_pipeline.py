@@ -21,6 +21,7 @@ from exo_tools.models.loader import model_layout
 from exo_tools.models.tokenizer import TextTokenizer
 from exo_tools.proto import node_pb2, node_pb2_grpc
 from tests.helpers.browser import dump_dom, screenshot
+from tests.helpers.cluster_checks import peer_channel
 from tests.helpers.cluster_runs import (
     MAX_TOKENS,
     MODEL,
@@ -128,13 +129,21 @@ class TestTwoStages:
         master, member = cluster.nodes
         view = cluster.view()
         ids = [str(node.health()["node_id"]) for node in cluster.nodes]
-        # A caller without the cluster secret: the member refuses it, and says so.
         member_grpc = next(node["grpc_port"] for node in view["nodes"] if node["id"] == ids[1])
-        intruder = ClusterAuth(b"not-the-cluster-secret", cluster.name)
         method = "/exo_tools.v1.Worker/LoadShard"
+        # Without TLS a caller cannot even connect (the cluster speaks mutual TLS only).
         with (
             grpc.insecure_channel(f"127.0.0.1:{member_grpc}") as channel,
-            pytest.raises(grpc.RpcError),
+            pytest.raises(grpc.RpcError) as plain,
+        ):
+            list(node_pb2_grpc.WorkerStub(channel).LoadShard(node_pb2.LoadShardRequest()))
+        assert plain.value.code() == grpc.StatusCode.UNAVAILABLE
+        # A caller through TLS whose calls are signed with another secret (the second,
+        # independent check): the member refuses it, and says so.
+        intruder = ClusterAuth(b"not-the-cluster-secret", cluster.name)
+        with (
+            peer_channel(f"127.0.0.1:{member_grpc}", SECRET.encode(), cluster.name) as channel,
+            pytest.raises(grpc.RpcError) as refused,
         ):
             list(
                 node_pb2_grpc.WorkerStub(channel).LoadShard(
@@ -143,6 +152,7 @@ class TestTwoStages:
                     timeout=10,
                 )
             )
+        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
         # A request through the member, which forwards it to the master.
         reply = chat(member, "Tell me about the sea.", max_tokens=24)
         assert reply.status_code == 200
@@ -173,7 +183,9 @@ class TestTwoStages:
         member = next(n for n in view["nodes"] if n["id"] != view["master"])
         auth = ClusterAuth(SECRET.encode(), cluster.name)
         method = "/exo_tools.v1.Worker/Activations"
-        with grpc.insecure_channel(f"127.0.0.1:{member['grpc_port']}") as channel:
+        with peer_channel(
+            f"127.0.0.1:{member['grpc_port']}", SECRET.encode(), cluster.name
+        ) as channel:
             stub = node_pb2_grpc.WorkerStub(channel)
             stale = node_pb2.ActivationMessage(request_id="old", epoch=epoch - 1)
             with pytest.raises(grpc.RpcError) as refused:

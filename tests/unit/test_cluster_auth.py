@@ -14,6 +14,7 @@ from exo_tools.cluster.auth import (
     ClusterAuth,
     load_or_create_secret,
     new_nonce,
+    secrets_from_text,
 )
 
 M = "/exo_tools.v1.Membership/Heartbeat"
@@ -93,3 +94,48 @@ def test_secret_file_env_and_generated(tmp_path: Path, monkeypatch: pytest.Monke
     f = tmp_path / "s.txt"
     f.write_text("from-file\n")
     assert load_or_create_secret(f, home) == (b"from-file", f"file {f}")
+
+
+def test_a_node_holding_two_secrets_talks_to_either() -> None:
+    rotating = ClusterAuth([b"new", b"old"], "c")
+    old, new, other = ClusterAuth(b"old", "c"), ClusterAuth(b"new", "c"), ClusterAuth(b"x", "c")
+    cn, sn = new_nonce(), new_nonce()
+    for peer in (old, new):
+        # Proofs either way, and signed calls either way.
+        assert peer.check(
+            peer.hello_proof(cn, sn, "a", "b"), rotating.hello_proof(cn, sn, "a", "b")
+        )
+        assert rotating.check(
+            rotating.admit_proof(cn, sn, "a", "b"), peer.admit_proof(cn, sn, "a", "b")
+        )
+        assert peer.verify_call("/m", rotating.sign_call("r", "/m")) == "r"
+        assert rotating.verify_call("/m", peer.sign_call("p", "/m")) == "p"
+    assert not other.check(
+        other.hello_proof(cn, sn, "a", "b"), rotating.hello_proof(cn, sn, "a", "b")
+    )
+    with pytest.raises(AuthError):
+        other.verify_call("/m", rotating.sign_call("r", "/m"))
+    # After the rotation, the old secret alone is refused.
+    rotating.set_secrets([b"new"])
+    assert not rotating.check(
+        rotating.hello_proof(cn, sn, "a", "b"), old.hello_proof(cn, sn, "a", "b")
+    )
+    with pytest.raises(AuthError):
+        rotating.verify_call("/m", old.sign_call("o", "/m"))
+
+
+def test_proofs_of_odd_shape_are_refused() -> None:
+    a = ClusterAuth(b"k", "c")
+    cn, sn = new_nonce(), new_nonce()
+    good = a.hello_proof(cn, sn, "x", "y")
+    assert not a.check(good, b"")
+    assert not a.check(good, good[:-1])  # not a whole number of MACs
+    assert not a.check(good, good * 5)  # more MACs than a node may hold secrets
+
+
+def test_secret_files_hold_one_secret_per_line() -> None:
+    assert secrets_from_text("new\n\n  old  \n") == [b"new", b"old"]
+    with pytest.raises(ValueError, match="empty"):
+        secrets_from_text("\n \n")
+    with pytest.raises(ValueError, match="at most"):
+        secrets_from_text("a\nb\nc\nd\ne\n")

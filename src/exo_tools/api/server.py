@@ -18,7 +18,6 @@ from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any, Protocol, TypeVar, cast
 
-import aiohttp
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ValidationError
@@ -27,6 +26,7 @@ from .. import __version__
 from ..serving.chat import ChatService
 from ..serving.errors import ServingError
 from ..serving.telemetry import RequestRecord, current_record, recording
+from ..types import RelayedResponse, RelayError
 from . import anthropic_messages, dashboard, openai_chat, openai_responses
 from .errors import APIError, error_middleware, from_serving_error, from_validation_error
 from .openapi import openapi_document
@@ -63,6 +63,8 @@ MONITORING_ROUTES = frozenset(
         "/openapi.json",
     }
 )
+log = logging.getLogger(__name__)
+
 # How long the master waits for a member's figures when building the dashboard.
 MEMBER_STATUS_TIMEOUT_S = 1.5
 
@@ -91,6 +93,18 @@ class NodeBackend(Protocol):
 
     def master_api_url(self) -> str | None:
         """Where to forward chat requests when this node is not the master."""
+        ...
+
+    async def relay(
+        self,
+        method: str,
+        path: str,
+        headers: Mapping[str, str],
+        body: bytes,
+        node_id: str | None = None,
+    ) -> RelayedResponse:
+        """Send an API request to node `node_id` (None: the master) over the cluster's
+        encrypted channel; raises RelayError when it cannot be reached."""
         ...
 
 
@@ -219,7 +233,6 @@ def create_app(
 class _Routes:
     def __init__(self, backend: NodeBackend) -> None:
         self.backend = backend
-        self._session: aiohttp.ClientSession | None = None
         # Responses stored for previous_response_id: on the master, which answers them.
         self.responses = ResponseStore()
         self.telemetry = Telemetry(self._health_body, backend.cluster_view)
@@ -230,15 +243,6 @@ class _Routes:
 
     async def close(self, _: web.Application) -> None:
         logging.getLogger("exo_tools").removeHandler(self.telemetry.warnings)
-        if self._session is not None:
-            await self._session.close()
-
-    def _client(self) -> aiohttp.ClientSession:
-        if self._session is None:
-            self._session = aiohttp.ClientSession(
-                timeout=aiohttp.ClientTimeout(total=None, sock_connect=5)
-            )
-        return self._session
 
     def _health_body(self) -> dict[str, Any]:
         return {"version": __version__, **self.backend.health()}
@@ -305,21 +309,22 @@ class _Routes:
     async def _member_status(
         self, request: web.Request, node: dict[str, Any]
     ) -> dict[str, Any] | str:
-        """A member's `/v1/node`, or why it could not be read."""
-        addresses = node.get("addresses") or []
-        if not addresses or not node.get("api_port"):
-            return "its API address is unknown"
-        url = f"http://{_host(addresses[0])}:{node['api_port']}/v1/node"
+        """A member's `/v1/node` (relayed over the cluster's channel), or why it could not be
+        read."""
         headers = _passed_on(request, ("Authorization", "x-api-key"))
+        node_id = str(node.get("id"))
+
+        async def read() -> dict[str, Any] | str:
+            answer = await self.backend.relay("GET", "/v1/node", headers, b"", node_id)
+            body = b"".join([piece async for piece in answer.body])
+            if answer.status != 200:
+                return f"node {node_id} answered {answer.status}"
+            return json.loads(body)
+
         try:
-            async with self._client().get(
-                url, headers=headers, timeout=aiohttp.ClientTimeout(total=MEMBER_STATUS_TIMEOUT_S)
-            ) as answer:
-                if answer.status != 200:
-                    return f"{url} answered {answer.status}"
-                return await answer.json()
-        except (aiohttp.ClientError, TimeoutError, ValueError) as error:
-            return f"{url} did not answer: {error or type(error).__name__}"
+            return await asyncio.wait_for(read(), MEMBER_STATUS_TIMEOUT_S)
+        except (RelayError, TimeoutError, ValueError) as error:
+            return f"node {node_id} did not answer: {error or type(error).__name__}"
 
     async def cluster(self, _: web.Request) -> web.Response:
         view = self.backend.cluster_view()
@@ -336,27 +341,25 @@ class _Routes:
             headers[REQUEST_ID_HEADER] = record.request_id
         body = await request.read()
         try:
-            async with self._client().request(
-                request.method, f"{master_url}{request.path_qs}", data=body, headers=headers
-            ) as upstream:
-                relayed = {
-                    name: upstream.headers[name]
-                    for name in ("Content-Type", "Retry-After")
-                    if name in upstream.headers
-                }
-                relayed.setdefault("Content-Type", "application/json")
-                response = web.StreamResponse(status=upstream.status, headers=relayed)
-                await response.prepare(request)
-                async for piece in upstream.content.iter_any():
-                    await response.write(piece)
-                await response.write_eof()
-                return response
-        except aiohttp.ClientError as error:
+            upstream = await self.backend.relay(request.method, request.path_qs, headers, body)
+        except RelayError as error:
             raise APIError(
                 503,
                 f"the master node at {master_url} is unreachable: {error}",
                 code="master_unreachable",
             ) from error
+        relayed = dict(upstream.headers)
+        relayed.setdefault("Content-Type", "application/json")
+        response = web.StreamResponse(status=upstream.status, headers=relayed)
+        await response.prepare(request)
+        try:
+            async for piece in upstream.body:
+                await response.write(piece)
+        except RelayError as error:
+            # The answer had begun; all that is left is to end it where it broke.
+            log.warning("relay of %s to the master broke: %s", request.path, error)
+        await response.write_eof()
+        return response
 
     def _model_object(self) -> ModelObject:
         return ModelObject(id=self.backend.model_id, created=self.backend.created)
@@ -475,10 +478,6 @@ class _Routes:
 def _passed_on(request: web.Request, names: tuple[str, ...]) -> dict[str, str]:
     """The client's headers among `names`, for a call this node makes on its behalf."""
     return {name: request.headers[name] for name in names if name in request.headers}
-
-
-def _host(address: str) -> str:
-    return f"[{address}]" if ":" in address else address
 
 
 # Where a value sits in the body: (its parent's place, its key or index); built into a

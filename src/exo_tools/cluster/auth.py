@@ -4,7 +4,14 @@ Admission is a mutual challenge-response (Hello + Admit) over both nonces and bo
 Every later inter-node call carries metadata signed with a key derived from the secret
 (node id, timestamp, random nonce, method); a server interceptor checks it and refuses
 replays (timestamp outside a window, or a nonce already seen inside it). The secret itself
-never crosses the wire. Request bodies are not signed: integrity of payloads would need TLS.
+never crosses the wire. Payloads are protected by the channel itself: mutual TLS keyed by
+the same secret (`tls`).
+
+Rotation: a secret file may hold several secrets, one per line. The first is this node's
+own; the others are accepted too. A node proves and signs with every secret it holds
+(concatenated MACs), and accepts a proof or signature that matches any of them, so nodes
+that hold "new, old" talk both to nodes still on the old secret and to nodes already on
+the new one alone.
 """
 
 from __future__ import annotations
@@ -27,6 +34,8 @@ SECRET_ENV = "EXO_TOOLS_SECRET"
 SECRET_FILENAME = "cluster_secret"
 NONCE_BYTES = 16
 REPLAY_WINDOW_S = 30.0
+MAC_BYTES = 32  # HMAC-SHA256
+MAX_SECRETS = 4  # per node: current plus those accepted during a rotation
 
 # gRPC metadata keys of a signed call
 METADATA_NODE = "x-exo-node"
@@ -39,27 +48,39 @@ class AuthError(Exception):
     """A peer failed to prove the cluster secret."""
 
 
-def _secret_from_text(text: str) -> bytes:
-    value = text.strip()
-    if not value:
+def secrets_from_text(text: str) -> list[bytes]:
+    """The secrets of a secret file's text: one per non-empty line, this node's own first."""
+    values = [line.strip().encode() for line in text.splitlines() if line.strip()]
+    if not values:
         raise ValueError("cluster secret is empty")
-    return value.encode()
+    if len(values) > MAX_SECRETS:
+        raise ValueError(f"a secret file holds at most {MAX_SECRETS} secrets (one per line)")
+    return values
 
 
-def load_or_create_secret(secret_file: Path | None, home: Path) -> tuple[bytes, str]:
-    """Return (secret, where it came from).
+@dataclass(frozen=True)
+class SecretSource:
+    secrets: list[bytes]  # this node's own first
+    where: str
+    path: Path | None  # the file to watch for a rotation (None: from the environment)
+
+
+def load_or_create_secrets(secret_file: Path | None, home: Path) -> SecretSource:
+    """This node's secrets and where they came from.
 
     Order: --secret-file, then $EXO_TOOLS_SECRET, then <home>/cluster_secret, created (0600)
     with a fresh random value when absent.
     """
     if secret_file is not None:
-        return _secret_from_text(secret_file.read_text()), f"file {secret_file}"
+        return SecretSource(
+            secrets_from_text(secret_file.read_text()), f"file {secret_file}", secret_file
+        )
     env = os.environ.get(SECRET_ENV)
     if env:
-        return _secret_from_text(env), f"environment variable {SECRET_ENV}"
+        return SecretSource(secrets_from_text(env), f"environment variable {SECRET_ENV}", None)
     path = home / SECRET_FILENAME
     if path.exists():
-        return _secret_from_text(path.read_text()), f"file {path}"
+        return SecretSource(secrets_from_text(path.read_text()), f"file {path}", path)
     home.mkdir(parents=True, exist_ok=True)
     value = secrets.token_urlsafe(32)
     # O_EXCL + 0600 so the secret is never world-readable, even briefly.
@@ -72,7 +93,18 @@ def load_or_create_secret(secret_file: Path | None, home: Path) -> tuple[bytes, 
         path,
         SECRET_ENV,
     )
-    return value.encode(), f"file {path} (newly generated)"
+    return SecretSource([value.encode()], f"file {path} (newly generated)", path)
+
+
+def load_or_create_secret(secret_file: Path | None, home: Path) -> tuple[bytes, str]:
+    """(this node's own secret, where it came from); see `load_or_create_secrets`."""
+    source = load_or_create_secrets(secret_file, home)
+    return source.secrets[0], source.where
+
+
+def secret_fingerprint(secret: bytes) -> str:
+    """A short public name for a secret, for logs (says which, reveals nothing)."""
+    return hashlib.sha256(b"exo-tools/secret-name/v1" + secret).hexdigest()[:12]
 
 
 def _mac(key: bytes, *parts: bytes | str) -> bytes:
@@ -93,42 +125,69 @@ class ClusterAuth:
     """All proofs of one node; pure (no I/O) apart from the replay cache."""
 
     def __init__(
-        self, secret: bytes, cluster_name: str, replay_window_s: float = REPLAY_WINDOW_S
+        self,
+        secret: bytes | Sequence[bytes],
+        cluster_name: str,
+        replay_window_s: float = REPLAY_WINDOW_S,
     ) -> None:
-        if not secret:
-            raise ValueError("cluster secret is empty")
         self.cluster_name = cluster_name
-        # Distinct derived keys so a proof of one kind can never be replayed as another.
-        self._handshake_key = _mac(secret, "exo-tools/handshake/v1", cluster_name)
-        self._call_key = _mac(secret, "exo-tools/call/v1", cluster_name)
+        self.set_secrets([secret] if isinstance(secret, bytes) else secret)
         self.replay_window_s = replay_window_s
         self._seen: OrderedDict[tuple[str, str], float] = OrderedDict()
+
+    def set_secrets(self, secrets: Sequence[bytes]) -> None:
+        """Prove and sign with all of `secrets`, accept any of them (a rotation)."""
+        if not secrets or not all(secrets):
+            raise ValueError("cluster secret is empty")
+        if len(secrets) > MAX_SECRETS:
+            raise ValueError(f"at most {MAX_SECRETS} cluster secrets at once")
+        # Distinct derived keys so a proof of one kind can never be replayed as another.
+        self._handshake_keys = [
+            _mac(secret, "exo-tools/handshake/v1", self.cluster_name) for secret in secrets
+        ]
+        self._call_keys = [
+            _mac(secret, "exo-tools/call/v1", self.cluster_name) for secret in secrets
+        ]
+
+    def _proof(self, *parts: bytes | str) -> bytes:
+        return b"".join(_mac(key, *parts) for key in self._handshake_keys)
 
     # -- admission
     def hello_proof(
         self, client_nonce: bytes, server_nonce: bytes, client_id: str, server_id: str
     ) -> bytes:
-        return _mac(self._handshake_key, "hello", client_nonce, server_nonce, client_id, server_id)
+        return self._proof("hello", client_nonce, server_nonce, client_id, server_id)
 
     def admit_proof(
         self, client_nonce: bytes, server_nonce: bytes, client_id: str, server_id: str
     ) -> bytes:
-        return _mac(self._handshake_key, "admit", client_nonce, server_nonce, client_id, server_id)
+        return self._proof("admit", client_nonce, server_nonce, client_id, server_id)
 
     def heartbeat_response_proof(self, request_nonce: bytes, responder_id: str) -> bytes:
-        return _mac(self._handshake_key, "heartbeat-response", request_nonce, responder_id)
+        return self._proof("heartbeat-response", request_nonce, responder_id)
 
     @staticmethod
     def check(expected: bytes, given: bytes) -> bool:
-        return hmac.compare_digest(expected, given)
+        """Whether any MAC in `given` (the peer's, one per secret it holds) equals any in
+        `expected` (ours, one per secret we hold)."""
+        if not given or len(given) % MAC_BYTES or len(given) > MAC_BYTES * MAX_SECRETS:
+            return False
+        ours = [expected[i : i + MAC_BYTES] for i in range(0, len(expected), MAC_BYTES)]
+        theirs = [given[i : i + MAC_BYTES] for i in range(0, len(given), MAC_BYTES)]
+        # Every pair is compared (no early exit), so timing says nothing about which matched.
+        matches = [hmac.compare_digest(mine, other) for mine in ours for other in theirs]
+        return any(matches)
 
     # -- per-call metadata
+    def _signatures(self, method: str, node_id: str, timestamp: str, nonce: str) -> list[str]:
+        return [_mac(key, method, node_id, timestamp, nonce).hex() for key in self._call_keys]
+
     def sign_call(
         self, node_id: str, method: str, now: float | None = None
     ) -> list[tuple[str, str]]:
         timestamp = f"{(time.time() if now is None else now):.3f}"
         nonce = base64.urlsafe_b64encode(new_nonce()).decode()
-        signature = _mac(self._call_key, method, node_id, timestamp, nonce).hex()
+        signature = ",".join(self._signatures(method, node_id, timestamp, nonce))
         return [
             (METADATA_NODE, node_id),
             (METADATA_TIMESTAMP, timestamp),
@@ -153,8 +212,14 @@ class ClusterAuth:
             signature = values[METADATA_SIGNATURE]
         except KeyError:
             raise AuthError("missing auth metadata") from None
-        expected = _mac(self._call_key, method, node_id, timestamp, nonce).hex()
-        if not hmac.compare_digest(expected, signature):
+        given = signature.split(",")[:MAX_SECRETS]
+        expected = self._signatures(method, node_id, timestamp, nonce)
+        matches = [
+            hmac.compare_digest(mine.encode(), other.encode(errors="replace"))
+            for mine in expected
+            for other in given
+        ]
+        if not any(matches):
             raise AuthError(f"bad signature from {node_id!r}")
         current = time.time() if now is None else now
         try:

@@ -11,7 +11,7 @@ import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .auth import load_or_create_secret
+from .auth import load_or_create_secrets
 
 NODE_ID_FILENAME = "node_id"
 _NODE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
@@ -32,6 +32,15 @@ class ClusterConfig:
     version: str = ""
     secret_source: str = ""
     node_id_file: str | None = None  # where node_id came from (None: --node-id)
+    tls: bool = True  # mutual TLS on every inter-node channel, keyed by the secret
+    # Secrets accepted besides `secret` (the secret file's later lines, during a rotation)
+    # and the file to watch for a rotation (None: the secret came from the environment).
+    accepted_secrets: list[bytes] = field(default_factory=list)
+    secret_file: Path | None = None
+
+    @property
+    def secrets(self) -> list[bytes]:
+        return [self.secret, *self.accepted_secrets]
 
 
 def parse_port(text: str, *, allow_zero: bool = False) -> int:
@@ -61,12 +70,13 @@ def parse_peer(value: str) -> str:
     return f"{host}:{port}"
 
 
-def _parse_interface(value: str) -> str:
+def _parse_ipv4(flag: str, value: str) -> str:
+    """An IPv4 address given to `flag` (argparse `type=` via functools.partial)."""
     try:
         return str(ipaddress.IPv4Address(value.strip()))
     except ValueError:
         raise argparse.ArgumentTypeError(
-            f"invalid --interface {value!r}: expected an IPv4 address of this machine"
+            f"invalid {flag} {value!r}: expected an IPv4 address of this machine"
         ) from None
 
 
@@ -90,7 +100,7 @@ def add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
         "--interface",
         action="append",
         default=[],
-        type=_parse_interface,
+        type=functools.partial(_parse_ipv4, "--interface"),
         metavar="IP",
         help="advertise/discover only on this IPv4 address (repeatable; default: all interfaces)",
     )
@@ -113,7 +123,16 @@ def add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         metavar="PATH",
         help="file holding the cluster secret (else $EXO_TOOLS_SECRET, else "
-        "<home>/cluster_secret, generated on first start)",
+        "<home>/cluster_secret, generated on first start). To rotate, write the new secret "
+        "as its first line and the old as its second on every node, then the new alone: "
+        "nodes reload it within seconds (docs/CLUSTER.md)",
+    )
+    group.add_argument(
+        "--no-cluster-tls",
+        action="store_true",
+        help="send inter-node traffic (prompts, activations, tokens) unencrypted; every node "
+        "of the cluster must use the same setting. Only for a wired network you trust, or "
+        "to measure what TLS costs (default: mutual TLS keyed by the cluster secret)",
     )
     group.add_argument(
         "--grpc-port",
@@ -122,6 +141,14 @@ def add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         help="inter-node gRPC port (default 0: any free port, advertised over zeroconf;"
         " fix it when other nodes use --peer to reach this one)",
+    )
+    group.add_argument(
+        "--grpc-host",
+        type=functools.partial(_parse_ipv4, "--grpc-host"),
+        default="0.0.0.0",
+        metavar="IP",
+        help="address the inter-node gRPC server listens on (default 0.0.0.0: every "
+        "interface); other nodes then reach it with --peer IP:PORT",
     )
     group.add_argument(
         "--node-id",
@@ -149,13 +176,16 @@ def load_or_create_node_id(home: Path) -> str:
 def cluster_config_from_args(
     args: argparse.Namespace, *, home: Path, api_host: str, api_port: int, version: str
 ) -> ClusterConfig:
-    secret, source = load_or_create_secret(args.secret_file, home)
+    source = load_or_create_secrets(args.secret_file, home)
     return ClusterConfig(
         node_id=args.node_id or load_or_create_node_id(home),
         node_id_file=None if args.node_id else str(home / NODE_ID_FILENAME),
-        secret=secret,
-        secret_source=source,
+        secret=source.secrets[0],
+        accepted_secrets=source.secrets[1:],
+        secret_source=source.where,
+        secret_file=source.path,
         cluster_name=args.cluster,
+        grpc_host=args.grpc_host,
         grpc_port=args.grpc_port,
         api_host=api_host,
         api_port=api_port,
@@ -163,4 +193,5 @@ def cluster_config_from_args(
         static_peers=list(args.peer),
         discovery=not args.no_discovery,
         version=version,
+        tls=not args.no_cluster_tls,
     )

@@ -25,6 +25,7 @@ from .auth import AuthError, ClusterAuth, RejectLog, new_nonce
 from .capabilities import Ewma
 from .discovery import duplicate_id_message
 from .election import Candidate, Liveness, elect
+from .tls import CHANNEL_TLS_OPTIONS, ClusterTLS, is_handshake_failure
 from .view import ClusterView, LinkInfo, NodeInfo
 from .wire import info_from_proto, info_to_proto
 
@@ -121,6 +122,10 @@ class PeerLink:
     created: float = field(default_factory=time.monotonic)
     channel: grpc.aio.Channel | None = None
     channel_target: str | None = None
+    channel_credentials: int = 0  # the TLS generation the channel was opened with
+    # Channels replaced after a secret rotation: streams opened on them (a placement's
+    # pipeline) run on until they end; closed with the link.
+    retired: list[grpc.aio.Channel] = field(default_factory=list)
     task: asyncio.Task[None] | None = None
 
     def healthy(self, now: float) -> bool:
@@ -134,8 +139,10 @@ class Membership:
         auth: ClusterAuth,
         self_info: Callable[[], NodeInfo],
         cluster_name: str,
+        tls: ClusterTLS | None = None,
     ) -> None:
         self.auth = auth
+        self.tls = tls
         self.self_info = self_info
         self.cluster_name = cluster_name
         self.links: dict[str, PeerLink] = {}
@@ -227,18 +234,38 @@ class Membership:
 
     # ------------------------------------------------------------------ per-link loop
     def _stub(self, link: PeerLink, target: str) -> node_pb2_grpc.MembershipStub:
+        generation = self.tls.generation if self.tls is not None else 0
+        if link.channel is not None and link.channel_credentials != generation:
+            # New secrets: new handshakes must present the new certificate.
+            link.retired.append(link.channel)
+            while len(link.retired) > 2:
+                self._background(link.retired.pop(0).close(grace=5.0))
+            link.channel = None
         if link.channel is None or link.channel_target != target:
             if link.channel is not None:
                 self._background(link.channel.close())
-            link.channel = grpc.aio.insecure_channel(
-                target,
-                options=CHANNEL_OPTIONS,
-                interceptors=self._interceptors,
-            )
+            link.channel = self._open_channel(target)
             link.channel_target = target
+            link.channel_credentials = generation
         return node_pb2_grpc.MembershipStub(link.channel)
 
+    def _open_channel(self, target: str) -> grpc.aio.Channel:
+        if self.tls is None:
+            return grpc.aio.insecure_channel(
+                target, options=CHANNEL_OPTIONS, interceptors=self._interceptors
+            )
+        return grpc.aio.secure_channel(
+            target,
+            self.tls.channel_credentials(),
+            options=[*CHANNEL_OPTIONS, *CHANNEL_TLS_OPTIONS],
+            interceptors=self._interceptors,
+        )
+
     async def _close_channel(self, link: PeerLink) -> None:
+        retired, link.retired = link.retired, []
+        for channel in retired:
+            with contextlib.suppress(Exception):
+                await channel.close(grace=None)
         if link.channel is not None:
             channel, link.channel = link.channel, None
             with contextlib.suppress(Exception):
@@ -320,6 +347,15 @@ class Membership:
                     grpc.StatusCode.UNAUTHENTICATED,
                 ):
                     self.reject_log.refused(target, f"it refused us: {error.details()}")
+                    delay = REFUSED_RETRY_S
+                elif self.tls is not None and is_handshake_failure(error.details()):
+                    # Its certificate is not from our secret, or ours not from its.
+                    self.reject_log.refused(
+                        f"{link.expected_id or 'node'}@{target}",
+                        "TLS handshake failed: it could not prove the cluster secret (a "
+                        "different --secret-file or cluster name, or --no-cluster-tls on one "
+                        f"side): {error.details()}",
+                    )
                     delay = REFUSED_RETRY_S
                 else:
                     log.debug("admit %s failed: %s", target, error.code())

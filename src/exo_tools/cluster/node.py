@@ -3,25 +3,29 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import grpc
 import grpc.aio
 
 from ..proto import node_pb2_grpc
 from . import capabilities
-from .auth import ClusterAuth
+from .auth import ClusterAuth, secret_fingerprint, secrets_from_text
 from .config import ClusterConfig
 from .discovery import DiscoveredPeer, Discovery, advertised_addresses
 from .membership import MESSAGE_SIZE_OPTIONS, Membership
 from .service import AuthInterceptor, MembershipService
+from .tls import ClusterTLS
 from .view import Capabilities, ClusterView, NodeInfo
 
 log = logging.getLogger(__name__)
 
 CAPABILITIES_REFRESH_S = 2.0
+SECRET_POLL_S = 2.0  # how soon a rotated secret file takes effect
 
 ServicerHook = Callable[[grpc.aio.Server], None]
 
@@ -32,7 +36,13 @@ class ClusterNode:
 
     def __init__(self, config: ClusterConfig) -> None:
         self.config = config
-        self.auth = ClusterAuth(config.secret, config.cluster_name)
+        self.auth = ClusterAuth(config.secrets, config.cluster_name)
+        self.tls = (
+            ClusterTLS(config.node_id, config.secrets, config.cluster_name) if config.tls else None
+        )
+        self._secrets = config.secrets
+        self._secret_watch: asyncio.Task[None] | None = None
+        self._secrets_error: str | None = None
         self.start_time = time.time()
         self._hooks: list[ServicerHook] = []
         self._server: grpc.aio.Server | None = None
@@ -42,7 +52,7 @@ class ClusterNode:
         self._capabilities_at = 0.0
         self._addresses = advertised_addresses(config.interfaces)
         self.membership = Membership(
-            auth=self.auth, self_info=self.self_info, cluster_name=config.cluster_name
+            auth=self.auth, self_info=self.self_info, cluster_name=config.cluster_name, tls=self.tls
         )
         self._loop: asyncio.AbstractEventLoop | None = None
         # Why this node must stop (another node has its id); set once, with `fatal`.
@@ -126,7 +136,11 @@ class ClusterNode:
         )
         for hook in self._hooks:
             hook(server)
-        port = server.add_insecure_port(f"{self.config.grpc_host}:{self.config.grpc_port}")
+        address = f"{self.config.grpc_host}:{self.config.grpc_port}"
+        if self.tls is not None:
+            port = server.add_secure_port(address, self.tls.server_credentials())
+        else:
+            port = server.add_insecure_port(address)
         if port == 0:
             raise OSError(f"cannot bind gRPC to {self.config.grpc_host}:{self.config.grpc_port}")
         self._grpc_port = port
@@ -148,17 +162,27 @@ class ClusterNode:
                 on_duplicate=self._on_duplicate,
             )
             await self._discovery.start()
+        if self.config.secret_file is not None:
+            self._secret_watch = asyncio.create_task(
+                self._watch_secret_file(self.config.secret_file), name="secret-watch"
+            )
         log.info(
-            "cluster node %s serving gRPC on %s:%d (cluster %r, discovery %s, %d static peers)",
+            "cluster node %s serving gRPC on %s:%d (cluster %r, %s, discovery %s, %d static peers)",
             self.node_id,
             self.config.grpc_host,
             port,
             self.config.cluster_name,
+            "mutual TLS" if self.tls is not None else "UNENCRYPTED (--no-cluster-tls)",
             "on" if self.config.discovery else "off",
             len(self.config.static_peers),
         )
 
     async def stop(self) -> None:
+        if self._secret_watch is not None:
+            self._secret_watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._secret_watch
+            self._secret_watch = None
         if self._discovery is not None:
             await self._discovery.stop()
             self._discovery = None
@@ -166,6 +190,38 @@ class ClusterNode:
         if self._server is not None:
             await self._server.stop(grace=0.5)
             self._server = None
+
+    async def _watch_secret_file(self, path: Path) -> None:
+        """Applies a rotation: the file's secrets, once it changes, for every proof and
+        every new TLS handshake from then on (running connections and streams go on)."""
+        while True:
+            await asyncio.sleep(SECRET_POLL_S)
+            try:
+                secrets = secrets_from_text(await asyncio.to_thread(path.read_text))
+            except (OSError, ValueError) as error:
+                if self._secrets_error != str(error):
+                    self._secrets_error = str(error)
+                    log.error("cannot read the cluster secret file %s: %s", path, error)
+                continue
+            self._secrets_error = None
+            if secrets != self._secrets:
+                self.use_secrets(secrets, f"file {path}")
+
+    def use_secrets(self, secrets: list[bytes], where: str) -> None:
+        """Prove, sign and present TLS certificates with `secrets` (this node's own first;
+        the others accepted too)."""
+        self.auth.set_secrets(secrets)
+        if self.tls is not None:
+            self.tls.trust(secrets)
+        self._secrets = list(secrets)
+        log.warning(
+            "cluster secret changed (%s): now using secret %s%s",
+            where,
+            secret_fingerprint(secrets[0]),
+            f", also accepting {', '.join(secret_fingerprint(s) for s in secrets[1:])}"
+            if len(secrets) > 1
+            else "; peers on any other secret are refused from now on",
+        )
 
     # Zeroconf may call back from its own thread; hop onto our loop.
     def _on_found(self, peer: DiscoveredPeer) -> None:

@@ -37,8 +37,10 @@ class StreamSender:
         target_id: str,
         on_broken: BrokenListener,
         method: str = "Activations",
+        encrypted: bool = False,
     ) -> None:
         self._method = method
+        self._encrypted = encrypted
         self._loop = loop
         self._channel_for = channel_for
         self.target_id = target_id
@@ -96,6 +98,8 @@ class StreamSender:
         self._broken = True
         self._ready.set()  # lets the request stream end
         kind = "all-reduce" if self._method == "AllReduce" else "pipeline"
+        if self._encrypted and any(marker in reason for marker in _CUT_MARKERS):
+            reason += f"; {CUT_UNDER_TLS}"
         log.warning("%s stream to %s broke: %s", kind, self.target_id, reason)
         self._on_broken(f"the {kind} stream to node {self.target_id} broke: {reason}")
 
@@ -134,6 +138,15 @@ class StreamSender:
 
 
 _END_OF_STREAM = object()
+
+# Under TLS a record altered in flight fails its integrity check at the receiver, which
+# drops the connection; all the sender can see is the cut, so the message names both causes.
+_CUT_MARKERS = ("Socket closed", "Stream removed", "Connection reset", "Broken pipe")
+CUT_UNDER_TLS = (
+    "the connection was cut mid-stream: the node or the network failed, or the node refused "
+    "bytes that failed the TLS integrity check (altered in flight); nothing it received "
+    "after that was used"
+)
 
 
 def _describe(error: BaseException) -> str:

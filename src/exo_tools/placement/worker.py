@@ -69,8 +69,10 @@ class Worker(node_pb2_grpc.WorkerServicer):
         engine: StageEngine,
         channel_for: ChannelFor,
         chat_template: str | None = None,
+        encrypted: bool = False,
     ) -> None:
         self.card = card
+        self._encrypted = encrypted  # peer channels are TLS (for what a broken stream means)
         self.models_dir = models_dir
         self.engine = engine
         self._channel_for = channel_for
@@ -229,7 +231,9 @@ class Worker(node_pb2_grpc.WorkerServicer):
     def _sender(
         self, loop: asyncio.AbstractEventLoop, node_id: str, method: str = "Activations"
     ) -> StreamSender:
-        sender = StreamSender(loop, self._channel_for, node_id, self._ring_broken, method)
+        sender = StreamSender(
+            loop, self._channel_for, node_id, self._ring_broken, method, self._encrypted
+        )
         self._senders.append(sender)
         return sender
 

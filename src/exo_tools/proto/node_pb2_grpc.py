@@ -186,6 +186,78 @@ class Membership:
             _registered_method=True)
 
 
+class ApiStub:
+    """Missing associated documentation comment in .proto file."""
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Relay = channel.unary_stream(
+                '/exo_tools.v1.Api/Relay',
+                request_serializer=exo__tools_dot_proto_dot_node__pb2.RelayRequest.SerializeToString,
+                response_deserializer=exo__tools_dot_proto_dot_node__pb2.RelayChunk.FromString,
+                _registered_method=True)
+
+
+class ApiServicer:
+    """Missing associated documentation comment in .proto file."""
+
+    def Relay(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_ApiServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Relay': grpc.unary_stream_rpc_method_handler(
+                    servicer.Relay,
+                    request_deserializer=exo__tools_dot_proto_dot_node__pb2.RelayRequest.FromString,
+                    response_serializer=exo__tools_dot_proto_dot_node__pb2.RelayChunk.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'exo_tools.v1.Api', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('exo_tools.v1.Api', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Api:
+    """Missing associated documentation comment in .proto file."""
+
+    @staticmethod
+    def Relay(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/exo_tools.v1.Api/Relay',
+            exo__tools_dot_proto_dot_node__pb2.RelayRequest.SerializeToString,
+            exo__tools_dot_proto_dot_node__pb2.RelayChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
 class WorkerStub:
     """Missing associated documentation comment in .proto file."""
 
