@@ -638,3 +638,31 @@ def test_budget_too_small_for_any_document_is_left_to_the_model(
     sampler = Sampler(SamplingParams(temperature=0.0, constraint=spec), _grammar(tokenizer))
     _looping(sampler, tokenizer, "a", 6)
     assert sampler.constraint is not None and not sampler.constraint.steered
+
+
+def _ref_chain(length: int) -> dict[str, object]:
+    defs: dict[str, object] = {f"d{i}": {"$ref": f"#/$defs/d{i + 1}"} for i in range(length)}
+    defs[f"d{length}"] = {"type": "string"}
+    return {"type": "object", "properties": {"a": {"$ref": "#/$defs/d0"}}, "$defs": defs}
+
+
+def test_schema_bounds_are_checked_before_compiling() -> None:
+    from exo_tools.constraints.builders import MAX_REF_CHAIN, MAX_SCHEMA_BYTES
+
+    C.json_schema_constraint(_ref_chain(MAX_REF_CHAIN - 2))  # within the bound: compiles
+    with pytest.raises(C.ConstraintError, match=r"\$ref more than"):
+        C.json_schema_constraint(_ref_chain(MAX_REF_CHAIN + 5))
+    # A recursive type is not a chain: a tree of nodes compiles.
+    tree = {
+        "$defs": {
+            "node": {
+                "type": "object",
+                "properties": {"children": {"type": "array", "items": {"$ref": "#/$defs/node"}}},
+            }
+        },
+        "$ref": "#/$defs/node",
+    }
+    C.json_schema_constraint(tree)
+    big = {"type": "object", "description": "x" * (MAX_SCHEMA_BYTES + 1)}
+    with pytest.raises(C.ConstraintError, match="at most"):
+        C.json_schema_constraint(big)

@@ -33,6 +33,72 @@ _NO_PARAMETERS: dict[str, Any] = {"type": "object", "properties": {}, "additiona
 
 _SCHEMA_ERROR = re.compile(r"failed to compile JSON schema: (?P<message>[^\n]*)")
 
+# Bounds on a client's schema, checked before llguidance compiles it: real tool and output
+# schemas are a few KB with a handful of $ref levels. A ref that leads back to itself is
+# recursion (a tree type, fine); a chain is refs leading to refs leading to refs.
+MAX_SCHEMA_BYTES = 256 * 1024
+MAX_REF_CHAIN = 32
+
+
+def _refs_in(node: Any) -> list[str]:
+    found: list[str] = []
+    stack = [node]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, Mapping):
+            item = cast(Mapping[str, Any], item)
+            ref = item.get("$ref")
+            if isinstance(ref, str):
+                found.append(ref)
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(cast(list[Any], item))
+    return found
+
+
+def _resolve(root: Any, ref: str) -> Any:
+    """The schema a local `$ref` ("#", "#/$defs/x") points to; None when it is not local
+    or points nowhere (llguidance reports those)."""
+    if not ref.startswith("#"):
+        return None
+    node = root
+    for part in ref[1:].split("/")[1:]:
+        key = part.replace("~1", "/").replace("~0", "~")
+        if isinstance(node, Mapping):
+            node = cast(Mapping[str, Any], node).get(key)
+        elif isinstance(node, list) and key.isdigit() and int(key) < len(node):
+            node = cast(list[Any], node)[int(key)]
+        else:
+            return None
+    return node
+
+
+def _check_ref_chains(schema: Any, where: str) -> None:
+    """ConstraintError when following `$ref`s from `schema` leads more than MAX_REF_CHAIN
+    refs deep (cycles, i.e. recursive types, count once)."""
+    depths: dict[str, int] = {}
+    too_deep = ConstraintError(
+        f"{where} nests $ref more than {MAX_REF_CHAIN} deep (a $ref to a schema with a $ref "
+        "to ...); flatten its definitions"
+    )
+
+    def depth(ref: str, path: frozenset[str]) -> int:
+        if ref in depths:
+            return depths[ref]
+        if ref in path:
+            return 0
+        if len(path) >= MAX_REF_CHAIN:  # also bounds this recursion
+            raise too_deep
+        inner = _refs_in(_resolve(schema, ref))
+        found = 1 + max((depth(other, path | {ref}) for other in inner), default=0)
+        if found > MAX_REF_CHAIN:
+            raise too_deep
+        depths[ref] = found
+        return found
+
+    for ref in _refs_in(schema):
+        depth(ref, frozenset())
+
 
 def _lit(text: str) -> str:
     """A Lark string literal (llguidance reads JSON string escapes)."""
@@ -55,9 +121,14 @@ def _check_schema(schema: Any, where: str) -> None:
         raise ConstraintError(f"{where} must be a JSON schema object, got {type(schema).__name__}")
     # Normalize to a JSON round trip so non-JSON values (sets, objects) are caught here.
     try:
-        json.dumps(schema)
-    except (TypeError, ValueError) as error:
+        size = len(json.dumps(schema))
+    except (TypeError, ValueError, RecursionError) as error:
         raise ConstraintError(f"{where} is not JSON-serializable: {error}") from error
+    if size > MAX_SCHEMA_BYTES:
+        raise ConstraintError(
+            f"{where} is {size} bytes of JSON; a schema may have at most {MAX_SCHEMA_BYTES}"
+        )
+    _check_ref_chains(schema, where)
     grammar = LLMatcher.grammar_from_lark(
         f"start: {_schema_grammar(cast(Mapping[str, Any] | bool, schema))}"
     )
