@@ -41,7 +41,7 @@ def test_self_signed_https_api() -> None:
         while time.monotonic() < deadline and node.alive() and not ready:
             try:
                 ready = requests.get(f"{url}/ready", verify=cert, timeout=2).status_code == 200
-            except requests.RequestException:
+            except (requests.RequestException, OSError):  # OSError: no cert file yet
                 time.sleep(0.3)
         assert ready, node.log()[-3000:]
         log = node.log()
