@@ -227,6 +227,7 @@ class FinishEvent:
     prefill_seconds: float
     decode_seconds: float
     cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    failovers: int = 0  # times it resumed on a new placement after losing its own
 
 
 @dataclass(frozen=True)

@@ -202,13 +202,17 @@ class CompletionChoice(BaseModel):
     logprobs: ChoiceLogprobs | None
 
 
-class ChatCompletion(BaseModel):
+class ChatCompletion(_Body):
+    _omitted_when_none = frozenset({"failovers"})
+
     id: str
     object: Literal["chat.completion"] = "chat.completion"
     created: int
     model: str
     choices: list[CompletionChoice]
     usage: Usage
+    # Set when the generation lost its placement and resumed on a new one (exo-tools).
+    failovers: int | None = None
 
 
 class ChunkFunction(_Body):
@@ -245,7 +249,7 @@ class ChunkChoice(BaseModel):
 
 
 class ChatCompletionChunk(_Body):
-    _omitted_when_none = frozenset({"usage"})
+    _omitted_when_none = frozenset({"usage", "failovers"})
 
     id: str
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
@@ -253,6 +257,7 @@ class ChatCompletionChunk(_Body):
     model: str
     choices: list[ChunkChoice]
     usage: Usage | None = None  # only on the last chunk, with no choices
+    failovers: int | None = None  # on the finishing chunk, when the generation resumed
 
 
 # ---------------------------------------------------------------- events to bodies
@@ -372,6 +377,7 @@ async def _complete(
         model=answer.model,
         choices=[choice],
         usage=_usage(finished),
+        failovers=finished.failovers or None,
     )
 
 
@@ -390,11 +396,15 @@ async def _stream(
     # A token's log-probabilities ride on the next chunk written after it.
     pending: list[TokenLogprob] = []
 
-    async def write_delta(delta: ChunkDelta, finish_reason: str | None = None) -> None:
+    async def write_delta(
+        delta: ChunkDelta, finish_reason: str | None = None, failovers: int | None = None
+    ) -> None:
         logprobs = ChoiceLogprobs(content=list(pending)) if pending else None
         pending.clear()
         choice = ChunkChoice(delta=delta, finish_reason=finish_reason, logprobs=logprobs)
-        await write(_chunk(answer, [choice]))
+        chunk = _chunk(answer, [choice])
+        chunk.failovers = failovers
+        await write(chunk)
 
     started = time.perf_counter()
     await write_delta(ChunkDelta(role="assistant", content=""))
@@ -403,7 +413,7 @@ async def _stream(
             if isinstance(event, LogprobsDelta):
                 pending.append(_token_logprob(event))
             elif isinstance(event, Finished):
-                await write_delta(ChunkDelta(), event.reason)
+                await write_delta(ChunkDelta(), event.reason, event.failovers or None)
                 if include_usage:
                     await write(_chunk(answer, [], usage=_usage(event)))
             else:

@@ -229,6 +229,8 @@ def access_line(record: RequestRecord) -> str:
             f"ttft={ttft}",
             f"finish={record.finish_reason or '-'}",
         ]
+        if record.failovers:
+            parts.append(f"failovers={record.failovers}")
     return " ".join(parts)
 
 

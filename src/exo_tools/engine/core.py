@@ -71,6 +71,9 @@ HOP_WINDOW = 128
 MISSED_MEMORY = 1024
 # What a refused client is told to wait before retrying (Retry-After).
 RETRY_AFTER_S = 2
+# How long requests that lost their placement wait for a new one to resume on (the
+# coordinator fails them sooner when it finds no placement fits).
+FAILOVER_WAIT_S = 30.0
 
 Send = Callable[[StageMessage], None]
 
@@ -161,11 +164,16 @@ class Install:
 
 
 @dataclass(frozen=True)
+class FailParked:
+    message: str
+
+
+@dataclass(frozen=True)
 class Stop:
     pass
 
 
-InboxItem = Start | Deliver | Cancel | FailAll | Install | Stop
+InboxItem = Start | Deliver | Cancel | FailAll | FailParked | Install | Stop
 
 
 class StageEngine:
@@ -220,6 +228,10 @@ class StageEngine:
         self._busy_s = 0.0
         # An inbox item taken while gathering a batch that is not part of it: next in line.
         self._carried: InboxItem | None = None
+        # Requests that lost their placement, waiting to resume on the next one:
+        # (request, why it was lost, give up at).
+        self._parked: list[tuple[Origin, str, float]] = []
+        self.failovers = 0  # requests resumed on a new placement
         self._thread = threading.Thread(target=self._run, name="exo-tools-mlx", daemon=True)
         self._last_sweep = time.monotonic()
 
@@ -264,6 +276,7 @@ class StageEngine:
             "samples_batched": self.samples_batched,
             "decode_batches": self.decode_batches,
             "decode_rows_batched": self.decode_rows_batched,
+            "failovers": self.failovers,
         }
 
     def scheduler_stats(self) -> dict[str, Any]:
@@ -376,9 +389,15 @@ class StageEngine:
         self._inbox.put(Deliver(message))
 
     def fail_all(self, message: str) -> None:
-        """The ring broke: every request of this stage fails with `message`."""
+        """The ring broke: the requests of this stage stop. Those that can resume wait for
+        the next placement (`FAILOVER_WAIT_S` at most); the others fail with `message`."""
         self._abort_collective(message)
         self._inbox.put(FailAll(message))
+
+    def fail_parked(self, message: str) -> None:
+        """No new placement is coming (none fits the nodes left): the requests waiting to
+        resume fail with `message`."""
+        self._inbox.put(FailParked(message))
 
     def _abort_collective(self, reason: str) -> None:
         stage = self._stage
@@ -424,6 +443,7 @@ class StageEngine:
                     self._last_sweep = now
                     self._sweep(now)
         self._fail_requests("node is shutting down")
+        self._fail_parked("node is shutting down")
         self.drop_all()
 
     def _handle(self, item: InboxItem) -> None:
@@ -436,8 +456,9 @@ class StageEngine:
             case Cancel(request_id):
                 if self._driver is not None:
                     self._driver.cancel(request_id)
+                self._cancel_parked(request_id)
             case FailAll(reason):
-                self._fail_requests(reason)
+                self._park_requests(reason)
                 self.drop_all()
                 # The ring broke: stages may have lost entries the index still names.
                 self.prefix_store.clear()
@@ -448,6 +469,8 @@ class StageEngine:
                     self._install(stage, reason)
                 finally:
                     done.set()
+            case FailParked(message):
+                self._fail_parked(message)
             case Stop():
                 pass
 
@@ -462,7 +485,7 @@ class StageEngine:
         self._driver.start(origin)
 
     def _install(self, stage: InstalledStage | None, reason: str) -> None:
-        self._fail_requests(reason)
+        self._park_requests(reason)
         self.drop_all()
         self.prefix_store.clear()  # entries of the old placement's shards are stale
         self._missed.clear()
@@ -473,6 +496,58 @@ class StageEngine:
             self._stage = stage
             self._epoch = stage.epoch
         self._hops.clear()
+        if self._driver is not None:
+            self._resume_parked()
+        else:  # this node no longer drives requests
+            self._fail_parked(reason)
+
+    # ---------------------------------------------------------------- failover
+
+    def _park_requests(self, reason: str) -> None:
+        """Take every request off the placement being lost: those that can resume wait
+        for the next one, the others fail with `reason`."""
+        if self._driver is None:
+            return
+        give_up_at = time.monotonic() + FAILOVER_WAIT_S
+        parked = 0
+        for origin in self._driver.take_all():
+            # A grammar's state lives with the lost sampler: such a request cannot resume.
+            if origin.cancelled.is_set() or origin.sampling.constraint is not None:
+                origin.emit(ErrorEvent(reason))
+            else:
+                self._parked.append((origin, reason, give_up_at))
+                parked += 1
+        if parked:
+            log.warning("%d request(s) wait for a new placement to resume on (%s)", parked, reason)
+
+    def _resume_parked(self) -> None:
+        parked, self._parked = self._parked, []
+        for origin, _, _ in parked:
+            assert self._driver is not None
+            if origin.cancelled.is_set():
+                origin.emit(FinishEvent("cancelled", origin.prompt_tokens, origin.generated, 0, 0))
+                continue
+            origin.resume(self._epoch)
+            self.failovers += 1
+            log.info(
+                "request %s resumes on epoch %d after %d token(s)",
+                origin.request_id,
+                self._epoch,
+                origin.generated,
+            )
+            self._driver.start(origin)
+
+    def _fail_parked(self, message: str) -> None:
+        parked, self._parked = self._parked, []
+        for origin, reason, _ in parked:
+            origin.emit(ErrorEvent(f"{reason}; {message}"))
+
+    def _cancel_parked(self, request_id: str) -> None:
+        for item in list(self._parked):
+            origin = item[0]
+            if origin.request_id == request_id:
+                self._parked.remove(item)
+                origin.emit(FinishEvent("cancelled", origin.prompt_tokens, origin.generated, 0, 0))
 
     def _role_for(self, stage: InstalledStage) -> Role:
         if stage.is_tensor_follower:
@@ -506,7 +581,13 @@ class StageEngine:
         return False
 
     def _sweep(self, now: float) -> None:
-        """Drop caches of requests nobody has touched for the idle timeout."""
+        """Drop caches of requests nobody has touched for the idle timeout; fail parked
+        requests whose wait for a new placement is over."""
+        expired = [item for item in self._parked if item[2] <= now]
+        for item in expired:
+            self._parked.remove(item)
+            origin, reason, _ = item
+            origin.emit(ErrorEvent(f"{reason}; no new placement within {FAILOVER_WAIT_S:.0f} s"))
         driving = self._driver.origins if self._driver is not None else {}
         stale = [
             request_id

@@ -101,6 +101,32 @@ class Origin:
     group: int | None = None
     started: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
+    # After a failover `prompt` is the client's prompt plus the tokens already emitted;
+    # these keep what the client sees: its prompt's length, what the cache served of it
+    # (as the prompt event said), the tokens emitted, and how often it resumed.
+    prompt_tokens: int = 0
+    cached_reported: int = 0
+    emitted: list[int] = field(default_factory=list[int])
+    failovers: int = 0
+
+    def __post_init__(self) -> None:
+        self.prompt_tokens = self.prompt_tokens or len(self.prompt)
+
+    def resume(self, epoch: int) -> None:
+        """Start over on a new placement from what the client has: its prompt and the
+        tokens emitted so far, which the new placement prefills; the next token it samples
+        is the one the lost placement would have sampled."""
+        self.prompt = self.prompt[: self.prompt_tokens] + self.emitted
+        self.epoch = epoch
+        self.prompt_done = 0
+        self.next_input = None
+        self.sent_first = False
+        self.passes = 0
+        self.fed = []
+        self.reuse_entry = self.reused = 0
+        self.ahead = None
+        self.group = None
+        self.failovers += 1
 
     @property
     def decoding(self) -> bool:
@@ -187,7 +213,7 @@ class Driver(Role):
                 self._begin(origin)
 
     def _finish_unstarted(self, origin: Origin) -> None:
-        origin.emit(FinishEvent("cancelled", len(origin.prompt), 0, 0.0, 0.0))
+        origin.emit(FinishEvent("cancelled", origin.prompt_tokens, origin.generated, 0.0, 0.0))
 
     def _measure_kv(self, entry: CacheEntry) -> None:
         """Learn what the cache holds per token from a request's cache."""
@@ -219,13 +245,19 @@ class Driver(Role):
                 self._finish_unstarted(waiting)
 
     def fail_all(self, reason: str) -> None:
-        for origin in [*self.origins.values(), *self.waiting]:
+        for origin in self.take_all():
             origin.emit(ErrorEvent(reason))
+
+    def take_all(self) -> list[Origin]:
+        """Every running and waiting request, removed from this driver without an event
+        (the engine fails them, or keeps them to resume on a new placement)."""
+        taken = [*self.origins.values(), *self.waiting]
         self.origins.clear()
         self.ready.clear()
         self.waiting.clear()
         self._in_flight.clear()
         self._held.clear()
+        return taken
 
     # -- rounds
 
@@ -646,8 +678,10 @@ class Driver(Role):
             self._finish(origin, "stop")
             return
         if origin.generated == 0:
+            origin.cached_reported = origin.reused
             origin.emit(PromptEvent(origin.reused))
         origin.generated += 1
+        origin.emitted.append(token)
         origin.next_input = token
         origin.emit(TokenEvent(token, logprobs))
         if origin.generated >= origin.max_tokens:
@@ -661,11 +695,12 @@ class Driver(Role):
         origin.emit(
             FinishEvent(
                 reason=reason,
-                prompt_tokens=len(origin.prompt),
+                prompt_tokens=origin.prompt_tokens,
                 completion_tokens=origin.generated,
                 prefill_seconds=first - origin.started,
                 decode_seconds=now - first,
-                cached_tokens=origin.reused,
+                cached_tokens=origin.cached_reported if origin.failovers else origin.reused,
+                failovers=origin.failovers,
             )
         )
         self.index.record(len(origin.prompt), origin.reused)

@@ -207,6 +207,7 @@ class Coordinator:
             self.placement, self.view = None, None
             self._retry_at = time.monotonic() + RETRY_S
             log.error("cannot place the model: %s", error)
+            self.worker.engine.fail_parked(f"cannot place the model on the nodes left: {error}")
             return
         self._epoch = epoch
         self.placements_made += 1
@@ -234,6 +235,7 @@ class Coordinator:
             self.view.state, self.view.error = PlacementState.FAILED, self.error
             self._retry_at = time.monotonic() + RETRY_S
             log.error("placement of epoch %d failed: %s", epoch, self.error)
+            self.worker.engine.fail_parked(f"the new placement failed: {self.error}")
             return
         self._placed_once = True
         if self._broken_at is None:

@@ -56,6 +56,7 @@ class Finished:
     decode_seconds: float
     stop_sequence: str | None = None  # the stop string that ended the text, if one did
     cached_tokens: int = 0  # prompt tokens the prefix cache served
+    failovers: int = 0  # times it resumed on a new placement after losing its own
 
 
 ChatEvent = ContentDelta | ReasoningDelta | ToolCallEvent | LogprobsDelta | Finished

@@ -127,6 +127,7 @@ async def generate_text(
                 reason = "stop" if stopped or event.reason == "stop" else event.reason
                 if record is not None:
                     record.finish_reason = reason
+                    record.failovers = event.failovers
                 yield Finished(
                     reason,
                     event.prompt_tokens,
@@ -135,6 +136,7 @@ async def generate_text(
                     event.decode_seconds,
                     matcher.matched,
                     event.cached_tokens,
+                    event.failovers,
                 )
                 return
             elif isinstance(event, ErrorEvent):

@@ -32,6 +32,7 @@ class RequestRecord:
     decode_s: float = 0.0  # from the first token to the last
     duration_s: float | None = None
     forwarded_to: str | None = None  # the master's URL when this node relayed it
+    failovers: int = 0  # times the generation resumed on a new placement
     # Gaps between consecutive tokens, in seconds; taken (and cleared) by the metrics.
     token_gaps: list[float] = field(default_factory=list)
     _last_token: float | None = None
