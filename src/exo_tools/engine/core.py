@@ -498,8 +498,9 @@ class StageEngine:
         self._hops.clear()
         if self._driver is not None:
             self._resume_parked()
-        else:  # this node no longer drives requests
+        elif stage is not None:  # this node holds a later stage now: it drives no requests
             self._fail_parked(reason)
+        # (None: the old stage is released before the new one loads; parked requests wait.)
 
     # ---------------------------------------------------------------- failover
 
@@ -508,17 +509,19 @@ class StageEngine:
         for the next one, the others fail with `reason`."""
         if self._driver is None:
             return
-        give_up_at = time.monotonic() + FAILOVER_WAIT_S
-        parked = 0
-        for origin in self._driver.take_all():
-            # A grammar's state lives with the lost sampler: such a request cannot resume.
-            if origin.cancelled.is_set() or origin.sampling.constraint is not None:
-                origin.emit(ErrorEvent(reason))
-            else:
-                self._parked.append((origin, reason, give_up_at))
-                parked += 1
+        parked = sum(self.park(origin, reason) for origin in self._driver.take_all())
         if parked:
             log.warning("%d request(s) wait for a new placement to resume on (%s)", parked, reason)
+
+    def park(self, origin: Origin, reason: str) -> bool:
+        """(The MLX thread) keep `origin`, taken off a lost placement, to resume on the
+        next; or fail it with `reason` when it cannot resume. Whether it was kept."""
+        # A grammar's state lives with the lost sampler: such a request cannot resume.
+        if origin.cancelled.is_set() or origin.sampling.constraint is not None:
+            origin.emit(ErrorEvent(reason))
+            return False
+        self._parked.append((origin, reason, time.monotonic() + FAILOVER_WAIT_S))
+        return True
 
     def _resume_parked(self) -> None:
         parked, self._parked = self._parked, []

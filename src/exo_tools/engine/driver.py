@@ -54,6 +54,7 @@ from .prefix_cache import (
 )
 from .role import Role
 from .sampling import Sampler, sample_token
+from .tensor_parallel import CollectiveError
 from .tensors import to_wire
 
 if TYPE_CHECKING:
@@ -375,7 +376,7 @@ class Driver(Role):
             self._step(origin)
         except Exception as error:  # one request's failure must not stop the others
             log.exception("request %s failed", origin.request_id)
-            self._fail(origin, f"generation failed: {error}")
+            self._step_failed(origin, error)
 
     # -- the prefix cache
 
@@ -584,7 +585,7 @@ class Driver(Role):
             log.exception("a batched decode step of %d requests failed", len(batch))
             for origin in batch:
                 if origin.request_id in self.origins:
-                    self._fail(origin, f"generation failed: {error}")
+                    self._step_failed(origin, error)
             return
         for index, (origin, entry) in enumerate(zip(batch, entries, strict=True)):
             try:
@@ -709,6 +710,19 @@ class Driver(Role):
     def _fail(self, origin: Origin, message: str) -> None:
         origin.emit(ErrorEvent(message))
         self._end(origin, keep=False)
+
+    def _step_failed(self, origin: Origin, error: Exception) -> None:
+        """A step of `origin` raised. A broken tensor group is the placement's loss, not the
+        request's: it waits for the next placement like the others; any other error fails
+        the request."""
+        if not isinstance(error, CollectiveError):
+            self._fail(origin, f"generation failed: {error}")
+            return
+        self.origins.pop(origin.request_id, None)
+        self.ready.pop(origin.request_id, None)
+        self._leave_group(origin)
+        self._engine.drop(origin.request_id)
+        self._engine.park(origin, str(error))
 
     def _end(self, origin: Origin, *, keep: bool) -> None:
         self.origins.pop(origin.request_id, None)

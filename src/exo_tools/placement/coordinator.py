@@ -148,6 +148,7 @@ class Coordinator:
         if not self.is_master:
             if self.placement is not None:
                 log.info("no longer master: dropping placement of epoch %d", self._epoch)
+                self.worker.engine.fail_parked("this node is no longer the master")
             self.placement, self.view, self.state = None, None, CoordinatorState.STANDBY
             return
         resources = self._resources()
