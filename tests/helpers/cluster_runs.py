@@ -259,7 +259,8 @@ def assert_killed_node_stream_resumes_then_re_places(
     finishing = [
         event for event in events if event["choices"] and event["choices"][0]["finish_reason"]
     ]
-    assert finishing and finishing[0].get("failovers") == 1, events[-3:]
+    # One failover, or two when the view changed again while the first re-placement ran.
+    assert finishing and finishing[0].get("failovers", 0) >= 1, events[-3:]
     assert "failovers" not in uninterrupted[-2], uninterrupted[-2]
     assert _text(events) == _text(uninterrupted)
     assert (
@@ -270,7 +271,7 @@ def assert_killed_node_stream_resumes_then_re_places(
     assert placement["stages"][0]["node_id"] == cluster.master.health()["node_id"]
     health = cluster.master.health()
     assert health["pipeline"]["failovers"] >= 1, health["pipeline"]
-    lines = [line for line in cluster.master.log().splitlines() if "failovers=1" in line]
+    lines = [line for line in cluster.master.log().splitlines() if " failovers=" in line]
     assert lines and "POST /v1/chat/completions 200" in lines[-1], lines
     reply = chat(cluster.master, "What is the capital of France?", max_tokens=8)
     assert reply.status_code == 200, reply.text

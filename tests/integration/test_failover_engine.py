@@ -4,7 +4,8 @@ ones an uninterrupted run gives.
 
 Two real StageEngines hold the default model's halves as a 2-stage ring (as in
 test_prefix_cache_engine); the ring "breaks" (`fail_all`, what a broken stream does) after
-a few tokens, then both stages install the next epoch, as a re-placement does.
+a few tokens, then both stages install the next epoch and stage 0 resumes, as a
+re-placement does once every stage is loaded.
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ def _break_and_re_place(
     head.fail_all("the pipeline stream to node b broke")
     tail.install(InstalledStage(epoch, last, EOS, 2, send=head.deliver), "re-placed")
     head.install(InstalledStage(epoch, first, EOS, 2, send=tail.deliver), "re-placed")
+    head.resume_parked()  # what the coordinator does once every stage is loaded
 
 
 def test_a_request_resumes_on_the_next_placement_with_the_same_tokens(

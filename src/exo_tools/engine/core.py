@@ -169,11 +169,16 @@ class FailParked:
 
 
 @dataclass(frozen=True)
+class ResumeParked:
+    pass
+
+
+@dataclass(frozen=True)
 class Stop:
     pass
 
 
-InboxItem = Start | Deliver | Cancel | FailAll | FailParked | Install | Stop
+InboxItem = Start | Deliver | Cancel | FailAll | FailParked | ResumeParked | Install | Stop
 
 
 class StageEngine:
@@ -394,6 +399,11 @@ class StageEngine:
         self._abort_collective(message)
         self._inbox.put(FailAll(message))
 
+    def resume_parked(self) -> None:
+        """Every stage of the new placement is loaded: the requests waiting to resume
+        start on it (stage 0's own install comes first, the others' may come later)."""
+        self._inbox.put(ResumeParked())
+
     def fail_parked(self, message: str) -> None:
         """No new placement is coming (none fits the nodes left): the requests waiting to
         resume fail with `message`."""
@@ -471,6 +481,9 @@ class StageEngine:
                     done.set()
             case FailParked(message):
                 self._fail_parked(message)
+            case ResumeParked():
+                if self._driver is not None:
+                    self._resume_parked()
             case Stop():
                 pass
 
@@ -496,11 +509,11 @@ class StageEngine:
             self._stage = stage
             self._epoch = stage.epoch
         self._hops.clear()
-        if self._driver is not None:
-            self._resume_parked()
-        elif stage is not None:  # this node holds a later stage now: it drives no requests
+        if stage is not None and self._driver is None:
+            # This node holds a later stage now: it drives no requests.
             self._fail_parked(reason)
-        # (None: the old stage is released before the new one loads; parked requests wait.)
+        # Otherwise parked requests wait for `resume_parked`: the other stages may still be
+        # loading (None: the old stage is released before the new one loads).
 
     # ---------------------------------------------------------------- failover
 

@@ -242,6 +242,7 @@ class Coordinator:
         if self._broken_at is None:
             self.state = CoordinatorState.READY
             self.view.state = PlacementState.READY
+            self.worker.engine.resume_parked()
             log.info("placement of epoch %d is ready (%d stages)", epoch, len(placement.stages))
 
     async def _load_stage(self, placement: Placement, index: int) -> None:
