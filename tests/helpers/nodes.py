@@ -169,13 +169,19 @@ def start_cluster_nodes(count: int, *args: str, env: dict[str, str]) -> list[Nod
     the first node's cluster layer answers (process start-up times vary on a busy CPU).
     """
     first = start_node(*args, env=env, wait=False)
-    deadline = time.monotonic() + 60
+    wait_for_cluster_layer(first)
+    time.sleep(0.3)
+    return [first] + [start_node(*args, env=env, wait=False) for _ in range(count - 1)]
+
+
+def wait_for_cluster_layer(node: NodeProcess, timeout: float = 60.0) -> None:
+    """Until the node's cluster layer answers (/v1/cluster), or `timeout` seconds; nodes
+    started after that count as younger in the election."""
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            if requests.get(f"{first.url}/v1/cluster", timeout=2).status_code == 200:
-                break
+            if requests.get(f"{node.url}/v1/cluster", timeout=2).status_code == 200:
+                return
         except requests.RequestException:
             pass
         time.sleep(0.1)
-    time.sleep(0.3)
-    return [first] + [start_node(*args, env=env, wait=False) for _ in range(count - 1)]

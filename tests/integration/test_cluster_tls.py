@@ -22,7 +22,7 @@ import requests
 from exo_tools.models.tokenizer import TextTokenizer
 from exo_tools.placement.streams import CUT_UNDER_TLS
 from tests.helpers.cluster_runs import MODEL, SECRET, Cluster
-from tests.helpers.nodes import free_port, node_environment, start_node
+from tests.helpers.nodes import free_port, node_environment, start_node, wait_for_cluster_layer
 from tests.helpers.tcp_proxy import TcpProxy
 
 A_HOST, B_HOST = "127.0.0.2", "127.0.0.3"  # where each node's gRPC server listens
@@ -64,10 +64,7 @@ def _start_pair(*flags: str) -> Iterator[ProxiedPair]:
     first = start_node(
         *common, "--grpc-host", A_HOST, "--grpc-port", str(a_port), env=env, wait=False
     )
-    # The first node started is the master (the election prefers the oldest).
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and not _answers(first.url):
-        time.sleep(0.1)
+    wait_for_cluster_layer(first)  # so it is the master: the election prefers the oldest
     second = start_node(
         *common,
         "--grpc-host",
@@ -87,13 +84,6 @@ def _start_pair(*flags: str) -> Iterator[ProxiedPair]:
         cluster.stop()
         for proxy in proxies:
             proxy.close()
-
-
-def _answers(url: str) -> bool:
-    try:
-        return requests.get(f"{url}/v1/cluster", timeout=2).status_code == 200
-    except requests.RequestException:
-        return False
 
 
 def _ask(pair: ProxiedPair) -> requests.Response:

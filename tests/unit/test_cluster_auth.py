@@ -12,7 +12,7 @@ from exo_tools.cluster.auth import (
     SECRET_ENV,
     AuthError,
     ClusterAuth,
-    load_or_create_secret,
+    load_or_create_secrets,
     new_nonce,
     secrets_from_text,
 )
@@ -83,17 +83,20 @@ def test_replay_cache_forgets_outside_window() -> None:
 def test_secret_file_env_and_generated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(SECRET_ENV, raising=False)
     home = tmp_path / "home"
-    secret, where = load_or_create_secret(None, home)
+    generated = load_or_create_secrets(None, home)
+    (secret,), where = generated.secrets, generated.where
     path = home / "cluster_secret"
     assert len(secret) >= 32 and "newly generated" in where
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
-    again, where2 = load_or_create_secret(None, home)
+    loaded = load_or_create_secrets(None, home)
+    (again,), where2 = loaded.secrets, loaded.where
     assert again == secret and "newly" not in where2
     monkeypatch.setenv(SECRET_ENV, "from-env")
-    assert load_or_create_secret(None, home)[0] == b"from-env"
+    assert load_or_create_secrets(None, home).secrets == [b"from-env"]
     f = tmp_path / "s.txt"
     f.write_text("from-file\n")
-    assert load_or_create_secret(f, home) == (b"from-file", f"file {f}")
+    from_file = load_or_create_secrets(f, home)
+    assert (from_file.secrets, from_file.where, from_file.path) == ([b"from-file"], f"file {f}", f)
 
 
 def test_a_node_holding_two_secrets_talks_to_either() -> None:

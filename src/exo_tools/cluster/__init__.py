@@ -5,7 +5,7 @@ heartbeats, liveness), master election, the Membership gRPC service, and `wire`,
 conversions between the package's types and their protobuf form.
 """
 
-from .auth import SECRET_ENV, ClusterAuth, load_or_create_secret
+from .auth import SECRET_ENV, ClusterAuth, load_or_create_secrets
 from .config import (
     ClusterConfig,
     add_cluster_arguments,
@@ -33,7 +33,7 @@ __all__ = [
     "cluster_config_from_args",
     "elect",
     "load_or_create_node_id",
-    "load_or_create_secret",
+    "load_or_create_secrets",
     "parse_peer",
     "render_cluster_table",
 ]

@@ -96,15 +96,16 @@ def load_or_create_secrets(secret_file: Path | None, home: Path) -> SecretSource
     return SecretSource([value.encode()], f"file {path} (newly generated)", path)
 
 
-def load_or_create_secret(secret_file: Path | None, home: Path) -> tuple[bytes, str]:
-    """(this node's own secret, where it came from); see `load_or_create_secrets`."""
-    source = load_or_create_secrets(secret_file, home)
-    return source.secrets[0], source.where
-
-
 def secret_fingerprint(secret: bytes) -> str:
     """A short public name for a secret, for logs (says which, reveals nothing)."""
     return hashlib.sha256(b"exo-tools/secret-name/v1" + secret).hexdigest()[:12]
+
+
+def _any_equal(ours: Sequence[bytes], theirs: Sequence[bytes]) -> bool:
+    """Whether any of `theirs` equals any of `ours`; every pair is compared (no early
+    exit), so timing says nothing about which matched."""
+    matches = [hmac.compare_digest(mine, other) for mine in ours for other in theirs]
+    return any(matches)
 
 
 def _mac(key: bytes, *parts: bytes | str) -> bytes:
@@ -174,9 +175,7 @@ class ClusterAuth:
             return False
         ours = [expected[i : i + MAC_BYTES] for i in range(0, len(expected), MAC_BYTES)]
         theirs = [given[i : i + MAC_BYTES] for i in range(0, len(given), MAC_BYTES)]
-        # Every pair is compared (no early exit), so timing says nothing about which matched.
-        matches = [hmac.compare_digest(mine, other) for mine in ours for other in theirs]
-        return any(matches)
+        return _any_equal(ours, theirs)
 
     # -- per-call metadata
     def _signatures(self, method: str, node_id: str, timestamp: str, nonce: str) -> list[str]:
@@ -212,14 +211,9 @@ class ClusterAuth:
             signature = values[METADATA_SIGNATURE]
         except KeyError:
             raise AuthError("missing auth metadata") from None
-        given = signature.split(",")[:MAX_SECRETS]
-        expected = self._signatures(method, node_id, timestamp, nonce)
-        matches = [
-            hmac.compare_digest(mine.encode(), other.encode(errors="replace"))
-            for mine in expected
-            for other in given
-        ]
-        if not any(matches):
+        given = [part.encode(errors="replace") for part in signature.split(",")[:MAX_SECRETS]]
+        expected = [mine.encode() for mine in self._signatures(method, node_id, timestamp, nonce)]
+        if not _any_equal(expected, given):
             raise AuthError(f"bad signature from {node_id!r}")
         current = time.time() if now is None else now
         try:

@@ -122,7 +122,7 @@ class PeerLink:
     created: float = field(default_factory=time.monotonic)
     channel: grpc.aio.Channel | None = None
     channel_target: str | None = None
-    channel_credentials: int = 0  # the TLS generation the channel was opened with
+    channel_generation: int = 0  # the TLS generation the channel was opened with
     # Channels replaced after a secret rotation: streams opened on them (a placement's
     # pipeline) run on until they end; closed with the link.
     retired: list[grpc.aio.Channel] = field(default_factory=list)
@@ -235,7 +235,7 @@ class Membership:
     # ------------------------------------------------------------------ per-link loop
     def _stub(self, link: PeerLink, target: str) -> node_pb2_grpc.MembershipStub:
         generation = self.tls.generation if self.tls is not None else 0
-        if link.channel is not None and link.channel_credentials != generation:
+        if link.channel is not None and link.channel_generation != generation:
             # New secrets: new handshakes must present the new certificate.
             link.retired.append(link.channel)
             while len(link.retired) > 2:
@@ -246,7 +246,7 @@ class Membership:
                 self._background(link.channel.close())
             link.channel = self._open_channel(target)
             link.channel_target = target
-            link.channel_credentials = generation
+            link.channel_generation = generation
         return node_pb2_grpc.MembershipStub(link.channel)
 
     def _open_channel(self, target: str) -> grpc.aio.Channel:

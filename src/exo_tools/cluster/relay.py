@@ -67,6 +67,10 @@ class ApiRelayService(node_pb2_grpc.ApiServicer):
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"the master's own API: {error}")
 
 
+def _relay_error(error: grpc.aio.AioRpcError) -> RelayError:
+    return RelayError(f"{error.code().name}: {error.details()}")
+
+
 async def relay(
     channel: grpc.aio.Channel,
     method: str,
@@ -84,7 +88,7 @@ async def relay(
     except StopAsyncIteration:
         raise RelayError("the master ended the relay without an answer") from None
     except grpc.aio.AioRpcError as error:
-        raise RelayError(f"{error.code().name}: {error.details()}") from error
+        raise _relay_error(error) from error
 
     async def body_pieces() -> AsyncIterator[bytes]:
         try:
@@ -93,7 +97,7 @@ async def relay(
             async for chunk in iterator:
                 yield chunk.data
         except grpc.aio.AioRpcError as error:
-            raise RelayError(f"{error.code().name}: {error.details()}") from error
+            raise _relay_error(error) from error
         finally:
             call.cancel()  # a client gone mid-answer cancels the master's work too
 

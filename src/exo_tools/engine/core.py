@@ -541,7 +541,7 @@ class StageEngine:
         for origin, _, _ in parked:
             assert self._driver is not None
             if origin.cancelled.is_set():
-                origin.emit(FinishEvent("cancelled", origin.prompt_tokens, origin.generated, 0, 0))
+                origin.finish_cancelled()
                 continue
             origin.resume(self._epoch)
             self.failovers += 1
@@ -563,7 +563,7 @@ class StageEngine:
             origin = item[0]
             if origin.request_id == request_id:
                 self._parked.remove(item)
-                origin.emit(FinishEvent("cancelled", origin.prompt_tokens, origin.generated, 0, 0))
+                origin.finish_cancelled()
 
     def _role_for(self, stage: InstalledStage) -> Role:
         if stage.is_tensor_follower:

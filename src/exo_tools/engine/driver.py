@@ -113,6 +113,10 @@ class Origin:
     def __post_init__(self) -> None:
         self.prompt_tokens = self.prompt_tokens or len(self.prompt)
 
+    def finish_cancelled(self) -> None:
+        """End a request cancelled while it was not running (waiting, or parked)."""
+        self.emit(FinishEvent("cancelled", self.prompt_tokens, self.generated, 0.0, 0.0))
+
     def resume(self, epoch: int) -> None:
         """Start over on a new placement from what the client has: its prompt and the
         tokens emitted so far, which the new placement prefills; the next token it samples
@@ -209,12 +213,9 @@ class Driver(Role):
         while self.waiting and self._has_room(self.waiting[0]):
             origin = self.waiting.popleft()
             if origin.cancelled.is_set():
-                self._finish_unstarted(origin)
+                origin.finish_cancelled()
             else:
                 self._begin(origin)
-
-    def _finish_unstarted(self, origin: Origin) -> None:
-        origin.emit(FinishEvent("cancelled", origin.prompt_tokens, origin.generated, 0.0, 0.0))
 
     def _measure_kv(self, entry: CacheEntry) -> None:
         """Learn what the cache holds per token from a request's cache."""
@@ -243,7 +244,7 @@ class Driver(Role):
         for waiting in list(self.waiting):
             if waiting.request_id == request_id:
                 self.waiting.remove(waiting)
-                self._finish_unstarted(waiting)
+                waiting.finish_cancelled()
 
     def fail_all(self, reason: str) -> None:
         for origin in self.take_all():
