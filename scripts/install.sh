@@ -52,4 +52,12 @@ if [ "${1:-}" = "--test" ] && [ "$(uname -s)" = Linux ] && ! command -v chromium
     echo "note: install chromium ('sudo apt-get install chromium') for the dashboard test" >&2
   fi
 fi
+# The chaos tests drop packets with nftables inside network namespaces (root only).
+if [ "${1:-}" = "--test" ] && [ "$(uname -s)" = Linux ] && [ "$(id -u)" = 0 ] &&
+  ! command -v nft >/dev/null && command -v apt-get >/dev/null; then
+  echo "Installing nftables (apt) for the network chaos tests ..."
+  apt-get install -y -qq nftables >/dev/null 2>&1 ||
+    { apt-get update -qq && apt-get install -y -qq nftables >/dev/null; } ||
+    echo "note: could not install nftables; the network chaos tests will be skipped" >&2
+fi
 echo "Installed. Run: .venv/bin/exo-tools --help"

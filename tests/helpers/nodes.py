@@ -121,13 +121,21 @@ class NodeProcess:
             self.process.wait(timeout=5)
 
 
-def start_node(*args: str, env: dict[str, str] | None = None, wait: bool = True) -> NodeProcess:
+def start_node(
+    *args: str,
+    env: dict[str, str] | None = None,
+    wait: bool = True,
+    netns: str | None = None,
+    host: str = "127.0.0.1",
+    api_port: int | None = None,
+) -> NodeProcess:
     """A node process; unless `args` say otherwise it is alone in a cluster of its own.
 
     A unique cluster name and loopback-only discovery keep test nodes from joining each
-    other, or a developer's own nodes, by accident.
+    other, or a developer's own nodes, by accident. With `netns` it runs inside that network
+    namespace, its API reached at `host` (which `args` then make it listen on).
     """
-    api_port = free_port()
+    api_port = api_port or free_port()
     home = Path(tempfile.mkdtemp(prefix="exo-tools-node-"))
     defaults: list[str] = []
     if "--cluster" not in args:
@@ -136,6 +144,7 @@ def start_node(*args: str, env: dict[str, str] | None = None, wait: bool = True)
         defaults += ["--interface", "127.0.0.1"]
     log_path = home / "node.log"
     command = [
+        *(["ip", "netns", "exec", netns] if netns else []),
         sys.executable,
         "-m",
         "exo_tools",
@@ -152,7 +161,9 @@ def start_node(*args: str, env: dict[str, str] | None = None, wait: bool = True)
         process = subprocess.Popen(
             command, stdout=log_file, stderr=subprocess.STDOUT, env=env or node_environment()
         )
-    node = NodeProcess(process=process, api_port=api_port, home=home, log_path=log_path)
+    node = NodeProcess(
+        process=process, api_port=api_port, home=home, log_path=log_path, host=host, netns=netns
+    )
     if wait:
         try:
             node.wait_ready()

@@ -3,14 +3,9 @@ link cuts with `ip link set down`, master loss. Skipped unless root with `ip net
 
 from __future__ import annotations
 
-import os
-import shutil
 import signal
-import subprocess
 import time
-import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -21,76 +16,21 @@ from tests.helpers.cluster_checks import (
     wait_serving,
     write_secret,
 )
+from tests.helpers.netns import Lan, bridged_lan, netns_usable
 from tests.helpers.nodes import NodeProcess
 
 BOUND_S = 5.0
-SUBNET = "10.231.0"  # only ever configured inside the test namespaces
-
-
-def _netns_usable() -> bool:
-    if os.geteuid() != 0 or shutil.which("ip") is None or shutil.which("curl") is None:
-        return False
-    probe = f"exo-probe-{uuid.uuid4().hex[:6]}"
-    ok = subprocess.run(["ip", "netns", "add", probe], capture_output=True).returncode == 0
-    if ok:
-        subprocess.run(["ip", "netns", "del", probe], capture_output=True)
-    return ok
-
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(not _netns_usable(), reason="needs root and working `ip netns`"),
+    pytest.mark.skipif(not netns_usable(), reason="needs root and working `ip netns`"),
 ]
-
-
-def ip(*args: str) -> None:
-    subprocess.run(["ip", *args], check=True, capture_output=True)
-
-
-@dataclass
-class Lan:
-    tag: str
-    bridge_ns: str
-    hosts: list[str] = field(default_factory=list)  # namespace per host
-    bridge_ports: list[str] = field(default_factory=list)  # bridge-side veth per host
-
-    def addr(self, i: int) -> str:
-        return f"{SUBNET}.{i + 1}"
-
-    def cut(self, i: int) -> None:
-        ip("-n", self.bridge_ns, "link", "set", self.bridge_ports[i], "down")
-
-    def restore(self, i: int) -> None:
-        ip("-n", self.bridge_ns, "link", "set", self.bridge_ports[i], "up")
 
 
 @pytest.fixture
 def lan() -> Iterator[Lan]:
-    tag = uuid.uuid4().hex[:5]  # unique per run: parallel runs never share names
-    net = Lan(tag=tag, bridge_ns=f"exo-br-{tag}")
-    try:
-        ip("netns", "add", net.bridge_ns)
-        ip("-n", net.bridge_ns, "link", "add", "br0", "type", "bridge", "mcast_snooping", "0")
-        ip("-n", net.bridge_ns, "link", "set", "br0", "up")
-        for i in range(3):
-            ns, host_if, br_if = f"exo-h{i}-{tag}", f"eh{i}{tag}", f"eb{i}{tag}"
-            ip("netns", "add", ns)
-            net.hosts.append(ns)
-            ip("link", "add", host_if, "type", "veth", "peer", "name", br_if)
-            ip("link", "set", host_if, "netns", ns)
-            ip("link", "set", br_if, "netns", net.bridge_ns)
-            net.bridge_ports.append(br_if)
-            ip("-n", net.bridge_ns, "link", "set", br_if, "master", "br0")
-            ip("-n", net.bridge_ns, "link", "set", br_if, "up")
-            ip("-n", ns, "link", "set", "lo", "up")
-            ip("-n", ns, "link", "set", host_if, "name", "eth0")
-            ip("-n", ns, "addr", "add", f"{net.addr(i)}/24", "dev", "eth0")
-            ip("-n", ns, "link", "set", "eth0", "up")
+    with bridged_lan(3) as net:
         yield net
-    finally:
-        for ns in [*net.hosts, net.bridge_ns]:
-            # Deleting a namespace destroys its veths (and their peers) too.
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
 
 
 @pytest.fixture

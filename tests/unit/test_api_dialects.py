@@ -3,7 +3,9 @@ serving request as chat completions; the response store is bounded."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+from collections.abc import AsyncIterator
 
 import pytest
 from pydantic import ValidationError
@@ -12,6 +14,7 @@ from exo_tools.api import anthropic_messages, openai_responses
 from exo_tools.api.errors import APIError
 from exo_tools.api.response_store import ResponseStore, StoredResponse
 from exo_tools.serving.chat import _user_turn
+from exo_tools.serving.events import ChatEvent, ContentDelta, Finished
 
 WEATHER = {
     "name": "get_weather",
@@ -240,3 +243,71 @@ def test_anthropic_error_shape() -> None:
         "error": {"type": "not_found_error", "message": "model 'x' does not exist"},
     }
     assert json.loads(json.dumps(error.body()))["error"]["type"] == "invalid_request_error"
+
+
+def _sse(raw: bytes) -> tuple[str | None, dict[str, object]]:
+    lines = raw.decode().strip().split("\n")
+    name = lines[0].removeprefix("event: ") if lines[0].startswith("event: ") else None
+    return name, json.loads(lines[-1].removeprefix("data: "))
+
+
+def test_an_error_after_a_stream_began_is_each_dialects_last_event() -> None:
+    error = APIError(503, "the master was lost mid-answer", code="master_lost")
+    name, data = _sse(error.stream_event("/v1/messages", 7))
+    assert name == "error" and data == error.anthropic_body()
+    name, data = _sse(error.stream_event("/v1/responses", 7))
+    assert name == "error"
+    assert data == {
+        "type": "error",
+        "code": "master_lost",
+        "message": "the master was lost mid-answer",
+        "param": None,
+        "sequence_number": 7,
+    }
+    name, data = _sse(error.stream_event("/v1/chat/completions", 7))
+    assert name is None and data == error.body()
+
+
+def _finished(failovers: int) -> Finished:
+    return Finished("stop", 5, 2, 0.1, 0.1, failovers=failovers)
+
+
+async def _events(failovers: int) -> AsyncIterator[ChatEvent]:
+    yield ContentDelta("Hi")
+    yield _finished(failovers)
+
+
+@pytest.mark.parametrize("failovers", [0, 2])
+def test_a_resumed_answer_says_so_in_each_dialect(failovers: int) -> None:
+    start = anthropic_messages.Message(
+        id="msg_1",
+        model="m",
+        content=[],
+        stop_reason=None,
+        stop_sequence=None,
+        usage=anthropic_messages.Usage(input_tokens=5, output_tokens=0),
+    )
+    message = asyncio.run(anthropic_messages._complete(_events(failovers), start)).model_dump()
+    response = openai_responses.ResponseObject(
+        id="resp_1",
+        created_at=0,
+        status="in_progress",
+        instructions=None,
+        max_output_tokens=None,
+        model="m",
+        parallel_tool_calls=True,
+        previous_response_id=None,
+        store=False,
+        temperature=0.0,
+        text={},
+        tool_choice="auto",
+        tools=[],
+        top_p=1.0,
+    )
+    openai_responses._finish(response, _finished(failovers))
+    answered = response.model_dump()
+    if failovers:
+        assert message["failovers"] == failovers and answered["failovers"] == failovers
+    else:  # an answer that never failed over carries no such field
+        assert "failovers" not in message and "failovers" not in answered
+    assert message["content"] == [{"type": "text", "text": "Hi"}]

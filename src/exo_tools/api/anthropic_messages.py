@@ -31,6 +31,7 @@ from ..serving.events import (
 )
 from ..serving.request import ChatRequest, ResponseFormat
 from .errors import APIError, from_serving_error, validated_list
+from .schemas import SparseBody
 from .sse import open_event_stream, relay, sse_event
 
 log = logging.getLogger(__name__)
@@ -316,7 +317,9 @@ def _is_request_header(text: str) -> bool:
     return text.lstrip().lower().startswith(REQUEST_HEADER_PREFIXES)
 
 
-class Message(BaseModel):
+class Message(SparseBody):
+    _omitted_when_none = frozenset({"failovers"})
+
     id: str
     type: Literal["message"] = "message"
     role: Literal["assistant"] = "assistant"
@@ -325,6 +328,8 @@ class Message(BaseModel):
     stop_reason: Literal["end_turn", "max_tokens", "stop_sequence", "tool_use"] | None
     stop_sequence: str | None
     usage: Usage
+    # Set when the generation lost its placement and resumed on a new one (exo-tools).
+    failovers: int | None = None
 
 
 def _stop_reason(
@@ -394,6 +399,7 @@ async def _complete(events: AsyncIterator[ChatEvent], start: Message) -> Message
             "stop_reason": _stop_reason(finished),
             "stop_sequence": finished.stop_sequence,
             "usage": _usage(finished),
+            "failovers": finished.failovers or None,
         }
     )
 
@@ -446,7 +452,8 @@ class _Blocks:
     async def finish(self, event: Finished) -> None:
         await self.stop()
         delta = {"stop_reason": _stop_reason(event), "stop_sequence": event.stop_sequence}
-        await self._send("message_delta", delta=delta, usage=_usage(event).model_dump())
+        resumed = {"failovers": event.failovers} if event.failovers else {}
+        await self._send("message_delta", delta=delta, usage=_usage(event).model_dump(), **resumed)
         await self._send("message_stop")
 
 

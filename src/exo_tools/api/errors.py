@@ -19,6 +19,7 @@ from ..serving.errors import (
     UnsupportedSchema,
 )
 from .schemas import ErrorBody, ErrorResponse
+from .sse import sse_event
 
 log = logging.getLogger(__name__)
 _Item = TypeVar("_Item")
@@ -46,6 +47,7 @@ _ANTHROPIC_TYPE_BY_STATUS = {
 }
 # Routes that answer in Anthropic's dialect, errors included.
 ANTHROPIC_ROUTE_PREFIX = "/v1/messages"
+RESPONSES_ROUTE_PREFIX = "/v1/responses"
 
 
 class APIError(Exception):
@@ -80,14 +82,31 @@ class APIError(Exception):
 
     def response(self, request: web.Request | None = None) -> web.Response:
         """The error in the dialect of the route `request` went to (OpenAI's by default)."""
-        anthropic = request is not None and _speaks_anthropic(request.path)
+        anthropic = request is not None and _under(request.path, ANTHROPIC_ROUTE_PREFIX)
         body = self.anthropic_body() if anthropic else self.body()
         headers = {"Retry-After": str(self.retry_after_s)} if self.retry_after_s else None
         return web.json_response(body, status=self.status, headers=headers)
 
+    def stream_event(self, path: str, sequence_number: int) -> bytes:
+        """The error as the last event of a stream on route `path` that has begun: an
+        Anthropic `error` event, a Responses `error` event (the `sequence_number`-th of
+        its stream), or a chat completion chunk holding `error`."""
+        if _under(path, ANTHROPIC_ROUTE_PREFIX):
+            return sse_event(self.anthropic_body(), event="error")
+        if _under(path, RESPONSES_ROUTE_PREFIX):
+            event = {
+                "type": "error",
+                "code": self.code or self.error_type,
+                "message": self.message,
+                "param": self.param,
+                "sequence_number": sequence_number,
+            }
+            return sse_event(event, event="error")
+        return sse_event(self.body())
 
-def _speaks_anthropic(path: str) -> bool:
-    return path == ANTHROPIC_ROUTE_PREFIX or path.startswith(f"{ANTHROPIC_ROUTE_PREFIX}/")
+
+def _under(path: str, prefix: str) -> bool:
+    return path == prefix or path.startswith(f"{prefix}/")
 
 
 def from_validation_error(error: ValidationError) -> APIError:

@@ -12,10 +12,10 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import Any, Literal
 
 from aiohttp import web
-from pydantic import BaseModel, Field, SerializerFunctionWrapHandler, model_serializer
+from pydantic import BaseModel, Field
 
 from ..serving.chat import ChatService
 from ..serving.errors import ServingError
@@ -30,7 +30,7 @@ from ..serving.events import (
 )
 from ..serving.request import ChatRequest, GuidedKind, GuidedOutput, ResponseFormat
 from .errors import APIError, from_serving_error
-from .schemas import ChatCompletionRequest, ChatMessage, GuidedGenerationFields
+from .schemas import ChatCompletionRequest, ChatMessage, GuidedGenerationFields, SparseBody
 from .sse import open_event_stream, sse_event
 
 log = logging.getLogger(__name__)
@@ -135,21 +135,6 @@ def _template_message(message: ChatMessage) -> dict[str, Any]:
 # ---------------------------------------------------------------- the response bodies
 
 
-class _Body(BaseModel):
-    """Writes the fields in `_omitted_when_none` only when set, as OpenAI does; every other
-    None is written as null."""
-
-    _omitted_when_none: ClassVar[frozenset[str]] = frozenset()
-
-    @model_serializer(mode="wrap")
-    def _omit_unset(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        data: dict[str, Any] = handler(self)
-        omitted = self._omitted_when_none
-        return {
-            key: value for key, value in data.items() if value is not None or key not in omitted
-        }
-
-
 class PromptTokensDetails(BaseModel):
     cached_tokens: int = 0  # served from the prefix cache
 
@@ -186,7 +171,7 @@ class ToolCall(BaseModel):
     function: FunctionCall
 
 
-class AssistantMessage(_Body):
+class AssistantMessage(SparseBody):
     _omitted_when_none = frozenset({"tool_calls", "reasoning_content"})
 
     role: Literal["assistant"] = "assistant"
@@ -202,7 +187,7 @@ class CompletionChoice(BaseModel):
     logprobs: ChoiceLogprobs | None
 
 
-class ChatCompletion(_Body):
+class ChatCompletion(SparseBody):
     _omitted_when_none = frozenset({"failovers"})
 
     id: str
@@ -215,14 +200,14 @@ class ChatCompletion(_Body):
     failovers: int | None = None
 
 
-class ChunkFunction(_Body):
+class ChunkFunction(SparseBody):
     _omitted_when_none = frozenset({"name"})
 
     name: str | None = None
     arguments: str
 
 
-class ChunkToolCall(_Body):
+class ChunkToolCall(SparseBody):
     _omitted_when_none = frozenset({"id", "type"})
 
     index: int
@@ -231,7 +216,7 @@ class ChunkToolCall(_Body):
     function: ChunkFunction
 
 
-class ChunkDelta(_Body):
+class ChunkDelta(SparseBody):
     _omitted_when_none = frozenset({"role", "content", "reasoning_content", "tool_calls"})
 
     role: Literal["assistant"] | None = None
@@ -248,7 +233,7 @@ class ChunkChoice(BaseModel):
     logprobs: ChoiceLogprobs | None = None
 
 
-class ChatCompletionChunk(_Body):
+class ChatCompletionChunk(SparseBody):
     _omitted_when_none = frozenset({"usage", "failovers"})
 
     id: str

@@ -32,6 +32,7 @@ from ..serving.events import ChatEvent, ContentDelta, Finished, ReasoningDelta, 
 from ..serving.request import ChatRequest, ResponseFormat
 from .errors import APIError, from_serving_error, validated_list
 from .response_store import ResponseStore, StoredResponse
+from .schemas import SparseBody
 from .sse import open_event_stream, relay, sse_event
 
 log = logging.getLogger(__name__)
@@ -316,7 +317,9 @@ class IncompleteDetails(BaseModel):
     reason: Literal["max_output_tokens"]
 
 
-class ResponseObject(BaseModel):
+class ResponseObject(SparseBody):
+    _omitted_when_none = frozenset({"failovers"})
+
     id: str
     object: Literal["response"] = "response"
     created_at: int
@@ -340,6 +343,8 @@ class ResponseObject(BaseModel):
     usage: Usage | None = None
     user: str | None = None
     metadata: dict[str, str] = Field(default_factory=dict)
+    # Set when the generation lost its placement and resumed on a new one (exo-tools).
+    failovers: int | None = None
 
 
 def _usage(finished: Finished) -> Usage:
@@ -364,6 +369,7 @@ def _function_call(event: ToolCallEvent) -> OutputFunctionCall:
 
 def _finish(response: ResponseObject, finished: Finished) -> None:
     response.usage = _usage(finished)
+    response.failovers = finished.failovers or None
     if finished.reason == "length":
         response.status = "incomplete"
         response.incomplete_details = IncompleteDetails(reason="max_output_tokens")

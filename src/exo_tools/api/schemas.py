@@ -5,9 +5,32 @@ What the chat completions route writes back is in `openai_chat`.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
+
+
+class SparseBody(BaseModel):
+    """Writes the fields in `_omitted_when_none` only when set, as OpenAI does; every other
+    None is written as null."""
+
+    _omitted_when_none: ClassVar[frozenset[str]] = frozenset()
+
+    @model_serializer(mode="wrap")
+    def _omit_unset(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data: dict[str, Any] = handler(self)
+        omitted = self._omitted_when_none
+        return {
+            key: value for key, value in data.items() if value is not None or key not in omitted
+        }
 
 
 class _Lenient(BaseModel):

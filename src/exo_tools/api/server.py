@@ -352,12 +352,24 @@ class _Routes:
         relayed.setdefault("Content-Type", "application/json")
         response = web.StreamResponse(status=upstream.status, headers=relayed)
         await response.prepare(request)
+        events = 0  # events relayed so far, for a Responses stream's sequence numbers
+        last_byte = b""
         try:
             async for piece in upstream.body:
                 await response.write(piece)
+                events += (last_byte + piece).count(b"\n\n")
+                last_byte = piece[-1:]
         except RelayError as error:
-            # The answer had begun; all that is left is to end it where it broke.
+            # The answer had begun: a stream ends with an error event in its dialect.
             log.warning("relay of %s to the master broke: %s", request.path, error)
+            if relayed["Content-Type"].startswith("text/event-stream"):
+                lost = APIError(
+                    503,
+                    f"the master node at {master_url} was lost mid-answer ({error}); "
+                    "the answer is incomplete: send the request again",
+                    code="master_lost",
+                )
+                await response.write(lost.stream_event(request.path, events))
         await response.write_eof()
         return response
 

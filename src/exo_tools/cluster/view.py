@@ -22,6 +22,9 @@ class NodeInfo(BaseModel):
     start_time: float = 0.0
     capabilities: Capabilities = Field(default_factory=Capabilities)
     healthy: bool = True
+    # The last placement epoch whose ring broke at this node (0: none), and why.
+    broken_epoch: int = 0
+    broken_reason: str = ""
 
 
 class LinkInfo(BaseModel):

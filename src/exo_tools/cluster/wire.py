@@ -45,6 +45,8 @@ def info_to_proto(info: NodeInfo, cluster_name: str) -> node_pb2.NodeInfo:
         capabilities=node_pb2.Capabilities(
             **{name: getattr(caps, name) for name in _CAPABILITY_FIELDS}
         ),
+        broken_epoch=info.broken_epoch,
+        broken_reason=info.broken_reason,
     )
 
 
@@ -58,6 +60,8 @@ def info_from_proto(message: node_pb2.NodeInfo) -> NodeInfo:
         version=message.version,
         start_time=message.start_time,
         capabilities=Capabilities(**{name: getattr(caps, name) for name in _CAPABILITY_FIELDS}),
+        broken_epoch=message.broken_epoch,
+        broken_reason=message.broken_reason,
     )
 
 

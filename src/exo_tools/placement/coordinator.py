@@ -114,7 +114,11 @@ class Coordinator:
         return nodes
 
     def _on_broken(self, reason: str) -> None:
-        if self.placement is None or not self.is_master:
+        if not self.is_master:
+            if self.cluster is not None:
+                self.cluster.report_broken_ring(self.worker.epoch, reason)
+            return
+        if self.placement is None:
             return
         if self._broken_at is None:
             self._broken_at = time.monotonic()
@@ -124,6 +128,16 @@ class Coordinator:
             if self.view is not None:
                 self.view.state = PlacementState.BROKEN
                 self.view.error = reason
+
+    def _broken_elsewhere(self) -> str | None:
+        """Why the placement's ring broke at another of its nodes, if one says so (a hop
+        between two members: the master's own streams may still be whole)."""
+        if self.cluster is None or self.placement is None:
+            return None
+        for node in self.cluster.snapshot().nodes:
+            if node.broken_epoch == self._epoch and node.id in self.placement.node_ids:
+                return f"node {node.id}: {node.broken_reason}"
+        return None
 
     def _lost(self, members: frozenset[str]) -> list[str]:
         if self.placement is None:
@@ -162,13 +176,19 @@ class Coordinator:
             reason = f"node(s) {', '.join(lost)} of the placement left the cluster"
             self._on_broken(reason)
             self.worker.engine.fail_all(f"{reason}; re-placing the model")
+        elif (broken := self._broken_elsewhere()) and self.state == CoordinatorState.READY:
+            self._on_broken(broken)
+            self.worker.engine.fail_all(f"{broken}; re-placing the model")
         if now - self._changed_at < STABLE_S or now < self._retry_at:
             return
         if self._broken_at is not None and now - self._broken_at < BREAK_SETTLE_S:
             return
         if not self._needs_placement(members):
             return
-        if not self._placed_once and len(members) < self.min_nodes:
+        # --min-nodes holds back the cluster's first placement only: a master taking over
+        # from a lost one (its own stage came from that one) re-places on what is left.
+        first = not self._placed_once and self.worker.epoch == 0
+        if first and len(members) < self.min_nodes:
             self.state = CoordinatorState.WAITING
             self.error = f"waiting for {self.min_nodes} nodes (--min-nodes); {len(members)} healthy"
             return

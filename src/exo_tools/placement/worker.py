@@ -102,7 +102,13 @@ class Worker(node_pb2_grpc.WorkerServicer):
             view.weight_bytes = self.loaded.weight_bytes
         return view
 
-    def _ring_broken(self, reason: str) -> None:
+    def _ring_broken(self, reason: str, epoch: int) -> None:
+        """A stream of placement `epoch` broke: this node's requests of it fail (the
+        master's park), and the listeners hear why. A stream of an older placement,
+        ending after the next was installed, breaks nothing that still runs."""
+        if epoch != self.epoch:
+            log.info("stream of the replaced placement epoch %d ended: %s", epoch, reason)
+            return
         self.engine.fail_all(reason)
         for listener in list(self.broken_listeners):
             listener(reason)
@@ -192,7 +198,7 @@ class Worker(node_pb2_grpc.WorkerServicer):
                 else:
                     send = None
                     if order.n_stages > 1:
-                        send = self._stream_to(loop, order.next_node_id)
+                        send = self._stream_to(loop, order.epoch, order.next_node_id)
                     stage = InstalledStage(
                         epoch=order.epoch,
                         model=ShardModel(loaded.model, loaded.shard),
@@ -229,19 +235,24 @@ class Worker(node_pb2_grpc.WorkerServicer):
             )
 
     def _sender(
-        self, loop: asyncio.AbstractEventLoop, node_id: str, method: str = "Activations"
+        self,
+        loop: asyncio.AbstractEventLoop,
+        epoch: int,
+        node_id: str,
+        method: str = "Activations",
     ) -> StreamSender:
-        sender = StreamSender(
-            loop, self._channel_for, node_id, self._ring_broken, method, self._encrypted
-        )
+        def broken(reason: str) -> None:
+            self._ring_broken(reason, epoch)
+
+        sender = StreamSender(loop, self._channel_for, node_id, broken, method, self._encrypted)
         self._senders.append(sender)
         return sender
 
     def _stream_to(
-        self, loop: asyncio.AbstractEventLoop, node_id: str
+        self, loop: asyncio.AbstractEventLoop, epoch: int, node_id: str
     ) -> Callable[[StageMessage], None]:
         """The engine's `send` towards the next stage: converted here, on the MLX thread."""
-        sender = self._sender(loop, node_id)
+        sender = self._sender(loop, epoch, node_id)
         return lambda message: sender.send(stage_message_to_proto(message))
 
     def _tensor_stage(
@@ -254,7 +265,7 @@ class Worker(node_pb2_grpc.WorkerServicer):
         """Streams to every other member (partials; on rank 0 also commands) and the stage."""
         members = order.tensor_members
         partials = {
-            rank: self._sender(loop, members[rank], "AllReduce")
+            rank: self._sender(loop, order.epoch, members[rank], "AllReduce")
             for rank in range(tensor.size)
             if rank != tensor.rank
         }
@@ -268,7 +279,9 @@ class Worker(node_pb2_grpc.WorkerServicer):
         self._collective = collective
         # Rank 0 drives: it hands every pass to the others.
         commands = [
-            self._stream_to(loop, members[rank]) for rank in range(1, tensor.size) if tensor.is_root
+            self._stream_to(loop, order.epoch, members[rank])
+            for rank in range(1, tensor.size)
+            if tensor.is_root
         ]
 
         def broadcast(message: StageMessage) -> None:
@@ -340,18 +353,20 @@ class Worker(node_pb2_grpc.WorkerServicer):
         fails this node's requests: its sender is gone."""
         caller = _caller(context)
         stale: str | None = None
+        epoch = self.epoch  # the stream's, once a message said it
         try:
             async for message in request_iterator:
+                epoch = message.epoch
                 stale = accept(message)
                 if stale is not None:
                     break
         except asyncio.CancelledError:
             if not self._stopping:
-                self._ring_broken(f"the {kind} stream from node {caller} broke")
+                self._ring_broken(f"the {kind} stream from node {caller} broke", epoch)
             raise
         except Exception as error:
             if not self._stopping:
-                self._ring_broken(f"the {kind} stream from node {caller} broke: {error}")
+                self._ring_broken(f"the {kind} stream from node {caller} broke: {error}", epoch)
             return
         if stale is not None:
             log.warning("%s (from %s)", stale, caller)
@@ -372,7 +387,7 @@ class Worker(node_pb2_grpc.WorkerServicer):
                     f"node holds epoch {self.epoch} ({self.state})"
                 )
             if message.error:
-                self._ring_broken(f"tensor member {caller}: {message.error}")
+                self._ring_broken(f"tensor member {caller}: {message.error}", message.epoch)
             collective.deliver(partial_from_proto(message))
             return None
 

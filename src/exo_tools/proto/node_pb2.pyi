@@ -24,7 +24,7 @@ class Capabilities(_message.Message):
     def __init__(self, memory_total: _Optional[int] = ..., memory_available: _Optional[int] = ..., chip: _Optional[str] = ..., mlx_device: _Optional[str] = ..., matmul_gflops: _Optional[float] = ...) -> None: ...
 
 class NodeInfo(_message.Message):
-    __slots__ = ("node_id", "addresses", "grpc_port", "api_port", "version", "cluster_name", "start_time", "capabilities")
+    __slots__ = ("node_id", "addresses", "grpc_port", "api_port", "version", "cluster_name", "start_time", "capabilities", "broken_epoch", "broken_reason")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESSES_FIELD_NUMBER: _ClassVar[int]
     GRPC_PORT_FIELD_NUMBER: _ClassVar[int]
@@ -33,6 +33,8 @@ class NodeInfo(_message.Message):
     CLUSTER_NAME_FIELD_NUMBER: _ClassVar[int]
     START_TIME_FIELD_NUMBER: _ClassVar[int]
     CAPABILITIES_FIELD_NUMBER: _ClassVar[int]
+    BROKEN_EPOCH_FIELD_NUMBER: _ClassVar[int]
+    BROKEN_REASON_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     addresses: _containers.RepeatedScalarFieldContainer[str]
     grpc_port: int
@@ -41,7 +43,9 @@ class NodeInfo(_message.Message):
     cluster_name: str
     start_time: float
     capabilities: Capabilities
-    def __init__(self, node_id: _Optional[str] = ..., addresses: _Optional[_Iterable[str]] = ..., grpc_port: _Optional[int] = ..., api_port: _Optional[int] = ..., version: _Optional[str] = ..., cluster_name: _Optional[str] = ..., start_time: _Optional[float] = ..., capabilities: _Optional[_Union[Capabilities, _Mapping]] = ...) -> None: ...
+    broken_epoch: int
+    broken_reason: str
+    def __init__(self, node_id: _Optional[str] = ..., addresses: _Optional[_Iterable[str]] = ..., grpc_port: _Optional[int] = ..., api_port: _Optional[int] = ..., version: _Optional[str] = ..., cluster_name: _Optional[str] = ..., start_time: _Optional[float] = ..., capabilities: _Optional[_Union[Capabilities, _Mapping]] = ..., broken_epoch: _Optional[int] = ..., broken_reason: _Optional[str] = ...) -> None: ...
 
 class PeerEntry(_message.Message):
     __slots__ = ("node_id", "grpc_target", "latency_ms")
