@@ -10,7 +10,7 @@ import os
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from . import __version__
 from .models.catalog import ModelCard
@@ -615,10 +615,31 @@ def main(argv: list[str] | None = None) -> None:
 
         reexec_with_fast_blas(["-m", "exo_tools", *argv])
     if args.command == "node":
-        raise SystemExit(_run_node(args))
+        try:
+            code = _run_node(args)
+        except SystemExit as error:
+            code = error.code if isinstance(error.code, int) else 1 if error.code else 0
+            if isinstance(error.code, str):
+                print(error.code, file=sys.stderr)
+        _exit_without_finalizing(code)
     if args.command == "models":
         raise SystemExit(_run_models(args, parser))
     if args.command == "cluster":
         raise SystemExit(_run_cluster(args))
     parser.print_help()
     raise SystemExit(2)
+
+
+def _exit_without_finalizing(code: int) -> NoReturn:
+    """End a node that has shut down: logs flushed, then the process exits at once.
+
+    Python's finalization races the threads that ran MLX (the default executor's, for one):
+    `join()` returns before a thread's C++ thread-local destructors have run, and MLX's
+    take the GIL, which a finalizing interpreter answers by unwinding the thread, and the
+    C++ runtime aborts ("terminate called without an active exception", exit -6; 1 in 8
+    SIGTERMs here, traced with gdb). Everything a node writes is closed before this point.
+    """
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
