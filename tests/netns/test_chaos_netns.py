@@ -22,7 +22,7 @@ import signal
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -285,50 +285,51 @@ def test_lossy_link_requests_complete_or_fail_cleanly(chaos: Chaos) -> None:
     chaos.healed()
 
 
-def test_link_cut_for_10s_fails_over_and_the_node_rejoins(chaos: Chaos) -> None:
+def _disturbed_stream_fails_over(
+    chaos: Chaos,
+    api: str,
+    what: str,
+    hold_s: float,
+    disturb: Callable[[int], None],
+    undo: Callable[[int], None],
+) -> None:
+    """A stream runs on the master while the middle stage is disturbed for `hold_s`
+    seconds: the stage's tokens cannot arrive, so the stream must resume on the other two
+    with the undisturbed answer; once undone, the stage rejoins without a restart."""
     epoch = chaos.healed()
     i = chaos.middle_stage()
     victim = chaos.nodes[i]
     pid = victim.process.pid
-    running, thread = in_background(chaos.cluster.master, "messages")
-    chaos.lan.cut(i)
-    cut_at = time.monotonic()
+    running, thread = in_background(chaos.cluster.master, api)
+    disturb(i)
+    disturbed_at = time.monotonic()
     try:
         outcome = finished(running, thread)
     finally:
-        time.sleep(max(0.0, 10.0 - (time.monotonic() - cut_at)))
-        chaos.lan.restore(i)
+        time.sleep(max(0.0, hold_s - (time.monotonic() - disturbed_at)))
+        undo(i)
     print(
-        f"\n[chaos] link of {victim.node_id} cut 10 s: the stream took {outcome.seconds:.1f}s, "
-        f"failovers={outcome.failovers}"
+        f"\n[chaos] {victim.node_id} {what} {hold_s:.0f} s: the stream took "
+        f"{outcome.seconds:.1f}s, failovers={outcome.failovers}"
     )
-    # The stage's tokens could not arrive while cut off: the stream resumed on the other two.
     assert outcome.completed, outcome
     assert outcome.failovers >= 1, outcome
-    assert outcome.text == chaos.reference["messages"]
+    assert outcome.text == chaos.reference[api]
     chaos.assert_rejoined(victim, pid, epoch)
+
+
+def test_link_cut_for_10s_fails_over_and_the_node_rejoins(chaos: Chaos) -> None:
+    lan = chaos.lan
+    _disturbed_stream_fails_over(chaos, "messages", "link cut", 10.0, lan.cut, lan.restore)
 
 
 def test_frozen_node_for_20s_fails_over_and_rejoins(chaos: Chaos) -> None:
-    epoch = chaos.healed()
-    victim = chaos.nodes[chaos.middle_stage()]
-    pid = victim.process.pid
-    running, thread = in_background(chaos.cluster.master, "responses")
-    victim.send_signal(signal.SIGSTOP)
-    stopped_at = time.monotonic()
-    try:
-        outcome = finished(running, thread)
-    finally:
-        time.sleep(max(0.0, 20.0 - (time.monotonic() - stopped_at)))
-        victim.send_signal(signal.SIGCONT)
-    print(
-        f"\n[chaos] {victim.node_id} frozen 20 s: the stream took {outcome.seconds:.1f}s, "
-        f"failovers={outcome.failovers}"
+    def signal_to(sig: signal.Signals) -> Callable[[int], None]:
+        return lambda i: chaos.nodes[i].send_signal(sig)
+
+    _disturbed_stream_fails_over(
+        chaos, "responses", "frozen", 20.0, signal_to(signal.SIGSTOP), signal_to(signal.SIGCONT)
     )
-    assert outcome.completed, outcome
-    assert outcome.failovers >= 1, outcome
-    assert outcome.text == chaos.reference["responses"]
-    chaos.assert_rejoined(victim, pid, epoch)
 
 
 def test_master_killed_mid_stream_a_new_master_takes_over(chaos: Chaos) -> None:
