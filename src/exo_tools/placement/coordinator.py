@@ -176,7 +176,7 @@ class Coordinator:
             reason = f"node(s) {', '.join(lost)} of the placement left the cluster"
             self._on_broken(reason)
             self.worker.engine.fail_all(f"{reason}; re-placing the model")
-        elif (broken := self._broken_elsewhere()) and self.state == CoordinatorState.READY:
+        elif self.state == CoordinatorState.READY and (broken := self._broken_elsewhere()):
             self._on_broken(broken)
             self.worker.engine.fail_all(f"{broken}; re-placing the model")
         if now - self._changed_at < STABLE_S or now < self._retry_at:
