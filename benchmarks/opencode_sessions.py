@@ -10,7 +10,9 @@ with a `model_providers` entry over the Responses API) against one node serving 
 default model, once per node mode: `unconstrained` (tool_choice "auto" free), `lazy`
 (`--lazy-tool-grammar`: a call is constrained once the model starts one) and
 `tool-on-user-turn` (`--require-tool-on-user-turn`: a user's turn is answered with one
-call under the grammar, a tool result freely); every node gets `--default-max-tokens`.
+call under the grammar, a tool result freely); every node gets `--default-max-tokens`, `--default-temperature`, `--default-top-p` and
+`--default-repetition-penalty` (the CLIs set no sampling parameters; the defaults are
+SmolLM2's card's, 0.2 and 0.9, and a penalty of 1.3 that stops its loops).
 Each session gets its own small project directory and one of ten coding-agent prompts,
 and runs until the CLI exits (or `--timeout`). A session "ran a tool" when the CLI reports a tool that ran (completed or
 error: the call was accepted as one), "answered" when it ended with a text answer, and
@@ -89,6 +91,21 @@ def main() -> None:
         default=256,
         help="the node's limit for requests that set none (Codex sets none)",
     )
+    parser.add_argument(
+        "--default-temperature",
+        type=float,
+        default=0.2,
+        help="the node's temperature for requests that set none (the CLIs set none); "
+        "0.2 and top_p 0.9 are what SmolLM2's model card samples with",
+    )
+    parser.add_argument("--default-top-p", type=float, default=0.9)
+    parser.add_argument(
+        "--default-repetition-penalty",
+        type=float,
+        default=1.3,
+        help="the node's repetition penalty for requests that set none (1.0: off); at 0.2 "
+        "without one the 135M model's answers loop until the output limit",
+    )
     parser.add_argument("--modes", default="tool-on-user-turn", help="comma-separated modes")
     parser.add_argument("--events", type=Path, help="write each session's JSON events here")
     parser.add_argument(
@@ -108,7 +125,17 @@ def main() -> None:
     results: dict[str, list[Session]] = {}
     for mode in args.modes.split(","):
         # One node on the machine: both cores for its BLAS.
-        flags = [*MODES[mode], "--default-max-tokens", str(args.default_max_tokens)]
+        flags = [
+            *MODES[mode],
+            "--default-max-tokens",
+            str(args.default_max_tokens),
+            "--default-temperature",
+            str(args.default_temperature),
+            "--default-top-p",
+            str(args.default_top_p),
+            "--default-repetition-penalty",
+            str(args.default_repetition_penalty),
+        ]
         if args.record:
             flags += ["--log-requests", str(args.record)]
         node = start_node(*flags, env=node_environment(threads=2))
@@ -155,7 +182,9 @@ def main() -> None:
         for mode, sessions in results.items()
     ]
     print_table(
-        f"{args.client} headless sessions, {MODEL}, one node, output limit {args.output_limit}",
+        f"{args.client} headless sessions, {MODEL}, one node, output limit {args.output_limit}, "
+        f"temperature {args.default_temperature}, top_p {args.default_top_p}, "
+        f"repetition penalty {args.default_repetition_penalty}",
         [
             "client",
             "node mode",

@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, NoReturn
@@ -33,6 +34,28 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
     return value
+
+
+def _number_in(low: float, high: float, *, low_included: bool) -> Callable[[str], float]:
+    """A parser of a number from `low` (included or not) to `high` (included)."""
+    interval = f"{'[' if low_included else '('}{low:g}, {high:g}]"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = low - 1.0
+        above_low = value >= low if low_included else value > low
+        if not (above_low and value <= high):
+            raise argparse.ArgumentTypeError(f"expected a number in {interval}, got {text!r}")
+        return value
+
+    return parse
+
+
+_unit_interval = _number_in(0.0, 1.0, low_included=False)  # top_p
+_temperature = _number_in(0.0, 2.0, low_included=True)
+_repetition_penalty = _number_in(0.0, 2.0, low_included=False)
 
 
 def _non_negative_int(text: str) -> int:
@@ -164,9 +187,10 @@ def build_parser() -> argparse.ArgumentParser:
         action=argparse.BooleanOptionalAction,
         default=False,
         help='for small models as agents: with tools offered and tool_choice "auto", answer '
-        'a user\'s message with one tool call decoded under the grammar (as "required"); '
-        'after a tool result "auto" stays free, so the model can answer in text (default '
-        "off; all three APIs; formats hermes, llama3_json, qwen3_coder)",
+        "a user's message that opens a task with one tool call decoded under the grammar "
+        '(as "required"); after a tool result, and for a user message that follows a text '
+        'answer, "auto" stays free, so the model can answer in text (default off; all '
+        "three APIs; formats hermes, llama3_json, qwen3_coder)",
     )
     node.add_argument(
         "--default-max-tokens",
@@ -175,6 +199,37 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="output limit of a request that sets none (Codex sends none, and a small model "
         "may write until the context is full); default: whatever the context leaves",
+    )
+    node.add_argument(
+        "--default-temperature",
+        type=_temperature,
+        default=1.0,
+        metavar="T",
+        help="temperature of a request that sets none (default 1.0, the APIs' own; agent "
+        "CLIs set none, and small models ramble at 1.0: SmolLM2's card samples at 0.2)",
+    )
+    node.add_argument(
+        "--default-top-p",
+        type=_unit_interval,
+        default=1.0,
+        metavar="P",
+        help="top_p of a request that sets none (default 1.0)",
+    )
+    node.add_argument(
+        "--default-top-k",
+        type=_non_negative_int,
+        default=0,
+        metavar="K",
+        help="top_k of a request that sets none (default 0: no top-k filter)",
+    )
+    node.add_argument(
+        "--default-repetition-penalty",
+        type=_repetition_penalty,
+        default=1.0,
+        metavar="R",
+        help="repetition_penalty of a request that sets none: above 1 the tokens among "
+        "the last 64 generated become less likely, which stops a small model's loops "
+        "(default 1.0: off)",
     )
     node.add_argument(
         "--prefix-cache-mb",
@@ -300,6 +355,7 @@ def _run_node(args: argparse.Namespace) -> int:
     from .cluster.auth import secret_fingerprint
     from .models.catalog import UnknownModelError
     from .node import Node, NodeConfig
+    from .serving.request import SamplingDefaults
 
     home, models_dir = _storage(args)
     if (args.tls_cert is None) != (args.tls_key is None):
@@ -343,6 +399,12 @@ def _run_node(args: argparse.Namespace) -> int:
                 lazy_tool_grammar=args.lazy_tool_grammar,
                 require_tool_on_user_turn=args.require_tool_on_user_turn,
                 default_max_tokens=args.default_max_tokens,
+                sampling_defaults=SamplingDefaults(
+                    args.default_temperature,
+                    args.default_top_p,
+                    args.default_top_k,
+                    args.default_repetition_penalty,
+                ),
                 prefix_cache_bytes=None
                 if args.prefix_cache_mb is None
                 else args.prefix_cache_mb << 20,

@@ -11,7 +11,7 @@ import signal
 import ssl
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,7 @@ from .placement.views import CoordinatorState, WorkerState
 from .placement.worker import Worker, memory_report
 from .proto import node_pb2_grpc
 from .serving.chat import ChatService
+from .serving.request import SamplingDefaults
 from .types import (
     DEFAULT_MAX_BATCH,
     DEFAULT_MAX_QUEUED,
@@ -65,6 +66,7 @@ class NodeConfig:
     lazy_tool_grammar: bool = False
     require_tool_on_user_turn: bool = False
     default_max_tokens: int | None = None
+    sampling_defaults: SamplingDefaults = field(default_factory=SamplingDefaults)
     prefix_cache_bytes: int | None = None  # None: the default share of free memory
     log_requests: Path | None = None
     max_batch: int = DEFAULT_MAX_BATCH
@@ -162,6 +164,7 @@ class Node:
                 lazy_tool_grammar=self.config.lazy_tool_grammar,
                 require_tool_on_user_turn=self.config.require_tool_on_user_turn,
                 default_max_tokens=self.config.default_max_tokens,
+                sampling_defaults=self.config.sampling_defaults,
             )
         return self._service
 

@@ -178,6 +178,9 @@ class SamplingParams:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0  # sample among the k most likely tokens (0: all)
+    # > 1 makes the tokens among the last REPETITION_WINDOW generated less likely (as
+    # vLLM's and llama.cpp's `repetition_penalty`); 1: off.
+    repetition_penalty: float = 1.0
     seed: int | None = None
     # A grammar constraint for this request (see exo_tools.constraints), as its serialized
     # spec so it can travel to whichever node samples; None = unconstrained.

@@ -31,9 +31,21 @@ CLAUDE_SYSTEM_PROMPT = (
     "commands, then answer in one or two sentences."
 )
 CLAUDE_TOOLS = ("Read", "Bash")
-# A node for agent CLIs on the default model: a user's turn is answered with a call, and
-# Codex, which sets no output limit, gets one.
-AGENT_NODE_FLAGS = ("--require-tool-on-user-turn", "--default-max-tokens", "256")
+# A node for agent CLIs on the default model: a user's turn is answered with a call;
+# Codex, which sets no output limit, gets one; and the CLIs, which set no sampling
+# parameters, get SmolLM2's card's and a repetition penalty (at the APIs' 1.0 its answers
+# ramble to the limit; at 0.2 without the penalty they loop there).
+AGENT_NODE_FLAGS = (
+    "--require-tool-on-user-turn",
+    "--default-max-tokens",
+    "256",
+    "--default-temperature",
+    "0.2",
+    "--default-top-p",
+    "0.9",
+    "--default-repetition-penalty",
+    "1.3",
+)
 # Codex's own base instructions are ~14k tokens; this file replaces them.
 CODEX_INSTRUCTIONS = (
     "You are a coding agent in a terminal. Run shell commands with the shell tool to look "
@@ -120,9 +132,11 @@ def read_claude_event(event: dict[str, Any], session: Session) -> None:
                 status = "error" if block.get("is_error") else "completed"
                 session.tools.append(f"{block.get('tool_use_id')}:{status}")
     elif kind == "result":
-        session.answer = str(event.get("result") or "")
         if event.get("is_error") or event.get("subtype") != "success":
+            # Its text is then the CLI's own error ("API Error: ..."), not an answer.
             session.errors.append(json.dumps(event)[:300])
+        else:
+            session.answer = str(event.get("result") or "")
 
 
 def codex_environment(root: Path, url: str, model: str) -> dict[str, str]:

@@ -1,10 +1,10 @@
 """Concurrent requests against a real node or cluster return what each returns alone.
 
-Eight chat completions of different lengths and sampling parameters (greedy, seeded
-temperature, top-k, top-p, log-probabilities, one constrained by a JSON schema) run one
-at a time, then all at once; each must come back identical (text, finish reason, usage;
+Nine chat completions of different lengths and sampling parameters (greedy, seeded
+temperature, top-k, top-p, log-probabilities, one constrained by a JSON schema, one with a long prompt) run one
+at a time and all at once; each must come back identical (text, finish reason, usage;
 log-probabilities to float32 rounding), and the master's engine must have run batched
-decode passes; meanwhile a ninth streams and its client goes away after a few chunks (the
+decode passes; meanwhile a tenth streams and its client goes away after a few chunks (the
 callers then check that every node freed every request's state)."""
 
 from __future__ import annotations
@@ -24,6 +24,10 @@ PERSON = {
     "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
     "required": ["name", "age"],
 }
+LONG_TEXT = " ".join(
+    f"Day {day}: the ship sailed {day * 7 % 40 + 10} miles and the crew counted {day * 3} gulls."
+    for day in range(1, 25)
+)
 BODIES: list[dict[str, Any]] = [
     {"messages": "Tell me about the sea.", "max_tokens": 10, "temperature": 0},
     {
@@ -50,6 +54,9 @@ BODIES: list[dict[str, Any]] = [
         "response_format": {"type": "json_schema", "json_schema": {"name": "p", "schema": PERSON}},
     },
     {"messages": "Count from one to twenty.", "max_tokens": 12, "temperature": 0},
+    # A prompt of several hundred tokens: it prefills in chunks while the others decode
+    # (on one node packed into their passes).
+    {"messages": "Summarize: " + LONG_TEXT, "max_tokens": 8, "temperature": 0},
 ]
 
 
@@ -121,9 +128,8 @@ def _stream(node: NodeProcess, spec: dict[str, Any], stop_after: int | None = No
 
 
 def assert_concurrent_requests_match_alone(master: NodeProcess) -> None:
-    """The eight requests alone, then all at once beside a ninth, streamed, whose client
-    goes away after a few chunks: the eight are unchanged and shared batched passes."""
-    alone = [_answer(master, spec) for spec in BODIES]
+    """The nine requests all at once beside a tenth, streamed, whose client goes away
+    after a few chunks, then alone: the nine are unchanged and shared batched passes."""
     before = master.health()["scheduler"]["decode_batches"]
     cancelled = {**BODIES[7], "max_tokens": 200}
 
@@ -132,7 +138,10 @@ def assert_concurrent_requests_match_alone(master: NodeProcess) -> None:
             return _stream(master, cancelled, stop_after=3)
         return _answer(master, BODIES[index])
 
+    # Together first: the prompts are new to the prefix cache, so they are prefilled while
+    # the others decode (alone, afterwards, they are served from it).
     *together, _ = _concurrently(len(BODIES) + 1, run)
+    alone = [_answer(master, spec) for spec in BODIES]
     for spec, one, many in zip(BODIES, alone, together, strict=True):
         assert _without_logprobs(many) == _without_logprobs(one), (spec, one, many)
         _assert_logprobs_close(one, many)

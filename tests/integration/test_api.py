@@ -166,7 +166,10 @@ def test_seeded_sampling_is_reproducible(node: NodeProcess) -> None:
 
 
 def test_concurrent_requests_match_each_alone(node: NodeProcess) -> None:
+    before = node.health()["scheduler"]["packed_chunks"]
     assert_concurrent_requests_match_alone(node)
+    # On one node, prompts that arrived while others decoded were prefilled in their passes.
+    assert node.health()["scheduler"]["packed_chunks"] > before
 
 
 def test_client_disconnect_stops_generation(node: NodeProcess) -> None:

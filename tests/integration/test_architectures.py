@@ -252,3 +252,56 @@ def test_batched_decode_matches_each_row_alone(folders: dict[str, Path], archite
 # Families that decode one request a pass: state-space caches (Qwen3-Next), chunked caches
 # (Llama 4), attention that works on the cached keys itself (DeepSeek V3's MLA).
 UNBATCHED_FAMILIES = {"deepseek_v3", "llama4", "qwen3_next"}
+
+
+@pytest.mark.parametrize("architecture", sorted(CONFIGS))
+def test_packed_pass_matches_each_row_alone(folders: dict[str, Path], architecture: str) -> None:
+    """Two requests' decode steps and a third prompt's prefill chunks packed into one pass
+    per step (engine.batching), on one stage, against each request alone: the decode
+    logits, and the packed prompt's logits once its prefill is done. A family that cannot
+    pack gives None and keeps its caches as they were."""
+    (model,) = stages(folders[architecture], 1)
+    decoders, packed_prompt = ROW_PROMPTS[:2], PROMPT
+
+    def prefilled() -> list[list[Any]]:
+        caches = []
+        for prompt in decoders:
+            cache = model.make_cache()
+            model.forward(mx.array(prompt[:-1])[None], cache)
+            caches.append(cache)
+        return caches
+
+    alone_caches, packed_caches = prefilled(), prefilled()
+    alone_prompt_cache, packed_prompt_cache = model.make_cache(), model.make_cache()
+    inputs = [prompt[-1] for prompt in decoders]
+    chunks = [packed_prompt[start : start + 6] for start in range(0, 36, 6)]
+    errors: list[float] = []
+    for chunk in chunks:
+        alone = [
+            model.forward(mx.array([[row]]), cache)[:, -1, :]
+            for row, cache in zip(inputs, alone_caches, strict=True)
+        ]
+        model.forward(mx.array(chunk)[None], alone_prompt_cache)
+        packed = model.forward_packed(
+            mx.array([*inputs, *chunk])[None],
+            [*packed_caches, packed_prompt_cache],
+            [1, 1, len(chunk)],
+            sampled=2,
+        )
+        if packed is None:
+            assert architecture in UNPACKED_FAMILIES, f"{architecture} stopped packing"
+            return
+        expected = mx.concatenate(alone, axis=0)
+        errors.append(float(mx.max(mx.abs(packed[:, -1, :] - expected)).item()))
+        inputs = [int(token) for token in mx.argmax(expected, axis=-1).tolist()]  # type: ignore[union-attr]
+    rest = mx.array(packed_prompt[36:])[None]
+    alone_end = model.forward(rest, alone_prompt_cache)[:, -1, :]
+    packed_end = model.forward(rest, packed_prompt_cache)[:, -1, :]
+    errors.append(float(mx.max(mx.abs(packed_end - alone_end)).item()))
+    assert max(errors) <= TOLERANCE, f"{architecture}: errors {errors}"
+    assert architecture not in UNPACKED_FAMILIES, f"{architecture} packs now: update the set"
+
+
+# Families whose one-stage passes cannot pack a prefill chunk beside decode steps: those
+# that cannot batch at all.
+UNPACKED_FAMILIES = UNBATCHED_FAMILIES

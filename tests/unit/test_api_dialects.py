@@ -223,12 +223,17 @@ def test_previous_response_id_continues_the_stored_conversation() -> None:
     assert store.delete("resp_1") and not store.delete("resp_1")
 
 
-def test_user_turn_is_the_users_message_with_no_tool_result_since_the_assistant() -> None:
+def test_user_turn_is_the_users_message_with_no_tool_result_or_answer_since_the_assistant() -> None:
     user = {"role": "user", "content": "x"}
-    assistant = {"role": "assistant", "content": "", "tool_calls": []}
+    call = {"role": "assistant", "content": "", "tool_calls": [{"id": "1", "type": "function"}]}
+    answer = {"role": "assistant", "content": "It says hi.", "tool_calls": []}
     tool = {"role": "tool", "tool_call_id": "1", "content": "r"}
     assert _user_turn([{"role": "system", "content": "s"}, user])
-    assert _user_turn([user, assistant, user])
+    assert _user_turn([user, call, user])
+    # After a text answer: a follow-up, or a client's "continue" after a cut answer.
+    assert not _user_turn([user, call, tool, answer, user])
+    assert not _user_turn([user, answer, user])
+    assistant = call
     assert not _user_turn([user, assistant, tool])
     # Claude Code puts text beside tool results: still a tool result's turn.
     assert not _user_turn([user, assistant, tool, user])

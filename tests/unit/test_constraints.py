@@ -258,7 +258,9 @@ def test_qwen3_coder_calls_are_constrained(tokenizer: TextTokenizer) -> None:
         C.tool_call_constraint([bad], "qwen3_coder")
 
 
-def _chat_service(tokenizer: TextTokenizer, fmt: str, *, lazy: bool) -> Any:
+def _chat_service(
+    tokenizer: TextTokenizer, fmt: str, *, lazy: bool = False, sampling_defaults: Any = None
+) -> Any:
     from exo_tools.models.catalog import CATALOG, DEFAULT_MODEL_ID
     from exo_tools.models.tokenizer import TextTokenizer as Tokenizer
     from exo_tools.serving.chat import ChatService
@@ -271,7 +273,14 @@ def _chat_service(tokenizer: TextTokenizer, fmt: str, *, lazy: bool) -> Any:
         chat_template="{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}",
     )
     card = CATALOG[DEFAULT_MODEL_ID].with_tool_format(fmt)
-    return ChatService(card, templated, 8192, PrepareOnly(), lazy_tool_grammar=lazy)
+    return ChatService(
+        card,
+        templated,
+        8192,
+        PrepareOnly(),
+        lazy_tool_grammar=lazy,
+        sampling_defaults=sampling_defaults,
+    )
 
 
 @pytest.mark.parametrize(
@@ -666,3 +675,49 @@ def test_schema_bounds_are_checked_before_compiling() -> None:
     big = {"type": "object", "description": "x" * (MAX_SCHEMA_BYTES + 1)}
     with pytest.raises(C.ConstraintError, match="at most"):
         C.json_schema_constraint(big)
+
+
+def test_node_sampling_defaults_apply_only_where_a_request_sets_none(
+    tokenizer: TextTokenizer,
+) -> None:
+    """--default-temperature/top-p/top-k fill what a request leaves out, in every API's
+    mapping; what a request sets (0 included) wins."""
+    from exo_tools.api import anthropic_messages, openai_chat, openai_responses
+    from exo_tools.api.schemas import ChatCompletionRequest
+    from exo_tools.serving.chat import ChatService
+    from exo_tools.serving.request import SamplingDefaults
+
+    defaults = SamplingDefaults(temperature=0.2, top_p=0.9, top_k=40)
+    service = _chat_service(tokenizer, "hermes", sampling_defaults=defaults)
+    plain = _chat_service(tokenizer, "hermes")
+    user = [{"role": "user", "content": "hi"}]
+
+    def sampled(service: ChatService, request: Any) -> tuple[float, float, int]:
+        params = service.prepare(request).sampling
+        return params.temperature, params.top_p, params.top_k
+
+    unset = [
+        openai_chat.to_chat_request(
+            ChatCompletionRequest.model_validate({"model": "m", "messages": user})
+        ),
+        anthropic_messages.to_chat_request(
+            anthropic_messages.MessagesRequest.model_validate(
+                {"model": "m", "max_tokens": 8, "messages": user}
+            )
+        ),
+        openai_responses.to_chat_request(
+            openai_responses.ResponsesRequest.model_validate({"model": "m", "input": "hi"}),
+            [],
+        ),
+    ]
+    for request in unset:
+        assert sampled(plain, request) == (1.0, 1.0, 0)
+    assert sampled(service, unset[0]) == (0.2, 0.9, 40)
+    assert sampled(service, unset[1]) == (0.2, 0.9, 40)
+    assert sampled(service, unset[2]) == (0.2, 0.9, 40)
+    explicit = openai_chat.to_chat_request(
+        ChatCompletionRequest.model_validate(
+            {"model": "m", "messages": user, "temperature": 0, "top_p": 1.0, "top_k": 0}
+        )
+    )
+    assert sampled(service, explicit) == (0.0, 1.0, 0)

@@ -12,7 +12,7 @@ from pydantic import ValidationError
 
 from exo_tools.api.errors import from_validation_error
 from exo_tools.api.schemas import ChatCompletionRequest
-from exo_tools.engine.sampling import Sampler, _top_p_filter
+from exo_tools.engine.sampling import Sampler, _top_p_filter, sample_token
 from exo_tools.models.catalog import (
     GGUFFileSource,
     HFRepoSource,
@@ -87,6 +87,22 @@ def test_top_k_draws_only_among_the_k_most_likely() -> None:
     assert {top_two(logits).tolist()[0] for _ in range(200)} == {1, 3}
     top_one = Sampler(SamplingParams(temperature=1.0, top_k=1, seed=11))
     assert {top_one(logits).tolist()[0] for _ in range(20)} == {1}
+
+
+def test_repetition_penalty_lowers_recent_tokens_only() -> None:
+    """Greedy with a penalty: token 1 led, was sampled, and is then passed over for token
+    0 (2.0 / 1.5 < 1.8); a negative logit moves down too; the caller's logits stay."""
+    logits = mx.array([[1.8, 2.0, -1.0, -0.5]])
+    before = logits.tolist()
+    sampler = Sampler(SamplingParams(temperature=0.0, repetition_penalty=1.5))
+    assert sample_token(sampler, logits)[0] == 1
+    assert sample_token(sampler, logits)[0] == 0
+    assert logits.tolist() == before
+    negative = Sampler(SamplingParams(temperature=0.0, repetition_penalty=2.0))
+    negative.sampled(3)
+    assert negative(mx.array([[-0.9, -5.0, -5.0, -0.5]])).tolist() == [0]  # -0.5 * 2 < -0.9
+    unpenalized = Sampler(SamplingParams(temperature=0.0))
+    assert [sample_token(unpenalized, logits)[0] for _ in range(2)] == [1, 1]
 
 
 def test_shard_bounds() -> None:

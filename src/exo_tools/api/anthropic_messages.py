@@ -176,9 +176,9 @@ def to_chat_request(body: CountTokensRequest) -> ChatRequest:
     return replace(
         conversation,
         max_tokens=body.max_tokens,
-        temperature=1.0 if body.temperature is None else body.temperature,
-        top_p=1.0 if body.top_p is None else body.top_p,
-        top_k=body.top_k or 0,
+        temperature=body.temperature,
+        top_p=body.top_p,
+        top_k=body.top_k,
         stop=tuple(body.stop_sequences or ()),
         response_format=None
         if output_format is None

@@ -60,9 +60,10 @@ def to_chat_request(body: ChatCompletionRequest) -> ChatRequest:
         tool_choice=body.tool_choice,
         parallel_tool_calls=body.parallel_tool_calls is not False,
         max_tokens=body.token_limit(),
-        temperature=1.0 if body.temperature is None else body.temperature,
-        top_p=1.0 if body.top_p is None else body.top_p,
-        top_k=body.top_k or 0,
+        temperature=body.temperature,
+        top_p=body.top_p,
+        top_k=body.top_k,
+        repetition_penalty=body.repetition_penalty,
         seed=body.seed,
         stop=tuple(body.stop_list()),
         response_format=None

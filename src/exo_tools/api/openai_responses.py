@@ -209,8 +209,8 @@ def to_chat_request(body: ResponsesRequest, items: list[dict[str, Any]]) -> Chat
         tool_choice=body.tool_choice,
         parallel_tool_calls=body.parallel_tool_calls is not False,
         max_tokens=body.max_output_tokens,
-        temperature=1.0 if body.temperature is None else body.temperature,
-        top_p=1.0 if body.top_p is None else body.top_p,
+        temperature=body.temperature,
+        top_p=body.top_p,
         response_format=None
         if text_format is None or text_format.type == "text"
         else ResponseFormat(text_format.type, text_format.json_schema),

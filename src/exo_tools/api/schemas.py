@@ -152,6 +152,8 @@ class ChatCompletionRequest(GuidedGenerationFields):
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     # Not OpenAI's; vLLM's and llama.cpp's servers take it too.
     top_k: int | None = Field(default=None, ge=0)
+    # vLLM's extension: > 1 makes recently generated tokens less likely.
+    repetition_penalty: float | None = Field(default=None, gt=0.0, le=2.0)
     # MLX keys its generator with an unsigned 64-bit seed.
     seed: int | None = Field(default=None, ge=0, le=2**64 - 1)
     stop: str | list[str] | None = None

@@ -16,6 +16,14 @@ which the model passes unopened to `scaled_dot_product_attention`, where
 own cache. mlx-lm's `BatchKVCache` pads every request to the longest and is rebuilt when
 requests join or leave; keeping the requests' caches avoids both.
 
+A pass can also be *packed*: one sequence of tokens made of several requests' segments
+(the decode steps of the running requests, one token each, and a prefill chunk of a new
+prompt), so the chunk shares the decode step's weight reads instead of costing a pass of
+its own. `RowCaches` then knows each row's segment length: it splits the keys and values
+along the sequence, asks each row's cache for the mask of its own segment, and its
+`offset` is a `TokenPositions` (one position per token), which the rotary embeddings take
+through `PackedRope` (installed over the model's rotary modules).
+
 Only caches whose behaviour is fully known here batch (`KVCache`, `RotatingKVCache`); a
 model with any other kind (state-space layers, Llama 4's chunked caches, quantized KV), or
 whose attention works on the keys itself (`ShardModel` finds out on its first batched
@@ -26,9 +34,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from itertools import accumulate
+from typing import Any, cast
 
 import mlx.core as mx
+import mlx.nn as nn
 from mlx_lm.models.cache import KVCache, RotatingKVCache
 
 BATCHABLE_CACHES = (KVCache, RotatingKVCache)
@@ -41,6 +51,49 @@ class PerRow:
     rows: list[Any]
 
 
+@dataclass(frozen=True)
+class TokenPositions:
+    """The position of every token of a packed pass, in place of a cache's offset. It has
+    no arithmetic on purpose: model code that does more with an offset than hand it to
+    its rotary embedding fails loudly, and the stage stops packing."""
+
+    positions: mx.array
+
+
+class PackedRope(nn.Module):
+    """A model's rotary embedding that also takes `TokenPositions`: every token becomes a
+    batch row of its own, and rotary embeddings take one offset per batch row."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self._inner = inner  # private: the model's parameter tree stays as loaded
+
+    def __call__(self, x: mx.array, offset: Any = 0) -> mx.array:
+        if isinstance(offset, TokenPositions):
+            # (1, heads, tokens, dim) -> (tokens, heads, 1, dim) and back.
+            return self._inner(x.swapaxes(0, 2), offset=offset.positions).swapaxes(0, 2)
+        return self._inner(x, offset=offset)
+
+
+def _is_rope(part: object) -> bool:
+    name = type(part).__name__.lower()
+    return isinstance(part, nn.RoPE) or "rope" in name or "rotary" in name
+
+
+def install_packed_rope(model: nn.Module) -> int:
+    """Wrap every rotary embedding module of `model` in `PackedRope` (once); how many
+    the model has. A model with none cannot run packed passes."""
+    count = 0
+    for _, part in model.named_modules():
+        for key, child in list(part.children().items()):
+            if isinstance(child, PackedRope):
+                count += 1
+            elif isinstance(child, nn.Module) and _is_rope(child):
+                setattr(part, key, PackedRope(child))
+                count += 1
+    return count
+
+
 def batchable(cache: Sequence[Any]) -> bool:
     """Whether a request's per-layer caches can join a batched pass."""
     return all(type(layer) in BATCHABLE_CACHES for layer in cache)
@@ -50,24 +103,45 @@ class RowCaches:
     """One layer position's caches of every row of a batched pass, as the model's code
     sees a cache."""
 
-    def __init__(self, rows: list[Any]) -> None:
+    def __init__(self, rows: list[Any], lengths: list[int] | None = None) -> None:
         self.rows = rows
-        self._offsets: mx.array | None = None
+        # A packed pass: row i's segment of `lengths[i]` tokens, in order along the
+        # sequence axis of one batch row (None: one batch row per request).
+        self.lengths = lengths
+        self._offsets: mx.array | TokenPositions | None = None
 
     @property
-    def offset(self) -> mx.array:
-        # Rotary embeddings take an offset per batch row (asked for twice a layer, before
-        # the update).
+    def offset(self) -> mx.array | TokenPositions:
+        # Rotary embeddings take an offset per batch row, or a position per token when
+        # packed (asked for twice a layer, before the update).
         if self._offsets is None:
-            self._offsets = mx.array([row.offset for row in self.rows])
+            if self.lengths is None:
+                self._offsets = mx.array([row.offset for row in self.rows])
+            else:
+                positions = [
+                    position
+                    for row, length in zip(self.rows, self.lengths, strict=True)
+                    for position in range(row.offset, row.offset + length)
+                ]
+                self._offsets = TokenPositions(mx.array(positions))
         return self._offsets
+
+    def split(self, array: mx.array, axis: int) -> list[mx.array]:
+        """`array`'s part of each row: along the batch axis, or (packed) the rows'
+        segments along the sequence axis `axis`. One split per array, not one slice per
+        row: a pass's op count is its cost here."""
+        count = len(self.rows)
+        if self.lengths is not None:
+            if count == 1:
+                return [array]
+            ends = list(accumulate(self.lengths))[:-1]
+            return cast(list[mx.array], mx.split(array, ends, axis=axis))
+        return cast(list[mx.array], mx.split(array, count, axis=0)) if count > 1 else [array]
 
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[PerRow, PerRow]:
         self._offsets = None
-        count = len(self.rows)
-        # One split per array, not one slice per row: a pass's op count is its cost here.
-        key_rows = mx.split(keys, count, axis=0) if count > 1 else [keys]
-        value_rows = mx.split(values, count, axis=0) if count > 1 else [values]
+        key_rows = self.split(keys, axis=-2)
+        value_rows = self.split(values, axis=-2)
         fetched = [
             row.update_and_fetch(key, value)
             for row, key, value in zip(self.rows, key_rows, value_rows, strict=True)
@@ -75,7 +149,8 @@ class RowCaches:
         return PerRow([k for k, _ in fetched]), PerRow([v for _, v in fetched])
 
     def make_mask(self, length: int, **kwargs: Any) -> PerRow | None:
-        masks = [row.make_mask(length, **kwargs) for row in self.rows]
+        lengths = self.lengths or [length] * len(self.rows)
+        masks = [row.make_mask(own, **kwargs) for row, own in zip(self.rows, lengths, strict=True)]
         if all(mask is None for mask in masks):
             return None
         return PerRow(masks)
@@ -89,10 +164,15 @@ class RowCaches:
         return True
 
 
-def row_caches(caches: Sequence[Sequence[Any]]) -> list[RowCaches]:
+def row_caches(
+    caches: Sequence[Sequence[Any]], lengths: list[int] | None = None
+) -> list[RowCaches]:
     """Per layer position, the rows' caches of that position (every request's cache list
-    has the same positions)."""
-    return [RowCaches([cache[position] for cache in caches]) for position in range(len(caches[0]))]
+    has the same positions); `lengths` for a packed pass (see `RowCaches`)."""
+    return [
+        RowCaches([cache[position] for cache in caches], lengths)
+        for position in range(len(caches[0]))
+    ]
 
 
 Attention = Callable[..., mx.array]
@@ -109,11 +189,18 @@ def attention_per_row(
     sinks: Any,
 ) -> mx.array:
     """A batched pass's attention: each row against its own keys and values (what the
-    same request computes alone), stacked back into the batch."""
+    same request computes alone), stacked back into the batch (or, packed, back along
+    the sequence)."""
     count = len(keys.rows)
-    rows = cache.rows if isinstance(cache, RowCaches) else [None] * count
     masks = mask.rows if isinstance(mask, PerRow) else [mask] * count
-    query_rows = mx.split(queries, count, axis=0) if count > 1 else [queries]
+    if isinstance(cache, RowCaches):
+        rows: list[Any] = cache.rows
+        query_rows = cache.split(queries, axis=-2)
+        packed = cache.lengths is not None
+    else:  # a layer that reads another layer's keys and values
+        rows = [None] * count
+        query_rows = mx.split(queries, count, axis=0) if count > 1 else [queries]
+        packed = False
     outputs = [
         attend(
             query_rows[index],
@@ -126,4 +213,4 @@ def attention_per_row(
         )
         for index in range(count)
     ]
-    return mx.concatenate(outputs, axis=0)
+    return mx.concatenate(outputs, axis=-2 if packed else 0)

@@ -227,6 +227,9 @@ class StageEngine:
         # Stage 0: batched decode passes, and the request steps they ran.
         self.decode_batches = 0
         self.decode_rows_batched = 0
+        # Prefill chunks packed into a decode pass, and their tokens (engine.batching).
+        self.packed_chunks = 0
+        self.packed_chunk_tokens = 0
         self.decode_batch_rows: Counter[int] = Counter()  # passes by their number of rows
         # Seconds the MLX thread spent on work (not waiting): with a run's token count, what
         # a token costs on this stage, the rest of its time being hops and wakeups.
@@ -299,6 +302,8 @@ class StageEngine:
             "decode_batches": batches,
             "mean_batch_rows": round(self.decode_rows_batched / batches, 2) if batches else None,
             "batch_rows": {str(rows): n for rows, n in sorted(self.decode_batch_rows.items())},
+            "packed_chunks": self.packed_chunks,
+            "packed_chunk_tokens": self.packed_chunk_tokens,
         }
 
     @property

@@ -24,9 +24,10 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import mlx.core as mx
+from mlx_lm.models.cache import KVCache
 
 from ..types import (
     ErrorEvent,
@@ -72,6 +73,12 @@ PREFILL_CHUNK = 2048
 # PREFILL_CHUNK_BUSY.
 PREFILL_CHUNK_BUSY = 64
 MIN_BUSY_CHUNK = 16
+# On one stage a chunk is packed into the decode steps' pass (engine.batching): it shares
+# their weight reads, so what it adds is its own tokens' compute. Its tokens are sized to
+# add this share of a decode round (at least MIN_PACKED_CHUNK), so a running stream waits
+# about 1 + PACKED_CHUNK_SHARE times its usual time per token while a prompt prefills.
+PACKED_CHUNK_SHARE = 0.8
+MIN_PACKED_CHUNK = 8
 # Weight of the latest measurement in the running averages of round costs.
 COST_SMOOTHING = 0.3
 
@@ -150,8 +157,13 @@ def _reserved_tokens(origin: Origin) -> int:
 
 def _can_run_ahead(sampler: Sampler | None) -> bool:
     """Sampling needs nothing from the host between steps: no grammar mask to compute
-    from the token, no log-probabilities to read."""
-    return sampler is not None and sampler.params.constraint is None and not sampler.params.logprobs
+    from the token, no log-probabilities to read, no generated tokens to penalize."""
+    return (
+        sampler is not None
+        and sampler.params.constraint is None
+        and not sampler.params.logprobs
+        and not sampler.penalizes_repetition
+    )
 
 
 class Driver(Role):
@@ -168,6 +180,8 @@ class Driver(Role):
         # Running averages: a decode round's seconds, and a prefill token's.
         self._decode_round_s: float | None = None
         self._prefill_token_s: float | None = None
+        # ... and what a token of a packed chunk adds to a decode round.
+        self._packed_token_s: float | None = None
         # Requests waiting for a place (--max-running, or the KV budget), oldest first.
         self.waiting: deque[Origin] = deque()
         self.max_batch = engine.max_batch
@@ -230,6 +244,9 @@ class Driver(Role):
         self.origins[origin.request_id] = origin
         try:
             self._open(origin, reuse=True)
+            entry = self._engine.caches.get(origin.request_id)
+            if entry is not None:
+                self._size_growth(origin, entry)
         except Exception as error:
             log.exception("request %s failed to start", origin.request_id)
             self._fail(origin, f"generation failed: {error}")
@@ -269,13 +286,23 @@ class Driver(Role):
 
     def run_ready(self) -> None:
         """One round: the ready requests' decode steps as one batched pass, then one prefill
-        chunk of the request that has waited longest for one."""
+        chunk of the request that has waited longest for one (on one stage, packed into
+        the decode steps' pass when the model allows)."""
         decoding = [origin for origin in self.ready.values() if origin.decoding]
         prefilling = next((o for o in self.ready.values() if not o.decoding), None)
         if decoding:
+            packable = prefilling if self._stage.model.packs else None
             began = time.perf_counter()
-            self._decode_round(decoding[: self._batch_limit()])
-            self._decode_round_s = _smoothed(self._decode_round_s, time.perf_counter() - began)
+            chunk = self._decode_round(decoding[: self._batch_limit()], packable)
+            elapsed = time.perf_counter() - began
+            if chunk:
+                # What the chunk added to the round, per token.
+                base = self._decode_round_s if self._decode_round_s is not None else elapsed
+                per_token = max(0.0, elapsed - base) / chunk
+                self._packed_token_s = _smoothed(self._packed_token_s, per_token)
+                prefilling = None
+            else:
+                self._decode_round_s = _smoothed(self._decode_round_s, elapsed)
         if prefilling is not None and self.ready.pop(prefilling.request_id, None) is not None:
             done, began = prefilling.prompt_done, time.perf_counter()
             self._step_safely(prefilling)
@@ -293,6 +320,14 @@ class Driver(Role):
             return PREFILL_CHUNK_BUSY
         return max(MIN_BUSY_CHUNK, min(PREFILL_CHUNK, int(round_s / token_s)))
 
+    def _packed_chunk(self, remaining: int) -> int:
+        """The next prefill chunk packed into a decode round (see PACKED_CHUNK_SHARE)."""
+        round_s, token_s = self._decode_round_s, self._packed_token_s
+        if round_s is None or token_s is None or token_s <= 0:
+            return min(remaining, PREFILL_CHUNK_BUSY)
+        fits = int(PACKED_CHUNK_SHARE * round_s / token_s)
+        return min(remaining, max(MIN_PACKED_CHUNK, min(PREFILL_CHUNK, fits)))
+
     def _batch_limit(self) -> int:
         """How many decode steps one pass takes: on a pipeline, a share of the decoding
         requests per stage, so several micro-batches are in flight at once."""
@@ -302,10 +337,13 @@ class Driver(Role):
         decoding = sum(1 for origin in self.origins.values() if origin.decoding)
         return max(1, min(self.max_batch, math.ceil(decoding / stages)))
 
-    def _decode_round(self, batch: list[Origin]) -> None:
+    def _decode_round(self, batch: list[Origin], chunk: Origin | None = None) -> int:
+        """The decode steps of `batch`, batched where they can be, with a prefill chunk of
+        `chunk` packed into their pass where it can be; the chunk's tokens (0: it did not
+        go along, and stays ready)."""
         for origin in batch:
             self.ready.pop(origin.request_id, None)
-        if len(batch) > 1:
+        if len(batch) > 1 or chunk is not None:
             # A request that ran a step ahead alone joins with that step's token emitted.
             for origin in batch:
                 if origin.ahead is not None:
@@ -320,13 +358,16 @@ class Driver(Role):
             else:
                 runnable.append(origin)
         together = [origin for origin in runnable if self._batchable(origin)]
-        if len(together) < 2:
+        if chunk is not None and (chunk.cancelled.is_set() or not together):
+            chunk = None
+        if len(together) < 2 and chunk is None:
             together = []
         for origin in runnable:
             if origin not in together:
                 self._step_safely(origin)
         if together:
-            self._decode_batch(together)
+            return self._decode_batch(together, chunk)
+        return 0
 
     def _batchable(self, origin: Origin) -> bool:
         """Whether the request's next decode step can share a pass: every stage holds its
@@ -510,6 +551,7 @@ class Driver(Role):
             count = min(limit, remaining)
             ids = origin.prompt[origin.prompt_done : origin.prompt_done + count]
             origin.prompt_done += count
+            self._size_growth(origin, entry)
             sample = False
             origin.fed.extend(ids)
         else:
@@ -547,8 +589,9 @@ class Driver(Role):
             # Prefill chunks stream on: stage 1 works on this chunk while we run the next.
             self._schedule(origin)
 
-    def _decode_batch(self, batch: list[Origin]) -> None:
-        """One decode step of every request of `batch` as one pass."""
+    def _decode_batch(self, batch: list[Origin], chunk: Origin | None = None) -> int:
+        """One decode step of every request of `batch` as one pass, with a prefill chunk
+        of `chunk` packed into it where the model allows; the chunk's tokens (0: none)."""
         engine, stage = self._engine, self._stage
         entries = [engine.caches[origin.request_id] for origin in batch]
         inputs: list[int] = []
@@ -559,10 +602,16 @@ class Driver(Role):
         engine.decode_batches += 1
         engine.decode_rows_batched += len(batch)
         engine.decode_batch_rows[len(batch)] += 1
-        ids = mx.array(inputs)[:, None]
         caches = [entry.cache for entry in entries]
+        packed = None
         try:
-            out = self._forward_rows(batch, ids, caches)
+            if chunk is not None:
+                packed = self._packed_pass(inputs, caches, chunk)
+            if packed is not None:
+                logits = packed[0][:, -1, :]
+                mx.eval(logits, *packed[1])
+                return self._decode_batch_sampled(batch, entries, logits, chunk, packed[2])
+            out = self._forward_rows(batch, mx.array(inputs)[:, None], caches)
             if stage.n_stages > 1:
                 first = batch[0]
                 self._groups += 1
@@ -579,15 +628,71 @@ class Driver(Role):
                         rows=[origin.request_id for origin in batch],
                     )
                 )
-                return
+                return 0
             logits = out[:, -1, :]
             mx.eval(logits)
         except Exception as error:  # the pass failed: every request in it fails
             log.exception("a batched decode step of %d requests failed", len(batch))
-            for origin in batch:
+            failed = [*batch, chunk] if packed is not None and chunk is not None else batch
+            for origin in failed:
                 if origin.request_id in self.origins:
                     self._step_failed(origin, error)
-            return
+            return len(packed[2]) if packed is not None else 0
+        return self._decode_batch_sampled(batch, entries, logits, None, [])
+
+    def _packed_pass(
+        self, inputs: list[int], caches: list[list[object]], chunk: Origin
+    ) -> tuple[mx.array, list[Any], list[int]] | None:
+        """The decode steps `inputs` and the next prefill chunk of `chunk` as one packed
+        pass (built, not evaluated): the decode rows' logits, the chunk's cache state to
+        evaluate with them, and the chunk's tokens; None when it cannot pack."""
+        stage = self._stage
+        entry = self._engine.caches.get(chunk.request_id)
+        if entry is None:
+            return None
+        remaining = len(chunk.prompt) - 1 - chunk.prompt_done
+        ids = chunk.prompt[chunk.prompt_done : chunk.prompt_done + self._packed_chunk(remaining)]
+        logits = stage.model.forward_packed(
+            mx.array([*inputs, *ids])[None],
+            [*caches, entry.cache],
+            [1] * len(inputs) + [len(ids)],
+            sampled=len(inputs),
+        )
+        if logits is None:
+            return None
+        self.ready.pop(chunk.request_id, None)
+        self._engine.packed_chunks += 1
+        self._engine.packed_chunk_tokens += len(ids)
+        chunk.prompt_done += len(ids)
+        self._size_growth(chunk, entry)
+        chunk.fed.extend(ids)
+        return logits, stage.model.cache_state(entry.cache), ids
+
+    def _size_growth(self, origin: Origin, entry: CacheEntry) -> None:
+        """While a prompt is prefilled in chunks its caches grow by the rest of the prompt
+        at once (mlx-lm's `KVCache` grows 256 positions at a time, copying everything it
+        holds each time: a 2k prompt in 20-token chunks stalled a round in ten); once it
+        decodes they grow by mlx-lm's step again."""
+        for layer in self._stage.model.local_caches(entry.cache):
+            if type(layer) is not KVCache:
+                continue
+            if origin.decoding:
+                vars(layer).pop("step", None)  # the class's own step
+            else:
+                layer.step = max(KVCache.step, len(origin.prompt) - layer.offset)
+
+    def _decode_batch_sampled(
+        self,
+        batch: list[Origin],
+        entries: list[CacheEntry],
+        logits: mx.array,
+        chunk: Origin | None,
+        chunk_ids: list[int],
+    ) -> int:
+        """Sample and emit each decode row's token from its logits; a packed chunk's
+        request goes on to its next chunk (or its first token)."""
+        if chunk is not None and chunk.request_id in self.origins:
+            self._schedule(chunk)
         for index, (origin, entry) in enumerate(zip(batch, entries, strict=True)):
             try:
                 token, logprobs = sample_token(entry.sampler, logits[index : index + 1])
@@ -596,6 +701,7 @@ class Driver(Role):
                 self._fail(origin, f"generation failed: {error}")
                 continue
             self._on_token(origin, token, logprobs)
+        return len(chunk_ids)
 
     def _forward_rows(
         self, batch: list[Origin], ids: mx.array, caches: list[list[object]]

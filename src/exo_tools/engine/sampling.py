@@ -12,6 +12,7 @@ end-of-sequence is allowed, so the runner stops. Without one, sampling does no e
 from __future__ import annotations
 
 import os
+from collections import deque
 from typing import TYPE_CHECKING, cast
 
 import mlx.core as mx
@@ -20,6 +21,9 @@ from ..types import SamplingParams, TokenLogprobs
 
 if TYPE_CHECKING:
     from ..constraints import GrammarTokenizer, TokenConstraint
+
+# The generated tokens a repetition penalty looks back on (llama.cpp's repeat_last_n).
+REPETITION_WINDOW = 64
 
 
 def token_logprobs(logits: mx.array, token: int, top: int) -> TokenLogprobs:
@@ -45,9 +49,33 @@ class Sampler:
         self._key = mx.random.key(seed)
         # Built on the first call, on the thread that samples (the node's MLX thread).
         self._constraint: TokenConstraint | None = None
+        self._recent: deque[int] = deque(maxlen=REPETITION_WINDOW)
+
+    @property
+    def penalizes_repetition(self) -> bool:
+        """Whether sampling needs the tokens sampled so far (read back between steps)."""
+        return self.params.repetition_penalty != 1.0
+
+    def sampled(self, token: int) -> None:
+        """Note a sampled token, for the repetition penalty."""
+        if self.penalizes_repetition:
+            self._recent.append(token)
+
+    def _penalized(self, logits: mx.array) -> mx.array:
+        """`logits` with the recently generated tokens made less likely: a positive logit
+        divided by the penalty, a negative one multiplied (so both move down)."""
+        if not self._recent or not self.penalizes_repetition:
+            return logits
+        penalty = self.params.repetition_penalty
+        ids = mx.array(sorted(set(self._recent)))
+        logits = logits.astype(mx.float32)
+        seen = logits[:, ids]
+        logits[:, ids] = mx.where(seen < 0, seen * penalty, seen / penalty)
+        return logits
 
     def __call__(self, logits: mx.array) -> mx.array:
         """One token id per row of `logits` (shape [batch, vocab])."""
+        logits = self._penalized(logits)
         if self.params.constraint is None:
             return self._sample(logits)
         constraint = self._constraint
@@ -88,6 +116,7 @@ def sample_token(sampler: Sampler | None, logits: mx.array) -> tuple[int, TokenL
     if sampler is None:
         raise RuntimeError("no sampling parameters arrived for this request")
     token = int(sampler(logits).item())  # type: ignore[misc]
+    sampler.sampled(token)
     params = sampler.params
     if not params.logprobs:
         return token, None

@@ -32,7 +32,7 @@ from mlx_lm.models.cache import KVCache
 from ..models.pruning import SkippedLayer, embedding_key, layers_path, module_at
 from ..types import Shard
 from . import cpu_attention
-from .batching import batchable, row_caches
+from .batching import batchable, install_packed_rope, row_caches
 
 log = logging.getLogger(__name__)
 
@@ -147,6 +147,15 @@ class ShardModel:
         self.model_type = str(model_type)
         # Batched passes need the model's attention to go through the hook.
         self.batches = cpu_attention.install(model)
+        # Packed passes (a prefill chunk beside decode steps) also need the rotary
+        # embeddings to take a position per token; only a whole model on one stage packs.
+        self.packs = (
+            self.batches
+            and shard.is_first
+            and shard.is_last
+            and shard.tensor is None
+            and install_packed_rope(model) > 0
+        )
         # Tensor members other than rank 0 run every block on rank 0's embedded input and
         # leave the head to rank 0.
         follower = shard.tensor is not None and not shard.tensor.is_root
@@ -281,19 +290,52 @@ class ShardModel:
                     raise
                 # The model works on the keys or the caches itself (DeepSeek's MLA, ...):
                 # undo the rows' cache updates and decode one request a pass from now on.
-                self._rewind(caches, before)
                 self.batches = False
-                log.warning(
-                    "%s: its attention does not take batched rows (%s); decoding one "
-                    "request a pass",
-                    self.model_type,
-                    error,
+                self._fall_back(
+                    caches,
+                    before,
+                    f"its attention does not take batched rows ({error})",
+                    "decoding one request a pass",
                 )
         outputs = [run(inputs[index : index + 1], cache) for index, cache in enumerate(caches)]
         return mx.concatenate(outputs, axis=0)
 
+    def forward_packed(
+        self, inputs: mx.array, caches: list[list[Any]], lengths: list[int], sampled: int
+    ) -> mx.array | None:
+        """One pass over several requests' segments packed in one sequence (`inputs` is
+        (1, sum(lengths)) token ids; segment i is request i's, attending to its own
+        `caches[i]`): the logits of the first `sampled` segments, which are one token
+        each (decode steps); the later segments (prefill chunks) only fill their caches.
+        None when the model cannot run packed passes (its caches are as before)."""
+        if not self.packs or not all(self.can_batch(cache) for cache in caches):
+            return None
+        before = [self._offsets(cache) for cache in caches]
+        try:
+            hidden = self.blocks(inputs, row_caches(caches, lengths))
+        except (AttributeError, TypeError, ValueError) as error:
+            # The model does more with a position than its rotary embedding takes: undo
+            # the rows' cache updates and run decode steps and chunks apart from now on.
+            self.packs = False
+            self._fall_back(
+                caches,
+                before,
+                f"its layers do not take packed passes ({error})",
+                "a prefill chunk runs apart from the decode steps",
+            )
+            return None
+        steps = hidden[:, :sampled, :].reshape(sampled, 1, hidden.shape[-1])
+        return self.head(steps)
+
     def _offsets(self, cache: list[Any]) -> list[int]:
         return [int(layer.offset) for layer in self.local_caches(cache)]
+
+    def _fall_back(
+        self, caches: list[list[Any]], offsets: list[list[int]], failure: str, instead: str
+    ) -> None:
+        """A batched pass failed: rewind its caches to `offsets` and say what runs now."""
+        self._rewind(caches, offsets)
+        log.warning("%s: %s; %s", self.model_type, failure, instead)
 
     def _rewind(self, caches: list[list[Any]], offsets: list[list[int]]) -> None:
         for cache, before in zip(caches, offsets, strict=True):

@@ -236,7 +236,7 @@ class LoadShardProgress(_message.Message):
     def __init__(self, epoch: _Optional[int] = ..., stage: _Optional[str] = ..., done: _Optional[int] = ..., total: _Optional[int] = ..., finished: _Optional[bool] = ..., error: _Optional[str] = ..., weight_bytes: _Optional[int] = ..., rss: _Optional[int] = ..., mlx_active: _Optional[int] = ..., current_epoch: _Optional[int] = ...) -> None: ...
 
 class SamplingParams(_message.Message):
-    __slots__ = ("temperature", "top_p", "seed", "has_seed", "constraint", "has_constraint", "logprobs", "top_logprobs", "top_k")
+    __slots__ = ("temperature", "top_p", "seed", "has_seed", "constraint", "has_constraint", "logprobs", "top_logprobs", "top_k", "repetition_penalty")
     TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
     TOP_P_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
@@ -246,6 +246,7 @@ class SamplingParams(_message.Message):
     LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     TOP_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
+    REPETITION_PENALTY_FIELD_NUMBER: _ClassVar[int]
     temperature: float
     top_p: float
     seed: int
@@ -255,7 +256,8 @@ class SamplingParams(_message.Message):
     logprobs: bool
     top_logprobs: int
     top_k: int
-    def __init__(self, temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., has_seed: _Optional[bool] = ..., constraint: _Optional[str] = ..., has_constraint: _Optional[bool] = ..., logprobs: _Optional[bool] = ..., top_logprobs: _Optional[int] = ..., top_k: _Optional[int] = ...) -> None: ...
+    repetition_penalty: float
+    def __init__(self, temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., has_seed: _Optional[bool] = ..., constraint: _Optional[str] = ..., has_constraint: _Optional[bool] = ..., logprobs: _Optional[bool] = ..., top_logprobs: _Optional[int] = ..., top_k: _Optional[int] = ..., repetition_penalty: _Optional[float] = ...) -> None: ...
 
 class ActivationMessage(_message.Message):
     __slots__ = ("request_id", "epoch", "sent_ns", "forward", "token", "release", "failure")

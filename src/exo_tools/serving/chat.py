@@ -54,7 +54,7 @@ from .events import (
     ToolCallEvent,
 )
 from .generation import generate_text
-from .request import ChatRequest, GuidedOutput
+from .request import ChatRequest, GuidedOutput, SamplingDefaults
 from .telemetry import current_record
 
 DEFAULT_TOOL_FORMAT = "hermes"
@@ -83,6 +83,7 @@ class ChatService:
         lazy_tool_grammar: bool = False,
         require_tool_on_user_turn: bool = False,
         default_max_tokens: int | None = None,
+        sampling_defaults: SamplingDefaults | None = None,
     ) -> None:
         self.card = card
         # tool_choice "auto": constrain a call once the model starts one (opt-in per node).
@@ -93,6 +94,7 @@ class ChatService:
         # The output limit of a request that sets none (Codex sends none); None: the
         # context left.
         self.default_max_tokens = default_max_tokens
+        self.sampling_defaults = sampling_defaults or SamplingDefaults()
         self.tokenizer = tokenizer
         self.context_length = context_length
         self.generator = generator
@@ -274,10 +276,16 @@ class ChatService:
         left = context - len(prompt_ids)
         default = left if self.default_max_tokens is None else min(self.default_max_tokens, left)
         max_tokens = requested if requested is not None else default
+        defaults = self.sampling_defaults
         sampling = SamplingParams(
-            temperature=request.temperature,
-            top_p=request.top_p,
-            top_k=request.top_k,
+            temperature=defaults.temperature
+            if request.temperature is None
+            else request.temperature,
+            top_p=defaults.top_p if request.top_p is None else request.top_p,
+            top_k=defaults.top_k if request.top_k is None else request.top_k,
+            repetition_penalty=defaults.repetition_penalty
+            if request.repetition_penalty is None
+            else request.repetition_penalty,
             seed=request.seed,
             constraint=self._constraint(request, shown, choice, max_tokens),
             logprobs=request.logprobs,
@@ -343,8 +351,12 @@ class ChatService:
 
 
 def _user_turn(messages: list[dict[str, Any]]) -> bool:
-    """Whether the model answers the user, not a tool result: the last message is the
-    user's and no tool result came since the assistant last spoke."""
+    """Whether the model answers a user's message that opens a task: the last message is
+    the user's, and since the assistant last spoke there is no tool result and that
+    message was not a text answer. After a text answer the next user message (a
+    follow-up, or Claude Code's "Output token limit hit. Resume directly" when an answer
+    was cut) is answered freely: forcing a call there gave Claude Code a call on every
+    turn until its turn limit."""
     if not messages or messages[-1].get("role") != "user":
         return False
     for message in reversed(messages):
@@ -352,7 +364,7 @@ def _user_turn(messages: list[dict[str, Any]]) -> bool:
         if role == "tool":
             return False
         if role == "assistant":
-            return True
+            return bool(message.get("tool_calls"))
     return True
 
 

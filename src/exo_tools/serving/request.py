@@ -38,6 +38,20 @@ class GuidedOutput:
 
 
 @dataclass(frozen=True)
+class SamplingDefaults:
+    """What a request that sets no temperature, top_p, top_k or repetition_penalty samples
+    with: the APIs'
+    own defaults (1.0, 1.0, none), or a node's (`--default-temperature` ...; a model card
+    may recommend lower ones for small models, as llama.cpp's server and vLLM's
+    generation config do)."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+
+
+@dataclass(frozen=True)
 class ChatRequest:
     """One assistant turn to generate.
 
@@ -53,9 +67,11 @@ class ChatRequest:
     tool_choice: str | dict[str, Any] | None = None  # None: "auto" with tools
     parallel_tool_calls: bool = True
     max_tokens: int | None = None  # None: whatever the context leaves
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0  # 0: no top-k filter
+    # None: the node's default (`SamplingDefaults`).
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None  # 0: no top-k filter
+    repetition_penalty: float | None = None  # 1: none
     seed: int | None = None
     stop: tuple[str, ...] = ()
     response_format: ResponseFormat | None = None
