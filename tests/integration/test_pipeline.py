@@ -70,20 +70,24 @@ class TestTwoStages:
         ids = [str(node.health()["node_id"]) for node in cluster.nodes]
         placement = cluster.view()["placement"]
         assert placement["model"] == MODEL and placement["parallelism"] == "pipeline"
+        # The tied output head weighs 8 layers: it is the second stage's work (placement).
         assert [(s["node_id"], s["start_layer"], s["end_layer"]) for s in placement["stages"]] == [
-            (ids[0], 0, 15),
-            (ids[1], 15, 30),
+            (ids[0], 0, 19),
+            (ids[1], 19, 30),
         ]
-        assert all(s["state"] == "ready" and s["layers_loaded"] == 15 for s in placement["stages"])
+        assert [(s["state"], s["layers_loaded"]) for s in placement["stages"]] == [
+            ("ready", 19),
+            ("ready", 11),
+        ]
         # A member shows the same placement, as the master gave it.
         member_view = cluster.view(cluster.nodes[1])["placement"]
         assert member_view["epoch"] == placement["epoch"]
         assert cluster.nodes[1].health()["stage"] == {
             "epoch": placement["epoch"],
             "state": "ready",
-            "start_layer": 15,
+            "start_layer": 19,
             "end_layer": 30,
-            "layers_loaded": 15,
+            "layers_loaded": 11,
             "weight_bytes": placement["stages"][1]["weight_bytes"],
         }
 
@@ -159,7 +163,7 @@ class TestTwoStages:
         request_id = reply.headers["X-Request-Id"]
         # The member's page: its figures come from the master, which gathers every node's.
         dom = dump_dom(f"{member.url}/")
-        for node_id, layers in zip(ids, ("0-15", "15-30"), strict=True):
+        for node_id, layers in zip(ids, ("0-19", "19-30"), strict=True):
             assert f'<g data-node-id="{node_id}">' in dom  # drawn in the topology
             assert f'<g data-node-id="{node_id}" data-layers="{layers}">' in dom  # placement
         last_rate = re.search(r'id="last-request-tps" data-value="([0-9.]+)"', dom)
@@ -223,9 +227,9 @@ class TestThreeStages:
     ) -> None:
         placement = cluster.view()["placement"]
         assert [(s["start_layer"], s["end_layer"]) for s in placement["stages"]] == [
-            (0, 10),
-            (10, 20),
-            (20, 30),
+            (0, 13),
+            (13, 25),
+            (25, 30),
         ]
         assert_identical(cluster, cluster.master, reference, tokenizer)
         wait_idle(cluster)
@@ -237,12 +241,13 @@ class TestThreeStages:
         stages = cluster.view()["placement"]["stages"]
         healths = [by_id[stage["node_id"]] for stage in stages]  # in stage order
         weights = [int(h["weight_bytes"]) for h in healths]
-        ten_layers = 10 * layout.layer_bytes
+        layers = [stage["end_layer"] - stage["start_layer"] for stage in stages]  # 13, 12, 5
+        blocks = [count * layout.layer_bytes for count in layers]
         # Stage 0 has the embedding; the last stage has the norm and, the embeddings being
         # tied, the embedding again for its output head; the middle has only its blocks.
-        assert weights[0] == ten_layers + layout.embed_bytes
-        assert weights[1] == ten_layers
-        assert weights[2] == ten_layers + layout.embed_bytes + layout.head_bytes
+        assert weights[0] == blocks[0] + layout.embed_bytes
+        assert weights[1] == blocks[1]
+        assert weights[2] == blocks[2] + layout.embed_bytes + layout.head_bytes
         for health, weight in zip(healths, weights, strict=True):
             memory = health["memory"]
             kept = int(health["prefix_cache"]["bytes"])

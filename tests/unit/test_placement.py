@@ -63,15 +63,25 @@ def test_auto_uses_the_fewest_nodes_that_fit_master_first() -> None:
 
 def test_min_nodes_forces_a_spread_in_proportion_to_memory() -> None:
     placement = plan_placement(SMOL, nodes(8, 16, 8), master_id="n0", epoch=1, min_nodes=2)
-    # The master is stage 0, then the roomiest other node.
+    # The master is stage 0, then the roomiest other node; the tied head (8 layers' worth)
+    # is the last stage's work: 30 + 8 in proportion 1:2 is 13 and 17 + 8.
     assert [(s.node_id, s.start_layer, s.end_layer) for s in placement.stages] == [
-        ("n0", 0, 10),
-        ("n1", 10, 30),
+        ("n0", 0, 13),
+        ("n1", 13, 30),
     ]
     assert placement.next_node(0) == "n1" and placement.next_node(1) == "n0"
     three = plan_placement(SMOL, nodes(4, 4, 4), master_id="n1", epoch=1, min_nodes=3)
     assert [s.node_id for s in three.stages] == ["n1", "n0", "n2"]
-    assert [s.shard.n_local_layers for s in three.stages] == [10, 10, 10]
+    assert [s.shard.n_local_layers for s in three.stages] == [13, 12, 5]
+
+
+def test_the_last_stage_counts_its_head_unless_that_split_does_not_fit() -> None:
+    even = plan_placement(SMOL, nodes(8, 8), master_id="n0", epoch=1, min_nodes=2)
+    assert [s.shard.n_local_layers for s in even.stages] == [19, 11]  # 19 = 11 + 8
+    # At 0.7 GiB (with headroom) a node holds 18 layers and their KV besides the
+    # embedding: 19 on the first stage do not fit, 15 and 15 do.
+    tight = plan_placement(SMOL, nodes(0.7, 0.7), master_id="n0", epoch=1)
+    assert [s.shard.n_local_layers for s in tight.stages] == [15, 15]
 
 
 def test_spreads_wider_when_one_node_is_too_small() -> None:

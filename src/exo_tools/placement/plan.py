@@ -2,8 +2,9 @@
 
 The master calls `plan_placement` with the model's layout and the healthy nodes.
 
-Pipeline: layers are split in proportion to each node's available memory (largest
-remainder, at least one layer per node). Tensor: every member holds every layer but only a
+Pipeline: layers are split in proportion to each node's available memory, the output
+head counted as the last stage's work (at least one layer per node; layers alone when
+that split does not fit). Tensor: every member holds every layer but only a
 share of its KV-head groups and MLP columns, sized by the member's measured speed (memory
 when speed is unknown); rank 0 also runs the output head, so its share of the blocks is
 smaller by that much. Either way each node's weights plus a KV-cache budget must fit its
@@ -119,10 +120,14 @@ def _misfit(layout: ModelLayout, chosen: list[NodeResources], stages: list[Stage
     return None
 
 
-def split_weighted_layers(layer_bytes: tuple[int, ...], weights: list[float]) -> list[int]:
+def split_weighted_layers(
+    layer_bytes: tuple[int, ...], weights: list[float], last_extra: int = 0
+) -> list[int]:
     """Counts of consecutive layers whose bytes are in proportion to `weights` (layers weigh
     differently in mixtures of experts with dense first layers), each at least one: stage
-    i ends at the layer where the running bytes come closest to its running share."""
+    i ends at the layer where the running bytes come closest to its running share.
+    `last_extra`: work the last stage does besides its layers (the output head), counted in
+    its share."""
     count, n_layers = len(weights), len(layer_bytes)
     if count == 0:
         raise PlacementError("no nodes to place on")
@@ -131,7 +136,7 @@ def split_weighted_layers(layer_bytes: tuple[int, ...], weights: list[float]) ->
     positive = [max(w, 0.0) for w in weights]
     total_weight = sum(positive)
     shares = [w / total_weight for w in positive] if total_weight > 0 else [1 / count] * count
-    total_bytes = sum(layer_bytes)
+    total_bytes = sum(layer_bytes) + last_extra
     running = [0]
     for size in layer_bytes:
         running.append(running[-1] + size)
@@ -146,20 +151,38 @@ def split_weighted_layers(layer_bytes: tuple[int, ...], weights: list[float]) ->
     return [end - start for start, end in zip([0, *ends[:-1]], ends, strict=True)]
 
 
+def _head_work(layout: ModelLayout) -> int:
+    """Bytes a decode step reads in the output head (the embedding when tied)."""
+    return layout.embed_bytes if layout.tied_embeddings else layout.head_bytes
+
+
 def _try(layout: ModelLayout, chosen: list[NodeResources]) -> tuple[list[Stage], str | None]:
+    """Layers in proportion to memory, the last stage's output head counted as its work
+    (a decode step reads it: for SmolLM2 it weighs about 8 of its 30 layers), so the
+    stages of a pipeline take about as long; where that split does not fit, layers alone
+    in proportion to memory."""
     memory = [float(n.memory_available) for n in chosen]
-    uniform = len(set(layout.per_layer_bytes)) <= 1
-    if uniform:
+    per_layer = layout.per_layer_bytes or (layout.layer_bytes,) * layout.n_layers
+    balanced = _stages(layout, chosen, split_weighted_layers(per_layer, memory, _head_work(layout)))
+    problem = _misfit(layout, chosen, balanced)
+    if problem is None or len(chosen) == 1:
+        return balanced, problem
+    if len(set(per_layer)) <= 1:
         counts = split_layers(layout.n_layers, memory)
     else:
-        counts = split_weighted_layers(layout.per_layer_bytes, memory)
+        counts = split_weighted_layers(per_layer, memory)
+    stages = _stages(layout, chosen, counts)
+    return stages, _misfit(layout, chosen, stages)
+
+
+def _stages(layout: ModelLayout, chosen: list[NodeResources], counts: list[int]) -> list[Stage]:
     stages: list[Stage] = []
     start = 0
     for node, count in zip(chosen, counts, strict=True):
         shard = Shard(layout.model_id, start, start + count, layout.n_layers)
         stages.append(Stage(node.node_id, shard))
         start += count
-    return stages, _misfit(layout, chosen, stages)
+    return stages
 
 
 # MLP columns are cut in multiples of this (or the largest power of two dividing the width),
@@ -197,7 +220,7 @@ def split_tensor(layout: ModelLayout, weights: list[float]) -> list[TensorSlice]
     # Bytes read per token stand in for work: decoding is bound by memory bandwidth.
     group_cost = layout.n_layers * layout.attention_bytes / layout.n_kv_heads
     unit_cost = layout.n_layers * layout.mlp_bytes * unit / layout.intermediate_size
-    head_cost = layout.embed_bytes if layout.tied_embeddings else layout.head_bytes
+    head_cost = _head_work(layout)
     total = group_cost * layout.n_kv_heads + unit_cost * units + head_cost
     weight_sum = sum(max(w, 0.0) for w in weights) or float(size)
     budgets = [
