@@ -610,7 +610,8 @@ class Driver(Role):
             if packed is not None:
                 logits = packed[0][:, -1, :]
                 mx.eval(logits, *packed[1])
-                return self._decode_batch_sampled(batch, entries, logits, chunk, packed[2])
+                self._decode_batch_sampled(batch, entries, logits, chunk)
+                return len(packed[2])
             out = self._forward_rows(batch, mx.array(inputs)[:, None], caches)
             if stage.n_stages > 1:
                 first = batch[0]
@@ -638,7 +639,8 @@ class Driver(Role):
                 if origin.request_id in self.origins:
                     self._step_failed(origin, error)
             return len(packed[2]) if packed is not None else 0
-        return self._decode_batch_sampled(batch, entries, logits, None, [])
+        self._decode_batch_sampled(batch, entries, logits, None)
+        return 0
 
     def _packed_pass(
         self, inputs: list[int], caches: list[list[object]], chunk: Origin
@@ -687,8 +689,7 @@ class Driver(Role):
         entries: list[CacheEntry],
         logits: mx.array,
         chunk: Origin | None,
-        chunk_ids: list[int],
-    ) -> int:
+    ) -> None:
         """Sample and emit each decode row's token from its logits; a packed chunk's
         request goes on to its next chunk (or its first token)."""
         if chunk is not None and chunk.request_id in self.origins:
@@ -701,7 +702,6 @@ class Driver(Role):
                 self._fail(origin, f"generation failed: {error}")
                 continue
             self._on_token(origin, token, logprobs)
-        return len(chunk_ids)
 
     def _forward_rows(
         self, batch: list[Origin], ids: mx.array, caches: list[list[object]]
