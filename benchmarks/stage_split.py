@@ -1,6 +1,6 @@
 """What splitting the model in two stages costs, in one process with no network.
 
-    .venv/bin/python benchmarks/stage_split.py [--steps 30] [--idle-ms 40]
+    .venv/bin/python benchmarks/stage_split.py [--steps 30] [--idle-ms 40] [--split N]
 
 A 2-stage pipeline's single-stream token is stage 0's pass, a hop, stage 1's pass (blocks,
 head, sampling) and a hop back. This times the two stage passes (with the activation's
@@ -20,6 +20,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -30,6 +31,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=30, help="timed decode steps per case")
     parser.add_argument("--idle-ms", type=float, default=40.0, help="idle time before a pass")
+    parser.add_argument(
+        "--split", type=int, default=0, help="stage 1's first layer (default: half the layers)"
+    )
     args = parser.parse_args()
     if args.steps < 1:
         parser.error("--steps must be at least 1")
@@ -42,10 +46,12 @@ def main() -> None:
 
     import mlx.core as mx
 
+    from exo_tools.cluster.wire import tensor_from_proto, tensor_to_proto
     from exo_tools.engine.shard import ShardModel
-    from exo_tools.engine.tensors import from_proto, to_proto
+    from exo_tools.engine.tensors import from_wire, to_wire
     from exo_tools.models.catalog import CATALOG, DEFAULT_MODEL_ID
     from exo_tools.models.loader import load_model
+    from exo_tools.proto import node_pb2
     from exo_tools.types import Shard
 
     card = CATALOG[DEFAULT_MODEL_ID]
@@ -57,7 +63,7 @@ def main() -> None:
 
     whole = shard_model(None)
     n_layers = whole.shard.n_layers
-    half = n_layers // 2
+    half = args.split or n_layers // 2
     first = shard_model(Shard(card.id, 0, half, n_layers))
     last = shard_model(Shard(card.id, half, n_layers, n_layers))
     caches = {id(model): model.make_cache() for model in (whole, first, last)}
@@ -66,6 +72,13 @@ def main() -> None:
     mx.eval(last.forward(first.forward(prompt, caches[id(first)]), caches[id(last)]))
 
     token = mx.array([[5]])
+
+    def to_proto(array: mx.array) -> Any:
+        return tensor_to_proto(to_wire(array)).SerializeToString()
+
+    def from_proto(data: Any) -> mx.array:
+        return from_wire(tensor_from_proto(node_pb2.Tensor.FromString(data)))
+
     wire = to_proto(first.forward(token, caches[id(first)]))
 
     def whole_pass() -> None:

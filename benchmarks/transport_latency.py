@@ -15,10 +15,19 @@ wall clock minus the sender's stamp (same host). Transports:
   the client of a server stream and its consumer thread reads the call itself
   (`SingleThreadedUnaryStream`: no channel thread, no handoff on the receiving side);
   the sender's server handler takes each message from a queue;
-- gRPC asyncio: the node's shape (an event-loop sender with a request iterator, an aio
-  server handler), without the node's call-signing interceptors.
+- gRPC sync pull + handoff: the same, and the reading thread hands each message to a
+  consumer thread, as a node's stream reader hands it to its MLX thread: the node's
+  data plane shape (`placement/streams.py`), without TLS and call signing;
+- gRPC asyncio: the node's shape until 12-03 (an event-loop sender with a request
+  iterator, an aio server handler), without the node's call-signing interceptors.
 
-Prints one table: median and p90 per transport, and the ratio to the raw socket.
+Then (unless `--no-nodes`) the same figures inside real nodes, each with one BLAS thread:
+the median hop of a 2-stage pipeline (`/health` `pipeline.hop_us_median`, from the
+sender's stamp to the receiving MLX thread taking the message) and the median all-reduce
+of a 2-member tensor group, over a 64-token greedy decode each.
+
+Prints one table: median and p90 per transport, the ratio to the raw socket and to gRPC's
+cheapest shape (sync pull), which the data plane's targets are ratios to.
 """
 
 from __future__ import annotations
@@ -50,15 +59,17 @@ import grpc.experimental
 import numpy as np
 
 from benchmarks.common import print_table
-from exo_tools.proto import node_pb2, node_pb2_grpc
+from exo_tools.proto import node_pb2
 
-TRANSPORTS = ("thread", "socket", "grpc-sync", "grpc-pull", "grpc-aio")
+TRANSPORTS = ("thread", "socket", "grpc-sync", "grpc-pull", "grpc-pull-handoff", "grpc-aio")
+PULLS = ("grpc-pull", "grpc-pull-handoff")
 LABELS = {
     "thread": "thread handoff, no network",
     "socket": "raw TCP socket",
     "grpc-sync": "gRPC sync API",
     "grpc-pull": "gRPC sync pull (receiver reads the call)",
-    "grpc-aio": "gRPC asyncio (the node's shape)",
+    "grpc-pull-handoff": "gRPC sync pull + handoff to a consumer thread (the node's shape)",
+    "grpc-aio": "gRPC asyncio (the node's shape until 12-03)",
 }
 # The first messages warm connections and caches; they are not counted.
 WARMUP = 20
@@ -89,27 +100,31 @@ def _record(arrivals: queue.SimpleQueue[int | None], count: int) -> list[float]:
     return latencies
 
 
-class _SyncReceiver(node_pb2_grpc.WorkerServicer):
-    def __init__(self, arrivals: queue.SimpleQueue[int | None]) -> None:
-        self._arrivals = arrivals
-
-    def Activations(self, request_iterator: Iterator[Any], context: Any) -> Iterator[Any]:
-        for message in request_iterator:
-            self._arrivals.put(message.sent_ns)
-        return iter(())
+_SERVICE = "exo_tools.bench.Transport"
+_PUSH_METHOD = f"/{_SERVICE}/Push"
+_PULL_METHOD = f"/{_SERVICE}/Pull"
 
 
-class _AioReceiver(node_pb2_grpc.WorkerServicer):
-    def __init__(self, arrivals: queue.SimpleQueue[int | None]) -> None:
-        self._arrivals = arrivals
+def _push_handler(handler: Any) -> Any:
+    """The receiving server's bidirectional "Push" method (sync or asyncio `handler`)."""
+    return grpc.method_handlers_generic_handler(
+        _SERVICE,
+        {
+            "Push": grpc.stream_stream_rpc_method_handler(
+                handler,
+                request_deserializer=node_pb2.ActivationMessage.FromString,
+                response_serializer=node_pb2.ActivationMessage.SerializeToString,
+            )
+        },
+    )
 
-    async def Activations(
-        self, request_iterator: AsyncIterator[Any], context: Any
-    ) -> AsyncIterator[Any]:
-        async for message in request_iterator:
-            self._arrivals.put(message.sent_ns)
-        return
-        yield
+
+def _push_call(channel: Any) -> Any:
+    return channel.stream_stream(
+        _PUSH_METHOD,
+        request_serializer=node_pb2.ActivationMessage.SerializeToString,
+        response_deserializer=node_pb2.ActivationMessage.FromString,
+    )
 
 
 def _serve_socket(listener: socket.socket, arrivals: queue.SimpleQueue[int | None]) -> None:
@@ -123,11 +138,15 @@ def _serve_socket(listener: socket.socket, arrivals: queue.SimpleQueue[int | Non
     arrivals.put(None)
 
 
-_PULL_METHOD = "/exo_tools.bench.Transport/Pull"
-
-
-def _pull(port: int, count: int) -> list[float]:
-    """The receiving thread reads the sender's server stream itself: no handoff on arrival."""
+def _pull(port: int, count: int, handoff: bool) -> list[float]:
+    """The receiving thread reads the sender's server stream itself: no handoff on arrival
+    unless `handoff` (then it hands each message to a consumer thread, as a node's reader
+    hands it to the MLX thread)."""
+    arrivals: queue.SimpleQueue[int | None] = queue.SimpleQueue()
+    latencies: list[float] = []
+    consumer = threading.Thread(target=lambda: latencies.extend(_record(arrivals, count)))
+    if handoff:
+        consumer.start()
     channel = grpc.insecure_channel(
         f"127.0.0.1:{port}",
         options=[(grpc.experimental.ChannelOptions.SingleThreadedUnaryStream, 1)],
@@ -137,20 +156,24 @@ def _pull(port: int, count: int) -> list[float]:
         request_serializer=node_pb2.ActivationMessage.SerializeToString,
         response_deserializer=node_pb2.ActivationMessage.FromString,
     )(node_pb2.ActivationMessage())
-    latencies: list[float] = []
-    for message in call:
-        latencies.append((time.time_ns() - message.sent_ns) / 1000.0)
-        if len(latencies) == count:
+    for received, message in enumerate(call, start=1):
+        if handoff:
+            arrivals.put(message.sent_ns)
+        else:
+            latencies.append((time.time_ns() - message.sent_ns) / 1000.0)
+        if received == count:
             break
     call.cancel()
+    if handoff:
+        consumer.join()
     return latencies
 
 
 def receive(transport: str, count: int, port: int) -> None:
     """Child process: print the port, then the latencies as JSON once `count` arrived.
     For "grpc-pull" the sender serves and `port` is its port."""
-    if transport == "grpc-pull":
-        print(json.dumps(_pull(port, count)), flush=True)
+    if transport in PULLS:
+        print(json.dumps(_pull(port, count, handoff=transport == "grpc-pull-handoff")), flush=True)
         return
     arrivals: queue.SimpleQueue[int | None] = queue.SimpleQueue()
     if transport == "socket":
@@ -158,16 +181,28 @@ def receive(transport: str, count: int, port: int) -> None:
         port = listener.getsockname()[1]
         threading.Thread(target=_serve_socket, args=(listener, arrivals), daemon=True).start()
     elif transport == "grpc-sync":
+
+        def push(request_iterator: Iterator[Any], context: Any) -> Iterator[Any]:
+            for message in request_iterator:
+                arrivals.put(message.sent_ns)
+            return iter(())
+
         server = grpc.server(futures.ThreadPoolExecutor(4))
-        node_pb2_grpc.add_WorkerServicer_to_server(_SyncReceiver(arrivals), server)
+        server.add_generic_rpc_handlers((_push_handler(push),))
         port = server.add_insecure_port("127.0.0.1:0")
         server.start()
     else:
         started: queue.SimpleQueue[int] = queue.SimpleQueue()
 
+        async def push(request_iterator: AsyncIterator[Any], context: Any) -> AsyncIterator[Any]:
+            async for message in request_iterator:
+                arrivals.put(message.sent_ns)
+            return
+            yield
+
         async def serve() -> None:
             server = grpc.aio.server()
-            node_pb2_grpc.add_WorkerServicer_to_server(_AioReceiver(arrivals), server)
+            server.add_generic_rpc_handlers((_push_handler(push),))
             started.put(server.add_insecure_port("127.0.0.1:0"))
             await server.start()
             await server.wait_for_termination()
@@ -183,7 +218,8 @@ def receive(transport: str, count: int, port: int) -> None:
 
 
 def _message(payload: bytes) -> Any:
-    message = node_pb2.ActivationMessage(request_id="r", hidden=node_pb2.Tensor(data=payload))
+    forward = node_pb2.ForwardPass(hidden=node_pb2.Tensor(data=payload))
+    message = node_pb2.ActivationMessage(request_id="r", forward=forward)
     message.sent_ns = time.time_ns()
     return message
 
@@ -200,7 +236,7 @@ def send(transport: str, port: int, count: int, gap_s: float, payload: bytes) ->
     if transport == "grpc-sync":
         outgoing: queue.SimpleQueue[Any] = queue.SimpleQueue()
         channel = grpc.insecure_channel(target)
-        call = node_pb2_grpc.WorkerStub(channel).Activations(iter(outgoing.get, None))
+        call = _push_call(channel)(iter(outgoing.get, None))
         drained = threading.Thread(target=lambda: list(call), daemon=True)
         drained.start()
         for _ in _paced(count, gap_s):
@@ -209,7 +245,8 @@ def send(transport: str, port: int, count: int, gap_s: float, payload: bytes) ->
         drained.join(timeout=10)
         channel.close()
         return
-    # grpc-aio: the node's StreamSender shape (deque + one event-loop wakeup per message).
+    # grpc-aio: the node's shape before the pull data plane (deque + one event-loop wakeup
+    # per message, the call's own request iterator).
     loop = asyncio.new_event_loop()
     threading.Thread(target=loop.run_forever, daemon=True).start()
     pending: list[Any] = []
@@ -230,7 +267,7 @@ def send(transport: str, port: int, count: int, gap_s: float, payload: bytes) ->
 
     async def run() -> None:
         async with grpc.aio.insecure_channel(target) as channel:
-            async for _ in node_pb2_grpc.WorkerStub(channel).Activations(requests()):
+            async for _ in _push_call(channel)(requests()):
                 pass
 
     def post(message: Any) -> None:
@@ -266,7 +303,7 @@ def _spawn_receiver(transport: str, count: int, port: int = 0) -> subprocess.Pop
     )
 
 
-def _measure_pull(count: int, gap_s: float, payload: bytes) -> list[float]:
+def _measure_pull(transport: str, count: int, gap_s: float, payload: bytes) -> list[float]:
     """The sender serves the stream; the receiver process subscribes to it."""
     outgoing: queue.SimpleQueue[Any] = queue.SimpleQueue()
     subscribed = threading.Event()
@@ -293,7 +330,7 @@ def _measure_pull(count: int, gap_s: float, payload: bytes) -> list[float]:
     )
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
-    receiver = _spawn_receiver("grpc-pull", count, port)
+    receiver = _spawn_receiver(transport, count, port)
     try:
         if not subscribed.wait(timeout=30):
             raise RuntimeError("the receiver did not subscribe")
@@ -312,8 +349,8 @@ def measure(transport: str, count: int, gap_s: float, payload_bytes: int) -> lis
     payload = b"\0" * payload_bytes
     if transport == "thread":
         return _thread_handoff(count, gap_s)
-    if transport == "grpc-pull":
-        return _measure_pull(count, gap_s, payload)
+    if transport in PULLS:
+        return _measure_pull(transport, count, gap_s, payload)
     receiver = _spawn_receiver(transport, count)
     try:
         assert receiver.stdout is not None
@@ -334,6 +371,11 @@ def main() -> None:
     parser.add_argument(
         "--bytes", type=int, default=2304, help="payload (SmolLM2's float32 hidden state)"
     )
+    parser.add_argument(
+        "--no-nodes",
+        action="store_true",
+        help="skip the rows measured inside real nodes (2-stage pipeline, 2-member tensor)",
+    )
     parser.add_argument("--receive", choices=TRANSPORTS, help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -342,22 +384,57 @@ def main() -> None:
     if args.receive:
         receive(args.receive, args.messages, args.port)
         return
-    medians: dict[str, tuple[float, float]] = {}
+    medians: dict[str, tuple[float, float | None]] = {}
+    labels = dict(LABELS)
     for transport in TRANSPORTS:
         latencies = sorted(
             measure(transport, args.messages, args.gap_ms / 1000, args.bytes)[WARMUP:]
         )
         medians[transport] = (statistics.median(latencies), latencies[int(0.9 * len(latencies))])
-    floor = medians["socket"][0]
+    if not args.no_nodes:
+        for name, label, median in _node_rows():
+            labels[name] = label
+            medians[name] = (median, None)
+    floor, pull = medians["socket"][0], medians["grpc-pull"][0]
     print_table(
         f"One-way latency, {args.bytes}-byte message after {args.gap_ms:g} ms of compute, "
         f"{args.messages - WARMUP} messages per transport, loopback",
-        ["transport", "median µs", "p90 µs", "vs raw socket"],
+        ["transport", "median µs", "p90 µs", "vs raw socket", "vs gRPC sync pull"],
         [
-            [LABELS[name], f"{median:.0f}", f"{p90:.0f}", f"{median / floor:.2f}x"]
+            [
+                labels[name],
+                f"{median:.0f}",
+                "-" if p90 is None else f"{p90:.0f}",
+                f"{median / floor:.2f}x",
+                f"{median / pull:.2f}x",
+            ]
             for name, (median, p90) in medians.items()
         ],
     )
+
+
+def _node_rows() -> list[tuple[str, str, float]]:
+    """(name, label, median µs) of a 2-stage pipeline's hop and a 2-member tensor group's
+    all-reduce, measured by the nodes themselves."""
+    from benchmarks.common import benchmark_messages, default_model_path
+    from benchmarks.pipeline import measure_pipeline
+    from exo_tools.models.catalog import CATALOG, DEFAULT_MODEL_ID
+    from exo_tools.models.loader import load_model
+
+    card = CATALOG[DEFAULT_MODEL_ID]
+    loaded = load_model(card, default_model_path(), dtype="native", progress=False)
+    messages = benchmark_messages(loaded.tokenizer, 128)
+    del loaded
+    pipeline = measure_pipeline(2, messages, 64, 1)
+    tensor = measure_pipeline(2, messages, 64, 1, parallelism="tensor")
+    return [
+        ("node-hop", "node hop, 2-stage pipeline (in the nodes, mutual TLS)", pipeline["hop_us"]),
+        (
+            "node-allreduce",
+            "tensor all-reduce, 2 members (in the nodes, mutual TLS)",
+            tensor["allreduce_us"],
+        ),
+    ]
 
 
 if __name__ == "__main__":

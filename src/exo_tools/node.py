@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import grpc
 import psutil
 from aiohttp import web
 
@@ -29,7 +30,7 @@ from .models.catalog import ModelCard, resolve_model
 from .models.loader import model_layout
 from .placement.coordinator import Coordinator
 from .placement.views import CoordinatorState, WorkerState
-from .placement.worker import Worker, memory_report
+from .placement.worker import DataPlaneService, Worker, memory_report
 from .proto import node_pb2_grpc
 from .serving.chat import ChatService
 from .serving.request import SamplingDefaults
@@ -106,7 +107,8 @@ class Node:
             card=card,
             models_dir=config.models_dir,
             engine=self.engine,
-            channel_for=self._channel,
+            data_channel_for=self._data_channel,
+            sign_call=self._sign_call,
             chat_template=template,
             encrypted=self.cluster is not None and self.cluster.tls is not None,
         )
@@ -131,9 +133,16 @@ class Node:
             self.cluster.add_servicer_hook(
                 lambda server: node_pb2_grpc.add_ApiServicer_to_server(relay_service, server)
             )
+            data_plane = DataPlaneService(worker)
+            self.cluster.add_data_servicer_hook(
+                lambda server: node_pb2_grpc.add_DataPlaneServicer_to_server(data_plane, server)
+            )
 
-    def _channel(self, node_id: str) -> Any:
-        return self.cluster.channel(node_id) if self.cluster is not None else None
+    def _data_channel(self, node_id: str) -> grpc.Channel | None:
+        return self.cluster.data_channel(node_id) if self.cluster is not None else None
+
+    def _sign_call(self, method: str) -> list[tuple[str, str]]:
+        return self.cluster.sign_call(method) if self.cluster is not None else []
 
     def _layout(self) -> ModelLayout:
         path = sources.fetch(self.card, self.config.models_dir, progress=self.config.progress)

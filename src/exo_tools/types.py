@@ -413,6 +413,7 @@ class LoadOrder:
     stage_index: int = 0
     n_stages: int = 1  # pipeline stages (1 for tensor parallelism: every member is whole)
     next_node_id: str = ""  # where this stage streams its output (the last: stage 0)
+    previous_node_id: str = ""  # whose output it pulls (stage 0: the last stage's)
     tensor_members: tuple[str, ...] = ()  # tensor parallelism: node ids by rank
     placement_json: str = ""  # the whole placement, for GET /v1/cluster on members
 

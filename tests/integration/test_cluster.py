@@ -71,6 +71,7 @@ def test_three_members_discover_and_agree(
             assert node["capabilities"]["memory_total"] > 0
             assert node["capabilities"]["chip"]
             assert node["grpc_port"] > 0 and node["api_port"] > 0
+            assert node["data_port"] > 0 and node["data_port"] != node["grpc_port"]
         master_api = next(x for x in trio if x.node_id == master).api_port
         expected_url = None if m.node_id == master else f"http://127.0.0.1:{master_api}"
         assert view["master_api_url"] == expected_url

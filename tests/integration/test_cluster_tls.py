@@ -55,14 +55,26 @@ def _start_pair(*flags: str) -> Iterator[ProxiedPair]:
     env = node_environment()
     env["EXO_TOOLS_SECRET"] = SECRET
     name = f"test-tls-{uuid.uuid4().hex[:8]}"
-    a_port, b_port = free_port(), free_port()
+    # Each node's control port and data plane port (activations: what the test watches).
+    a_port, a_data, b_port, b_data = (free_port() for _ in range(4))
     proxies = [
-        TcpProxy((TO_A_HOST, a_port), (A_HOST, a_port), source_ip=TO_B_HOST).start(),
-        TcpProxy((TO_B_HOST, b_port), (B_HOST, b_port), source_ip=TO_A_HOST).start(),
+        TcpProxy((TO_A_HOST, port), (A_HOST, port), source_ip=TO_B_HOST).start()
+        for port in (a_port, a_data)
+    ] + [
+        TcpProxy((TO_B_HOST, port), (B_HOST, port), source_ip=TO_A_HOST).start()
+        for port in (b_port, b_data)
     ]
     common = ("--cluster", name, "--min-nodes", "2", "--no-discovery", *flags)
     first = start_node(
-        *common, "--grpc-host", A_HOST, "--grpc-port", str(a_port), env=env, wait=False
+        *common,
+        "--grpc-host",
+        A_HOST,
+        "--grpc-port",
+        str(a_port),
+        "--data-port",
+        str(a_data),
+        env=env,
+        wait=False,
     )
     wait_for_cluster_layer(first)  # so it is the master: the election prefers the oldest
     second = start_node(
@@ -71,6 +83,8 @@ def _start_pair(*flags: str) -> Iterator[ProxiedPair]:
         B_HOST,
         "--grpc-port",
         str(b_port),
+        "--data-port",
+        str(b_data),
         "--peer",
         f"{TO_A_HOST}:{a_port}",
         env=env,

@@ -186,20 +186,41 @@ class TestTwoStages:
         epoch = view["placement"]["epoch"]
         member = next(n for n in view["nodes"] if n["id"] != view["master"])
         auth = ClusterAuth(SECRET.encode(), cluster.name)
-        method = "/exo_tools.v1.Worker/Activations"
+        pull = "/exo_tools.v1.DataPlane/Activations"
+        # The data plane: the member serves its stream only to whom it sends it, of the
+        # placement it holds, and only to signed calls.
+        with peer_channel(
+            f"127.0.0.1:{member['data_port']}", SECRET.encode(), cluster.name
+        ) as channel:
+            data_plane = node_pb2_grpc.DataPlaneStub(channel)
+            for caller, asked, expected in (
+                (view["master"], epoch - 1, f"epoch {epoch - 1}"),
+                ("tester", epoch, "for node tester"),
+            ):
+                with pytest.raises(grpc.RpcError) as refused:
+                    list(
+                        data_plane.Activations(
+                            node_pb2.PullRequest(epoch=asked),
+                            metadata=auth.sign_call(caller, pull),
+                            timeout=10,
+                        )
+                    )
+                assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+                assert expected in (refused.value.details() or ""), refused.value.details()
+            intruder = ClusterAuth(b"not-the-cluster-secret", cluster.name)
+            with pytest.raises(grpc.RpcError) as unsigned:
+                list(
+                    data_plane.Activations(
+                        node_pb2.PullRequest(epoch=epoch),
+                        metadata=intruder.sign_call(view["master"], pull),
+                        timeout=10,
+                    )
+                )
+            assert unsigned.value.code() == grpc.StatusCode.UNAUTHENTICATED
         with peer_channel(
             f"127.0.0.1:{member['grpc_port']}", SECRET.encode(), cluster.name
         ) as channel:
             stub = node_pb2_grpc.WorkerStub(channel)
-            stale = node_pb2.ActivationMessage(request_id="old", epoch=epoch - 1)
-            with pytest.raises(grpc.RpcError) as refused:
-                list(
-                    stub.Activations(
-                        iter([stale]), metadata=auth.sign_call("tester", method), timeout=10
-                    )
-                )
-            assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-            assert f"epoch {epoch - 1}" in (refused.value.details() or "")
             load = node_pb2.LoadShardRequest(
                 epoch=epoch - 1,
                 shard=node_pb2.ShardSpec(model_id=MODEL, start_layer=0, end_layer=30, n_layers=30),

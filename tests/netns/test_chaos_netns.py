@@ -266,7 +266,17 @@ def test_lossy_link_requests_complete_or_fail_cleanly(chaos: Chaos) -> None:
     victim = chaos.middle_stage()
     chaos.lan.start_loss(victim, 30)
     try:
-        outcomes = [stream(chaos.cluster.master, api) for api in ("chat", "messages", "responses")]
+        # All three at once (batched on every stage): the loss hits each of them.
+        outcomes = [Outcome() for _ in ("chat", "messages", "responses")]
+        threads = [
+            threading.Thread(target=_read_stream, args=(chaos.cluster.master, api, outcome))
+            for api, outcome in zip(("chat", "messages", "responses"), outcomes, strict=True)
+        ]
+        for thread in threads:
+            thread.start()
+        outcomes = [
+            finished(outcome, thread) for outcome, thread in zip(outcomes, threads, strict=True)
+        ]
     finally:
         dropped = chaos.lan.stop_loss(victim)
     print(f"\n[chaos] 30% loss on {chaos.nodes[victim].node_id}: {dropped} packets dropped")

@@ -22,6 +22,7 @@ import hmac
 import logging
 import os
 import secrets
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -135,6 +136,8 @@ class ClusterAuth:
         self.set_secrets([secret] if isinstance(secret, bytes) else secret)
         self.replay_window_s = replay_window_s
         self._seen: OrderedDict[tuple[str, str], float] = OrderedDict()
+        # The control server verifies on its event loop, the data plane on its threads.
+        self._seen_lock = threading.Lock()
 
     def set_secrets(self, secrets: Sequence[bytes]) -> None:
         """Prove and sign with all of `secrets`, accept any of them (a rotation)."""
@@ -224,11 +227,12 @@ class ClusterAuth:
             raise AuthError(
                 f"timestamp of {node_id!r} outside the {self.replay_window_s:.0f}s window"
             )
-        self._forget_older_than(current - self.replay_window_s)
         key = (node_id, nonce)
-        if key in self._seen:
-            raise AuthError(f"replayed call from {node_id!r}")
-        self._seen[key] = sent
+        with self._seen_lock:
+            self._forget_older_than(current - self.replay_window_s)
+            if key in self._seen:
+                raise AuthError(f"replayed call from {node_id!r}")
+            self._seen[key] = sent
         return node_id
 
     def _forget_older_than(self, cutoff: float) -> None:

@@ -24,6 +24,7 @@ class ClusterConfig:
     cluster_name: str = "default"
     grpc_host: str = "0.0.0.0"
     grpc_port: int = 0  # 0: pick a free port
+    data_port: int = 0  # the data plane's gRPC port; 0: pick a free port
     api_host: str = "127.0.0.1"
     api_port: int = 0
     interfaces: list[str] = field(default_factory=list)  # empty: all interfaces
@@ -143,6 +144,16 @@ def add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
         " fix it when other nodes use --peer to reach this one)",
     )
     group.add_argument(
+        "--data-port",
+        type=functools.partial(parse_port, allow_zero=True),
+        default=0,
+        metavar="N",
+        help="inter-node data plane port: the activations, tokens and all-reduce partials "
+        "of a placed model travel on it, served by threads beside the control server on "
+        "--grpc-port (default 0: any free port, told to the other nodes in heartbeats; fix "
+        "it when a firewall must allow it)",
+    )
+    group.add_argument(
         "--grpc-host",
         type=functools.partial(_parse_ipv4, "--grpc-host"),
         default="0.0.0.0",
@@ -187,6 +198,7 @@ def cluster_config_from_args(
         cluster_name=args.cluster,
         grpc_host=args.grpc_host,
         grpc_port=args.grpc_port,
+        data_port=args.data_port,
         api_host=api_host,
         api_port=api_port,
         interfaces=list(args.interface),

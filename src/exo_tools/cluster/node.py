@@ -16,6 +16,7 @@ from ..proto import node_pb2_grpc
 from . import capabilities
 from .auth import ClusterAuth, secret_fingerprint, secrets_from_text
 from .config import ClusterConfig
+from .data_plane import DataServer, DataServicerHook, open_data_channel
 from .discovery import DiscoveredPeer, Discovery, advertised_addresses
 from .membership import MESSAGE_SIZE_OPTIONS, Membership
 from .service import AuthInterceptor, MembershipService
@@ -55,6 +56,7 @@ class ClusterNode:
         self.membership = Membership(
             auth=self.auth, self_info=self.self_info, cluster_name=config.cluster_name, tls=self.tls
         )
+        self._data_server = DataServer(self.auth, self.membership.reject_log, self.tls)
         self._loop: asyncio.AbstractEventLoop | None = None
         # Why this node must stop (another node has its id); set once, with `fatal`.
         self.fatal_error: str | None = None
@@ -68,6 +70,23 @@ class ClusterNode:
         if self._server is not None:
             raise RuntimeError("add_servicer_hook must be called before start()")
         self._hooks.append(hook)
+
+    def add_data_servicer_hook(self, hook: DataServicerHook) -> None:
+        """`hook(server)` adds a servicer to the data plane server (threads, not asyncio:
+        `cluster/data_plane.py`), under the same authentication."""
+        self._data_server.add_servicer_hook(hook)
+
+    def data_channel(self, node_id: str) -> grpc.Channel | None:
+        """A new channel to a healthy peer's data plane (None when it is not healthy)."""
+        link = self.membership.healthy_links().get(node_id)
+        if link is None or link.target is None or link.info is None or not link.info.data_port:
+            return None
+        host = link.target.rpartition(":")[0]
+        return open_data_channel(f"{host}:{link.info.data_port}", self.tls)
+
+    def sign_call(self, method: str) -> list[tuple[str, str]]:
+        """The auth metadata for one call from this node (the data plane's pulls)."""
+        return self.auth.sign_call(self.node_id, method)
 
     @property
     def node_id(self) -> str:
@@ -115,6 +134,7 @@ class ClusterNode:
             id=self.config.node_id,
             addresses=self._addresses,
             grpc_port=self._grpc_port,
+            data_port=self._data_server.port,
             api_port=self.config.api_port,
             version=self.config.version,
             start_time=self.start_time,
@@ -154,6 +174,9 @@ class ClusterNode:
         self._grpc_port = port
         await server.start()
         self._server = server
+        await asyncio.to_thread(
+            self._data_server.start, self.config.grpc_host, self.config.data_port
+        )
         await self.membership.start(self.config.static_peers)
         if self.config.discovery:
             self._discovery = Discovery(
@@ -195,6 +218,7 @@ class ClusterNode:
             await self._discovery.stop()
             self._discovery = None
         await self.membership.stop()
+        await asyncio.to_thread(self._data_server.stop)
         if self._server is not None:
             await self._server.stop(grace=0.5)
             self._server = None

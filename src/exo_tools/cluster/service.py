@@ -19,6 +19,22 @@ UNSIGNED_METHODS = frozenset({"/exo_tools.v1.Membership/Hello", "/exo_tools.v1.M
 CHALLENGE_TTL_S = 10.0
 
 
+def _shaped_like(
+    handler: grpc.RpcMethodHandler, unary: Callable[..., Any], streaming: Callable[..., Any]
+) -> grpc.RpcMethodHandler:
+    """A handler of the same kind and (de)serializers as `handler`, running `unary` for
+    unary responses and `streaming` for streamed ones."""
+    deserializer = handler.request_deserializer
+    serializer = handler.response_serializer
+    if handler.unary_unary:
+        return grpc.unary_unary_rpc_method_handler(unary, deserializer, serializer)
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(streaming, deserializer, serializer)
+    if handler.stream_unary:
+        return grpc.stream_unary_rpc_method_handler(unary, deserializer, serializer)
+    return grpc.stream_stream_rpc_method_handler(streaming, deserializer, serializer)
+
+
 def _denied_handler(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
     """A handler of the same shape as `handler` that fails with UNAUTHENTICATED."""
 
@@ -29,15 +45,35 @@ def _denied_handler(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMet
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
         yield  # pragma: no cover - makes this an async generator
 
-    deserializer = handler.request_deserializer
-    serializer = handler.response_serializer
-    if handler.unary_unary:
-        return grpc.unary_unary_rpc_method_handler(unary, deserializer, serializer)
-    if handler.unary_stream:
-        return grpc.unary_stream_rpc_method_handler(streaming, deserializer, serializer)
-    if handler.stream_unary:
-        return grpc.stream_unary_rpc_method_handler(unary, deserializer, serializer)
-    return grpc.stream_stream_rpc_method_handler(streaming, deserializer, serializer)
+    return _shaped_like(handler, unary, streaming)
+
+
+def _denied_sync_handler(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
+    """`_denied_handler` for the thread-served data plane server."""
+
+    def refuse(request: Any, context: grpc.ServicerContext) -> Any:
+        context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+
+    return _shaped_like(handler, refuse, refuse)
+
+
+def _refusal(
+    auth: ClusterAuth, reject_log: RejectLog, details: grpc.HandlerCallDetails
+) -> str | None:
+    """Why a call to this node is refused (None: signed by a cluster member)."""
+    method = details.method
+    if method in UNSIGNED_METHODS:
+        return None
+    metadata: Any = details.invocation_metadata
+    try:
+        auth.verify_call(method, [(entry[0], entry[1]) for entry in metadata or ()])
+    except AuthError as error:
+        claimed = next(
+            (entry[1] for entry in metadata or () if entry[0] == METADATA_NODE), "unknown"
+        )
+        reject_log.refused(f"{claimed!s} (call {method})", str(error))
+        return f"authentication failed: {error}"
+    return None
 
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):
@@ -51,19 +87,29 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         handler_call_details: grpc.HandlerCallDetails,
     ) -> Any:
         handler = await continuation(handler_call_details)
-        method = handler_call_details.method
-        if handler is None or method in UNSIGNED_METHODS:
+        if handler is None:
             return handler
-        metadata: Any = handler_call_details.invocation_metadata
-        try:
-            self._auth.verify_call(method, [(entry[0], entry[1]) for entry in metadata or ()])
-        except AuthError as error:
-            claimed = next(
-                (entry[1] for entry in metadata or () if entry[0] == METADATA_NODE), "unknown"
-            )
-            self._reject_log.refused(f"{claimed!s} (call {method})", str(error))
-            return _denied_handler(handler, f"authentication failed: {error}")
-        return handler
+        refused = _refusal(self._auth, self._reject_log, handler_call_details)
+        return handler if refused is None else _denied_handler(handler, refused)
+
+
+class SyncAuthInterceptor(grpc.ServerInterceptor):
+    """`AuthInterceptor` for the thread-served data plane server."""
+
+    def __init__(self, auth: ClusterAuth, reject_log: RejectLog) -> None:
+        self._auth = auth
+        self._reject_log = reject_log
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Any],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> Any:
+        handler = continuation(handler_call_details)
+        if handler is None:
+            return handler
+        refused = _refusal(self._auth, self._reject_log, handler_call_details)
+        return handler if refused is None else _denied_sync_handler(handler, refused)
 
 
 class MembershipService(node_pb2_grpc.MembershipServicer):

@@ -17,6 +17,7 @@ class NodeInfo(BaseModel):
     id: str
     addresses: list[str] = Field(default_factory=list)
     grpc_port: int = 0
+    data_port: int = 0
     api_port: int = 0
     version: str = ""
     start_time: float = 0.0

@@ -66,6 +66,11 @@ log = logging.getLogger(__name__)
 # mlx-lm's generate prefills in 2048-token chunks and runs the last prompt token on its
 # own; doing the same keeps greedy output token-identical to it.
 PREFILL_CHUNK = 2048
+# On a pipeline the chunks stream on (stage 1 works on chunk i while stage 0 runs chunk
+# i + 1), so a prompt's TTFT is about the slowest stage's share of it plus one chunk of
+# each other stage: shorter chunks overlap more. 512 tokens keep the passes large enough
+# to be matmul-bound on every stage.
+PIPELINE_PREFILL_CHUNK = 512
 # While other requests decode, a prompt is prefilled in chunks that cost about one of
 # their decode rounds (measured), so a running stream waits at most about twice its usual
 # time per token: at least MIN_BUSY_CHUNK tokens; before anything is measured, and for the
@@ -547,7 +552,10 @@ class Driver(Role):
         remaining = len(origin.prompt) - 1 - origin.prompt_done
         if remaining > 0:
             others_decode = any(o.decoding for o in self.origins.values())
-            limit = self._busy_chunk(remaining) if others_decode else PREFILL_CHUNK
+            if others_decode:
+                limit = self._busy_chunk(remaining)
+            else:
+                limit = PIPELINE_PREFILL_CHUNK if stage.n_stages > 1 else PREFILL_CHUNK
             count = min(limit, remaining)
             ids = origin.prompt[origin.prompt_done : origin.prompt_done + count]
             origin.prompt_done += count

@@ -250,7 +250,12 @@ class Coordinator:
         )
         if self.placement is not placement:
             return  # superseded meanwhile
-        errors = [str(result) for result in results if isinstance(result, BaseException)]
+        # An exception without a message (a timeout, a cancel) still says what it was.
+        errors = [
+            str(result) or f"{type(result).__name__} while loading a stage"
+            for result in results
+            if isinstance(result, BaseException)
+        ]
         if errors:
             self.state, self.error = CoordinatorState.FAILED, "; ".join(errors)
             self.view.state, self.view.error = PlacementState.FAILED, self.error
@@ -280,6 +285,7 @@ class Coordinator:
             stage_index=index,
             n_stages=pipeline_stages,
             next_node_id=placement.next_node(index) if pipeline_stages > 1 else "",
+            previous_node_id=placement.previous_node(index) if pipeline_stages > 1 else "",
             tensor_members=placement.node_ids if tensor else (),
             placement_json=self.view.model_dump_json(),
         )

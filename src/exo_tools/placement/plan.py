@@ -72,6 +72,10 @@ class Placement:
         """Where stage `index` streams its output; the last stage's successor is stage 0."""
         return self.stages[(index + 1) % len(self.stages)].node_id
 
+    def previous_node(self, index: int) -> str:
+        """Whose output stage `index` takes; stage 0's predecessor is the last stage."""
+        return self.stages[(index - 1) % len(self.stages)].node_id
+
 
 def split_layers(n_layers: int, weights: list[float], unit: str = "layer") -> list[int]:
     """Counts of `n_layers` units proportional to `weights` (largest remainder), each at

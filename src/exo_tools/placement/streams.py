@@ -1,143 +1,50 @@
-"""Persistent gRPC streams from this node to another: what every pipeline hop, tensor
-command and all-reduce partial travels on."""
+"""Persistent data plane streams between nodes: what every pipeline hop, tensor command and
+all-reduce partial travels on.
+
+The receiver pulls. At install, each node opens a server stream to every node that sends
+to it (`StreamReader`: its previous stage; a tensor member's rank 0 and every other
+member) on that node's data plane server (`cluster/data_plane.py`), and reads it on a
+thread of its own that hands each message straight to the engine. The sender's MLX thread
+queues its messages in an `Outbox`, which the gRPC handler thread serving the receiver's
+call writes out as they come. No event loop is on the path, on either side: a hop is one
+handoff on each side (MLX thread to handler thread, reader thread to MLX thread) plus
+the network (`benchmarks/transport_latency.py` measures the floor).
+"""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
+import queue
 import threading
-from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
-import grpc.aio
 
-from ..proto import node_pb2_grpc
+from ..proto import node_pb2, node_pb2_grpc
 
 log = logging.getLogger(__name__)
 
-ChannelFor = Callable[[str], "grpc.aio.Channel | None"]
+ACTIVATIONS = "Activations"  # pipeline activations and tokens; a tensor root's commands
+ALL_REDUCE = "AllReduce"  # tensor all-reduce partials
+_KIND = {ACTIVATIONS: "pipeline", ALL_REDUCE: "all-reduce"}
+METHOD_PATHS = {method: f"/exo_tools.v1.DataPlane/{method}" for method in _KIND}
+
+# A receiver opens its streams when it installs its stage, before the master lets any
+# request run there; one that has not this long after the first message never will.
+ATTACH_TIMEOUT_S = 5.0
+# How long a reader keeps trying to connect (a fresh connection per stream: a handshake can
+# fail while a node is busy installing its stage; gRPC retries it with backoff).
+CONNECT_TIMEOUT_S = 10.0
+
+# Told why a stream broke, once; called on whatever thread saw it.
 BrokenListener = Callable[[str], None]
+# The receiving side's check of one message: why it refuses it (None: delivered).
+Accept = Callable[[Any], "str | None"]
+DataChannelFor = Callable[[str], "grpc.Channel | None"]
+SignCall = Callable[[str], list[tuple[str, str]]]
 
-
-class StreamSender:
-    """A persistent stream to another node: the next pipeline stage (the last stage's: to
-    stage 0), a tensor member's commands, or a tensor member's all-reduce partials.
-
-    `send` may be called from any thread; messages go out in order on one gRPC call of the
-    Worker `method` ("Activations" or "AllReduce"). When the stream breaks, `on_broken`
-    hears why, once, and later messages are dropped."""
-
-    def __init__(
-        self,
-        loop: asyncio.AbstractEventLoop,
-        channel_for: ChannelFor,
-        target_id: str,
-        on_broken: BrokenListener,
-        method: str = "Activations",
-        encrypted: bool = False,
-    ) -> None:
-        self._method = method
-        self._encrypted = encrypted
-        self._loop = loop
-        self._channel_for = channel_for
-        self.target_id = target_id
-        self._on_broken = on_broken
-        # Messages waiting for the writer. `_idle` (under `_lock`) says the writer has found
-        # the deque empty and waits for `_ready`: only then does `send` wake the event loop,
-        # so a burst (prefill chunks, many requests) costs one wakeup, not one per message.
-        self._pending: deque[Any] = deque()
-        self._lock = threading.Lock()
-        self._idle = True
-        self._ready = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
-        self._closing = False
-        self._broken = False
-
-    def send(self, message: Any) -> None:
-        if self._broken or self._closing:
-            return
-        with self._lock:
-            self._pending.append(message)
-            if not self._idle:
-                return  # the writer is draining and will pick this up
-            self._idle = False
-        with contextlib.suppress(RuntimeError):  # the loop is gone at shutdown
-            self._loop.call_soon_threadsafe(self._wake)
-
-    def _wake(self) -> None:
-        if self._task is None and not self._broken and not self._closing:
-            self._task = self._loop.create_task(self._run(), name=f"stream-{self.target_id}")
-        self._ready.set()
-
-    async def _requests(self) -> AsyncIterator[Any]:
-        """The call's request stream: everything queued, in order, then wait for more.
-
-        gRPC consumes it in its own task and writes each message as soon as the previous
-        write completed; handing the call an iterator, rather than `await call.write()` per
-        message, skips the interceptor's per-write queue and task (peer channels sign calls).
-        """
-        while not self._broken:
-            with self._lock:
-                message = self._pending.popleft() if self._pending else None
-                if message is None:
-                    self._idle = True
-            if message is None:
-                await self._ready.wait()
-                self._ready.clear()
-            elif message is _END_OF_STREAM:
-                return
-            else:
-                yield message
-
-    def _broke(self, reason: str) -> None:
-        if self._broken or self._closing:
-            return
-        self._broken = True
-        self._ready.set()  # lets the request stream end
-        kind = "all-reduce" if self._method == "AllReduce" else "pipeline"
-        if self._encrypted and any(marker in reason for marker in _CUT_MARKERS):
-            reason += f"; {CUT_UNDER_TLS}"
-        log.warning("%s stream to %s broke: %s", kind, self.target_id, reason)
-        self._on_broken(f"the {kind} stream to node {self.target_id} broke: {reason}")
-
-    async def _run(self) -> None:
-        channel = self._channel_for(self.target_id)
-        if channel is None:
-            self._broke("the node is not a healthy member")
-            return
-        # Peer channels sign every call (cluster.membership.signing_interceptors).
-        call: Any = getattr(node_pb2_grpc.WorkerStub(channel), self._method)(self._requests())
-        try:
-            # The peer answers nothing; the response side ends when the stream does, so a
-            # dead peer or a refused epoch shows up here (a failed write ends the call too).
-            async for _ in call:
-                pass
-            code = await call.code()
-            if code != grpc.StatusCode.OK:
-                self._broke(f"{code.name}: {await call.details()}")
-        except asyncio.CancelledError:
-            call.cancel()
-            raise
-        except Exception as error:
-            self._broke(_describe(error))
-
-    async def close(self) -> None:
-        self._closing = True
-        if self._task is not None:
-            with self._lock:
-                self._pending.append(_END_OF_STREAM)  # after what is queued: it still goes
-                self._idle = False
-            self._ready.set()
-            try:
-                await asyncio.wait_for(asyncio.shield(self._task), timeout=1.0)
-            except (TimeoutError, asyncio.CancelledError, Exception):
-                self._task.cancel()
-
-
-_END_OF_STREAM = object()
+_END = object()
 
 # Under TLS a record altered in flight fails its integrity check at the receiver, which
 # drops the connection; all the sender can see is the cut, so the message names both causes.
@@ -149,7 +56,250 @@ CUT_UNDER_TLS = (
 )
 
 
-def _describe(error: BaseException) -> str:
-    if isinstance(error, grpc.aio.AioRpcError):
-        return f"{error.code().name}: {error.details()}"
-    return f"{type(error).__name__}: {error}"
+def _kind(method: str) -> str:
+    return _KIND[method]
+
+
+class Outbox:
+    """What this node sends one receiver on one stream of one placement: `send` queues
+    (from any thread), the receiver's pull (`serve`, on a data plane handler thread) writes.
+
+    When the receiver's call ends before the outbox was closed, or it never opens it, the
+    stream is broken: `on_broken` hears why, once, and later messages are dropped."""
+
+    def __init__(self, receiver_id: str, method: str, epoch: int, encrypted: bool) -> None:
+        self.receiver_id = receiver_id
+        self.method = method
+        self.epoch = epoch
+        self._encrypted = encrypted
+        self.on_broken: BrokenListener | None = None  # the sending stage's, once installed
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._attached = False
+        self._ended = False  # closed or broken: nothing more goes out
+        self._closed = False
+        self._timer: threading.Timer | None = None
+
+    def send(self, message: Any) -> None:
+        if self._ended:
+            return
+        self._queue.put(message)
+        if self._attached or self._timer is not None:
+            return
+        with self._lock:
+            if self._attached or self._timer is not None:
+                return
+            self._timer = threading.Timer(ATTACH_TIMEOUT_S, self._unattached)
+            self._timer.daemon = True
+            self._timer.start()
+
+    def _unattached(self) -> None:
+        if not self._attached:
+            self._broke(f"it did not open the stream within {ATTACH_TIMEOUT_S:.0f} s")
+
+    def serve(self, context: grpc.ServicerContext) -> Iterator[Any]:
+        """The receiver's call: everything queued, in order, then what comes, until the
+        outbox is closed (the stream ends OK) or the call ends."""
+        with self._lock:
+            refused = "already open" if self._attached else "ended" if self._ended else None
+            self._attached = True
+        if refused is not None:
+            context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"the {_kind(self.method)} stream of epoch {self.epoch} to node "
+                f"{self.receiver_id} is {refused}",
+            )
+        # Runs when the call ends for any reason; it frees this thread from its wait.
+        context.add_callback(self._call_ended)
+        while (message := self._queue.get()) is not _END:
+            yield message
+
+    def _call_ended(self) -> None:
+        self._queue.put(_END)
+        if not self._closed:
+            # All a sender sees of a dead node, a cut link or a refused TLS record.
+            reason = "the call ended before the placement did"
+            self._broke(f"{reason}; {CUT_UNDER_TLS}" if self._encrypted else reason)
+
+    def close(self) -> None:
+        """The placement is over: what is queued still goes, then the stream ends."""
+        with self._lock:
+            self._closed = self._ended = True
+            if self._timer is not None:
+                self._timer.cancel()
+        self._queue.put(_END)
+
+    def _broke(self, reason: str) -> None:
+        with self._lock:
+            if self._ended:
+                return
+            self._ended = True
+            if self._timer is not None:
+                self._timer.cancel()
+        self._queue.put(_END)
+        kind = _kind(self.method)
+        log.warning("%s stream to %s broke: %s", kind, self.receiver_id, reason)
+        if self.on_broken is not None:
+            self.on_broken(f"the {kind} stream to node {self.receiver_id} broke: {reason}")
+
+
+class Outboxes:
+    """Every outbox this node serves, by (receiver, method, epoch). A pull may come before
+    this node has installed that placement (the receiver was faster): it waits in the
+    outbox the sender will then fill. Pulls of replaced placements are refused."""
+
+    def __init__(self, encrypted: bool) -> None:
+        self._encrypted = encrypted
+        self._lock = threading.Lock()
+        self._boxes: dict[tuple[str, str, int], Outbox] = {}
+        self._current = 0  # the placement this node is installing or holds
+        self._opened = 0  # the placement whose outboxes are all open
+
+    def _box(self, receiver_id: str, method: str, epoch: int) -> Outbox:
+        key = (receiver_id, method, epoch)
+        box = self._boxes.get(key)
+        if box is None:
+            box = self._boxes[key] = Outbox(receiver_id, method, epoch, self._encrypted)
+        return box
+
+    def open(self, receiver_id: str, method: str, epoch: int, on_broken: BrokenListener) -> Outbox:
+        """The sending stage's outbox for `receiver_id` (at install)."""
+        with self._lock:
+            box = self._box(receiver_id, method, epoch)
+        box.on_broken = on_broken
+        return box
+
+    def all_open(self, epoch: int) -> None:
+        """Placement `epoch`'s outboxes are open: pulls for any other are refused."""
+        with self._lock:
+            self._opened = epoch
+
+    def for_pull(self, receiver_id: str, method: str, epoch: int) -> Outbox | str:
+        """The outbox `receiver_id` pulls, or why there is none."""
+        with self._lock:
+            key = (receiver_id, method, epoch)
+            if key in self._boxes:
+                return self._boxes[key]
+            if epoch < self._current or epoch <= self._opened:
+                return (
+                    f"this node has no {_kind(method)} stream of placement epoch {epoch} for "
+                    f"node {receiver_id} (it holds epoch {self._current})"
+                )
+            return self._box(receiver_id, method, epoch)
+
+    def close_all(self) -> None:
+        """The node stops: every stream it serves ends."""
+        with self._lock:
+            boxes = list(self._boxes.values())
+            self._boxes.clear()
+            self._opened = self._current = 2**63
+        for box in boxes:
+            box.close()
+
+    def replace(self, epoch: int) -> None:
+        """A new placement: the streams of every older one end."""
+        with self._lock:
+            self._current = max(self._current, epoch)
+            old = [key for key in self._boxes if key[2] < epoch]
+            boxes = [self._boxes.pop(key) for key in old]
+        for box in boxes:
+            box.close()
+
+
+class StreamReader:
+    """The receiving end of one stream: pulls it from `sender_id` on a thread of its own
+    and hands each message to `accept`. A refused message ends the stream (the sender
+    hears it as a break); a call that fails is a break here, which `on_broken` hears."""
+
+    def __init__(
+        self,
+        sender_id: str,
+        method: str,
+        epoch: int,
+        channel: grpc.Channel | None,
+        sign: SignCall,
+        accept: Accept,
+        on_broken: BrokenListener,
+        encrypted: bool,
+    ) -> None:
+        self.sender_id = sender_id
+        self._method = method
+        self._epoch = epoch
+        self._channel = channel
+        self._sign = sign
+        self._accept = accept
+        self._on_broken = on_broken
+        self._encrypted = encrypted
+        self._lock = threading.Lock()
+        self._call: Any = None
+        self._closing = False
+        self._thread = threading.Thread(
+            target=self._run, name=f"pull-{method}-{sender_id}", daemon=True
+        )
+
+    def start(self) -> StreamReader:
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        kind = _kind(self._method)
+        channel = self._channel
+        if channel is None:
+            self._broke(
+                f"the {kind} stream from node {self.sender_id} broke: the node is not a healthy member"
+            )
+            return
+        try:
+            grpc.channel_ready_future(channel).result(timeout=CONNECT_TIMEOUT_S)
+        except grpc.FutureTimeoutError:
+            channel.close()
+            if not self._closing:
+                self._broke(
+                    f"the {kind} stream from node {self.sender_id} broke: could not connect "
+                    f"to its data plane port within {CONNECT_TIMEOUT_S:.0f} s (a firewall must "
+                    "allow every node's --data-port as well as its --grpc-port)"
+                )
+            return
+        try:
+            stub = node_pb2_grpc.DataPlaneStub(channel)
+            method = getattr(stub, self._method)
+            metadata = self._sign(METHOD_PATHS[self._method])
+            with self._lock:
+                if self._closing:
+                    return
+                self._call = method(
+                    node_pb2.PullRequest(epoch=self._epoch), metadata=metadata, wait_for_ready=True
+                )
+            for message in self._call:
+                refused = self._accept(message)
+                if refused is not None:
+                    log.warning("%s (from %s)", refused, self.sender_id)
+                    self._call.cancel()
+                    return
+        except grpc.RpcError as error:
+            if not self._closing:
+                code: Any = error.code() if hasattr(error, "code") else None  # type: ignore[attr-defined]
+                details: Any = error.details() if hasattr(error, "details") else str(error)  # type: ignore[attr-defined]
+                name = code.name if code is not None else "UNKNOWN"
+                self._broke(
+                    f"the {kind} stream from node {self.sender_id} broke: {name}: {details}"
+                )
+        except Exception as error:  # a message that did not convert: the stream is unusable
+            if not self._closing:
+                self._broke(f"the {kind} stream from node {self.sender_id} broke: {error}")
+        finally:
+            channel.close()
+
+    def _broke(self, reason: str) -> None:
+        if self._encrypted and any(marker in reason for marker in _CUT_MARKERS):
+            reason += f"; {CUT_UNDER_TLS}"
+        log.warning("%s", reason)
+        self._on_broken(reason)
+
+    def close(self) -> None:
+        """Stop reading (the placement is replaced); does not wait for the thread."""
+        with self._lock:
+            self._closing = True
+            call = self._call
+        if call is not None:
+            call.cancel()

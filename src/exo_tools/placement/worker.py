@@ -9,8 +9,10 @@ converted at this edge (exo_tools.cluster.wire): the engine sees only exo_tools.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +37,16 @@ from ..models.catalog import ModelCard
 from ..models.loader import LoadedModel, load_model
 from ..proto import node_pb2, node_pb2_grpc
 from ..types import LoadOrder, LoadProgress, Partial, Shard, StageMessage, TensorSlice
-from .streams import BrokenListener, ChannelFor, StreamSender
+from .streams import (
+    ACTIVATIONS,
+    ALL_REDUCE,
+    Accept,
+    BrokenListener,
+    DataChannelFor,
+    Outboxes,
+    SignCall,
+    StreamReader,
+)
 from .views import ShardView, WorkerState, WorkerView
 
 log = logging.getLogger(__name__)
@@ -53,7 +64,8 @@ def memory_report() -> dict[str, int]:
     }
 
 
-def _caller(context: grpc.aio.ServicerContext[Any, Any]) -> str:
+def _caller(context: grpc.ServicerContext | grpc.aio.ServicerContext[Any, Any]) -> str:
+    """The calling node's id (the signed metadata the interceptor verified)."""
     for key, value in context.invocation_metadata() or ():
         if key == METADATA_NODE:
             return value if isinstance(value, str) else value.decode()
@@ -67,7 +79,8 @@ class Worker(node_pb2_grpc.WorkerServicer):
         card: ModelCard,
         models_dir: Path,
         engine: StageEngine,
-        channel_for: ChannelFor,
+        data_channel_for: DataChannelFor,
+        sign_call: SignCall,
         chat_template: str | None = None,
         encrypted: bool = False,
     ) -> None:
@@ -75,7 +88,8 @@ class Worker(node_pb2_grpc.WorkerServicer):
         self._encrypted = encrypted  # peer channels are TLS (for what a broken stream means)
         self.models_dir = models_dir
         self.engine = engine
-        self._channel_for = channel_for
+        self._data_channel_for = data_channel_for
+        self._sign_call = sign_call
         self._chat_template = chat_template
         self.epoch = 0
         self.state = WorkerState.IDLE
@@ -84,7 +98,9 @@ class Worker(node_pb2_grpc.WorkerServicer):
         self.loaded: LoadedModel | None = None
         self.layers_loaded = 0
         self.placement_json = ""
-        self._senders: list[StreamSender] = []
+        self.outboxes = Outboxes(encrypted)  # what this node's stages send, served to pulls
+        self._readers: list[StreamReader] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._collective: TensorCollective | None = None
         self._load_lock = asyncio.Lock()
         self.broken_listeners: list[BrokenListener] = []
@@ -113,14 +129,31 @@ class Worker(node_pb2_grpc.WorkerServicer):
         for listener in list(self.broken_listeners):
             listener(reason)
 
+    def _broken_from_any_thread(self, epoch: int) -> BrokenListener:
+        loop = self._loop
+        assert loop is not None
+
+        def broken(reason: str) -> None:
+            if not self._stopping:
+                with contextlib.suppress(RuntimeError):  # the loop is gone at shutdown
+                    loop.call_soon_threadsafe(self._ring_broken, reason, epoch)
+
+        return broken
+
     async def stop(self) -> None:
         self._stopping = True
-        await self._close_senders()
+        self._close_streams(None)
 
-    async def _close_senders(self) -> None:
-        senders, self._senders = self._senders, []
-        for sender in senders:
-            await sender.close()
+    def _close_streams(self, epoch: int | None) -> None:
+        """Placement `epoch` replaces the current one (None: the node stops): the streams
+        this node reads end, and those it serves end once what is queued has gone out."""
+        readers, self._readers = self._readers, []
+        for reader in readers:
+            reader.close()
+        if epoch is None:
+            self.outboxes.close_all()
+        else:
+            self.outboxes.replace(epoch)
 
     # ---------------------------------------------------------------- loading
 
@@ -155,14 +188,14 @@ class Worker(node_pb2_grpc.WorkerServicer):
                 shard,
                 0,
             )
-            await self._close_senders()
+            self._close_streams(order.epoch)
             self._collective = None
             # Drop the old shard before loading the new one so memory never holds both.
             self.loaded = None
             await asyncio.to_thread(
                 self.engine.install, None, f"the model is being re-placed (epoch {order.epoch})"
             )
-            loop = asyncio.get_running_loop()
+            loop = self._loop = asyncio.get_running_loop()
 
             def on_progress(done: int, total: int) -> None:
                 self.layers_loaded = done
@@ -194,11 +227,11 @@ class Worker(node_pb2_grpc.WorkerServicer):
                         grammar_tokenizer, self.card.id, loaded.tokenizer
                     )
                 if tensor is not None:
-                    stage = self._tensor_stage(loop, order, loaded, tensor)
+                    stage = self._tensor_stage(order, loaded, tensor)
                 else:
                     send = None
                     if order.n_stages > 1:
-                        send = self._stream_to(loop, order.epoch, order.next_node_id)
+                        send = self._stream_to(order.epoch, order.next_node_id)
                     stage = InstalledStage(
                         epoch=order.epoch,
                         model=ShardModel(loaded.model, loaded.shard),
@@ -207,7 +240,10 @@ class Worker(node_pb2_grpc.WorkerServicer):
                         send=send,
                     )
                 stage.grammar_tokenizer = grammar
+                self.outboxes.all_open(order.epoch)
                 await asyncio.to_thread(self.engine.install, stage, "re-placed")
+                # Before this load reports ready, so before any request runs on it.
+                self._start_readers(order)
             except Exception as error:
                 self.state, self.error = WorkerState.FAILED, f"loading the shard failed: {error}"
                 log.exception("loading shard %s failed", shard)
@@ -234,30 +270,73 @@ class Worker(node_pb2_grpc.WorkerServicer):
                 mlx_active=memory["mlx_active"],
             )
 
-    def _sender(
-        self,
-        loop: asyncio.AbstractEventLoop,
-        epoch: int,
-        node_id: str,
-        method: str = "Activations",
-    ) -> StreamSender:
-        def broken(reason: str) -> None:
-            self._ring_broken(reason, epoch)
+    def _outbox_to(self, epoch: int, node_id: str, method: str) -> Callable[[Any], None]:
+        """What this stage sends `node_id` on `method` (it pulls it)."""
+        return self.outboxes.open(node_id, method, epoch, self._broken_from_any_thread(epoch)).send
 
-        sender = StreamSender(loop, self._channel_for, node_id, broken, method, self._encrypted)
-        self._senders.append(sender)
-        return sender
-
-    def _stream_to(
-        self, loop: asyncio.AbstractEventLoop, epoch: int, node_id: str
-    ) -> Callable[[StageMessage], None]:
+    def _stream_to(self, epoch: int, node_id: str) -> Callable[[StageMessage], None]:
         """The engine's `send` towards the next stage: converted here, on the MLX thread."""
-        sender = self._sender(loop, epoch, node_id)
-        return lambda message: sender.send(stage_message_to_proto(message))
+        send = self._outbox_to(epoch, node_id, ACTIVATIONS)
+        return lambda message: send(stage_message_to_proto(message))
+
+    def _start_readers(self, order: LoadOrder) -> None:
+        """Pull every stream this stage takes: its previous stage's output; on a tensor
+        member, rank 0's commands and every other member's partials."""
+        pulls: list[tuple[str, str, Accept]] = []
+        if order.shard.tensor is not None:
+            members = order.tensor_members
+            rank = order.shard.tensor.rank
+            if rank != 0:
+                pulls.append((members[0], ACTIVATIONS, self._accept_activation))
+            pulls += [
+                (member, ALL_REDUCE, functools.partial(self._accept_partial, member))
+                for other, member in enumerate(members)
+                if other != rank
+            ]
+        elif order.n_stages > 1:
+            pulls.append((order.previous_node_id, ACTIVATIONS, self._accept_activation))
+        for node_id, method, accept in pulls:
+            reader = StreamReader(
+                node_id,
+                method,
+                order.epoch,
+                self._data_channel_for(node_id),
+                self._sign_call,
+                accept,
+                self._broken_from_any_thread(order.epoch),
+                self._encrypted,
+            )
+            self._readers.append(reader.start())
+
+    def _accept_activation(self, message: node_pb2.ActivationMessage) -> str | None:
+        """On a reader's thread: hand the message to the engine, or say why not."""
+        if message.epoch != self.epoch or self.state != WorkerState.READY:
+            return (
+                f"refused a message of placement epoch {message.epoch}: node "
+                f"holds epoch {self.epoch} ({self.state})"
+            )
+        try:
+            self.engine.deliver(stage_message_from_proto(message))
+        except ValueError as error:
+            return str(error)
+        return None
+
+    def _accept_partial(self, sender_id: str, message: node_pb2.AllReduceMessage) -> str | None:
+        collective = self._collective
+        if collective is None or message.epoch != collective.epoch:
+            return (
+                f"refused an all-reduce message of placement epoch {message.epoch}: "
+                f"node holds epoch {self.epoch} ({self.state})"
+            )
+        if message.error:
+            self._broken_from_any_thread(message.epoch)(
+                f"tensor member {sender_id}: {message.error}"
+            )
+        collective.deliver(partial_from_proto(message))
+        return None
 
     def _tensor_stage(
         self,
-        loop: asyncio.AbstractEventLoop,
         order: LoadOrder,
         loaded: LoadedModel,
         tensor: TensorSlice,
@@ -265,13 +344,13 @@ class Worker(node_pb2_grpc.WorkerServicer):
         """Streams to every other member (partials; on rank 0 also commands) and the stage."""
         members = order.tensor_members
         partials = {
-            rank: self._sender(loop, order.epoch, members[rank], "AllReduce")
+            rank: self._outbox_to(order.epoch, members[rank], ALL_REDUCE)
             for rank in range(tensor.size)
             if rank != tensor.rank
         }
 
         def send_partial(rank: int, partial: Partial) -> None:
-            partials[rank].send(partial_to_proto(partial))
+            partials[rank](partial_to_proto(partial))
 
         collective = TensorCollective(
             rank=tensor.rank, size=tensor.size, epoch=order.epoch, send=send_partial
@@ -279,7 +358,7 @@ class Worker(node_pb2_grpc.WorkerServicer):
         self._collective = collective
         # Rank 0 drives: it hands every pass to the others.
         commands = [
-            self._stream_to(loop, order.epoch, members[rank])
+            self._stream_to(order.epoch, members[rank])
             for rank in range(1, tensor.size)
             if tensor.is_root
         ]
@@ -320,77 +399,29 @@ class Worker(node_pb2_grpc.WorkerServicer):
                 getter.cancel()
         yield progress_to_proto(task.result())
 
-    async def Activations(
-        self,
-        request_iterator: AsyncIterator[node_pb2.ActivationMessage],
-        context: grpc.aio.ServicerContext[Any, Any],
-    ) -> AsyncIterator[node_pb2.ActivationMessage]:
-        def accept(message: node_pb2.ActivationMessage) -> str | None:
-            if message.epoch != self.epoch or self.state != WorkerState.READY:
-                return (
-                    f"refused a message of placement epoch {message.epoch}: node "
-                    f"holds epoch {self.epoch} ({self.state})"
-                )
-            try:
-                self.engine.deliver(stage_message_from_proto(message))
-            except ValueError as error:
-                return str(error)
-            return None
 
-        await self._receive(request_iterator, context, "pipeline", accept)
-        return
-        yield  # pragma: no cover - makes this an async generator (a bidi handler)
+class DataPlaneService(node_pb2_grpc.DataPlaneServicer):
+    """The data plane server's side of a node's streams (on its threads): each call is a
+    receiver pulling what this node's stage sends it (`placement/streams.py`)."""
 
-    async def _receive(
-        self,
-        request_iterator: AsyncIterator[Any],
-        context: grpc.aio.ServicerContext[Any, Any],
-        kind: str,
-        accept: Callable[[Any], str | None],
-    ) -> None:
-        """Hand each incoming message of a persistent stream to `accept`, which returns why
-        it refuses one (the stream then ends with FAILED_PRECONDITION). A stream that breaks
-        fails this node's requests: its sender is gone."""
-        caller = _caller(context)
-        stale: str | None = None
-        epoch = self.epoch  # the stream's, once a message said it
-        try:
-            async for message in request_iterator:
-                epoch = message.epoch
-                stale = accept(message)
-                if stale is not None:
-                    break
-        except asyncio.CancelledError:
-            if not self._stopping:
-                self._ring_broken(f"the {kind} stream from node {caller} broke", epoch)
-            raise
-        except Exception as error:
-            if not self._stopping:
-                self._ring_broken(f"the {kind} stream from node {caller} broke: {error}", epoch)
-            return
-        if stale is not None:
-            log.warning("%s (from %s)", stale, caller)
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, stale)
+    def __init__(self, worker: Worker) -> None:
+        self._worker = worker
 
-    async def AllReduce(
-        self,
-        request_iterator: AsyncIterator[node_pb2.AllReduceMessage],
-        context: grpc.aio.ServicerContext[Any, Any],
-    ) -> AsyncIterator[node_pb2.AllReduceMessage]:
-        caller = _caller(context)
+    def Activations(
+        self, request: node_pb2.PullRequest, context: grpc.ServicerContext
+    ) -> Iterator[node_pb2.ActivationMessage]:
+        return self._serve(ACTIVATIONS, request, context)
 
-        def accept(message: node_pb2.AllReduceMessage) -> str | None:
-            collective = self._collective
-            if collective is None or message.epoch != collective.epoch:
-                return (
-                    f"refused an all-reduce message of placement epoch {message.epoch}: "
-                    f"node holds epoch {self.epoch} ({self.state})"
-                )
-            if message.error:
-                self._ring_broken(f"tensor member {caller}: {message.error}", message.epoch)
-            collective.deliver(partial_from_proto(message))
-            return None
+    def AllReduce(
+        self, request: node_pb2.PullRequest, context: grpc.ServicerContext
+    ) -> Iterator[node_pb2.AllReduceMessage]:
+        return self._serve(ALL_REDUCE, request, context)
 
-        await self._receive(request_iterator, context, "all-reduce", accept)
-        return
-        yield  # pragma: no cover - makes this an async generator (a bidi handler)
+    def _serve(
+        self, method: str, request: node_pb2.PullRequest, context: grpc.ServicerContext
+    ) -> Iterator[Any]:
+        box = self._worker.outboxes.for_pull(_caller(context), method, request.epoch)
+        if isinstance(box, str):
+            log.warning("%s", box)
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, box)
+        yield from box.serve(context)

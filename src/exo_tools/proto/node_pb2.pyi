@@ -24,7 +24,7 @@ class Capabilities(_message.Message):
     def __init__(self, memory_total: _Optional[int] = ..., memory_available: _Optional[int] = ..., chip: _Optional[str] = ..., mlx_device: _Optional[str] = ..., matmul_gflops: _Optional[float] = ...) -> None: ...
 
 class NodeInfo(_message.Message):
-    __slots__ = ("node_id", "addresses", "grpc_port", "api_port", "version", "cluster_name", "start_time", "capabilities", "broken_epoch", "broken_reason")
+    __slots__ = ("node_id", "addresses", "grpc_port", "api_port", "version", "cluster_name", "start_time", "capabilities", "broken_epoch", "broken_reason", "data_port")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESSES_FIELD_NUMBER: _ClassVar[int]
     GRPC_PORT_FIELD_NUMBER: _ClassVar[int]
@@ -35,6 +35,7 @@ class NodeInfo(_message.Message):
     CAPABILITIES_FIELD_NUMBER: _ClassVar[int]
     BROKEN_EPOCH_FIELD_NUMBER: _ClassVar[int]
     BROKEN_REASON_FIELD_NUMBER: _ClassVar[int]
+    DATA_PORT_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     addresses: _containers.RepeatedScalarFieldContainer[str]
     grpc_port: int
@@ -45,7 +46,8 @@ class NodeInfo(_message.Message):
     capabilities: Capabilities
     broken_epoch: int
     broken_reason: str
-    def __init__(self, node_id: _Optional[str] = ..., addresses: _Optional[_Iterable[str]] = ..., grpc_port: _Optional[int] = ..., api_port: _Optional[int] = ..., version: _Optional[str] = ..., cluster_name: _Optional[str] = ..., start_time: _Optional[float] = ..., capabilities: _Optional[_Union[Capabilities, _Mapping]] = ..., broken_epoch: _Optional[int] = ..., broken_reason: _Optional[str] = ...) -> None: ...
+    data_port: int
+    def __init__(self, node_id: _Optional[str] = ..., addresses: _Optional[_Iterable[str]] = ..., grpc_port: _Optional[int] = ..., api_port: _Optional[int] = ..., version: _Optional[str] = ..., cluster_name: _Optional[str] = ..., start_time: _Optional[float] = ..., capabilities: _Optional[_Union[Capabilities, _Mapping]] = ..., broken_epoch: _Optional[int] = ..., broken_reason: _Optional[str] = ..., data_port: _Optional[int] = ...) -> None: ...
 
 class PeerEntry(_message.Message):
     __slots__ = ("node_id", "grpc_target", "latency_ms")
@@ -194,7 +196,7 @@ class ShardSpec(_message.Message):
     def __init__(self, model_id: _Optional[str] = ..., start_layer: _Optional[int] = ..., end_layer: _Optional[int] = ..., n_layers: _Optional[int] = ..., tp_rank: _Optional[int] = ..., tp_size: _Optional[int] = ..., kv_head_start: _Optional[int] = ..., kv_head_end: _Optional[int] = ..., mlp_start: _Optional[int] = ..., mlp_end: _Optional[int] = ..., tp_members: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class LoadShardRequest(_message.Message):
-    __slots__ = ("epoch", "shard", "next_node_id", "dtype", "stage_index", "n_stages", "placement_json")
+    __slots__ = ("epoch", "shard", "next_node_id", "dtype", "stage_index", "n_stages", "placement_json", "previous_node_id")
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     SHARD_FIELD_NUMBER: _ClassVar[int]
     NEXT_NODE_ID_FIELD_NUMBER: _ClassVar[int]
@@ -202,6 +204,7 @@ class LoadShardRequest(_message.Message):
     STAGE_INDEX_FIELD_NUMBER: _ClassVar[int]
     N_STAGES_FIELD_NUMBER: _ClassVar[int]
     PLACEMENT_JSON_FIELD_NUMBER: _ClassVar[int]
+    PREVIOUS_NODE_ID_FIELD_NUMBER: _ClassVar[int]
     epoch: int
     shard: ShardSpec
     next_node_id: str
@@ -209,7 +212,8 @@ class LoadShardRequest(_message.Message):
     stage_index: int
     n_stages: int
     placement_json: str
-    def __init__(self, epoch: _Optional[int] = ..., shard: _Optional[_Union[ShardSpec, _Mapping]] = ..., next_node_id: _Optional[str] = ..., dtype: _Optional[str] = ..., stage_index: _Optional[int] = ..., n_stages: _Optional[int] = ..., placement_json: _Optional[str] = ...) -> None: ...
+    previous_node_id: str
+    def __init__(self, epoch: _Optional[int] = ..., shard: _Optional[_Union[ShardSpec, _Mapping]] = ..., next_node_id: _Optional[str] = ..., dtype: _Optional[str] = ..., stage_index: _Optional[int] = ..., n_stages: _Optional[int] = ..., placement_json: _Optional[str] = ..., previous_node_id: _Optional[str] = ...) -> None: ...
 
 class LoadShardProgress(_message.Message):
     __slots__ = ("epoch", "stage", "done", "total", "finished", "error", "weight_bytes", "rss", "mlx_active", "current_epoch")
@@ -352,3 +356,9 @@ class AllReduceMessage(_message.Message):
     tensor: Tensor
     error: str
     def __init__(self, request_id: _Optional[str] = ..., epoch: _Optional[int] = ..., step: _Optional[int] = ..., layer: _Optional[int] = ..., phase: _Optional[int] = ..., rank: _Optional[int] = ..., tensor: _Optional[_Union[Tensor, _Mapping]] = ..., error: _Optional[str] = ...) -> None: ...
+
+class PullRequest(_message.Message):
+    __slots__ = ("epoch",)
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    epoch: int
+    def __init__(self, epoch: _Optional[int] = ...) -> None: ...

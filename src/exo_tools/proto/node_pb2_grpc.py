@@ -272,34 +272,12 @@ class WorkerStub:
                 request_serializer=exo__tools_dot_proto_dot_node__pb2.LoadShardRequest.SerializeToString,
                 response_deserializer=exo__tools_dot_proto_dot_node__pb2.LoadShardProgress.FromString,
                 _registered_method=True)
-        self.Activations = channel.stream_stream(
-                '/exo_tools.v1.Worker/Activations',
-                request_serializer=exo__tools_dot_proto_dot_node__pb2.ActivationMessage.SerializeToString,
-                response_deserializer=exo__tools_dot_proto_dot_node__pb2.ActivationMessage.FromString,
-                _registered_method=True)
-        self.AllReduce = channel.stream_stream(
-                '/exo_tools.v1.Worker/AllReduce',
-                request_serializer=exo__tools_dot_proto_dot_node__pb2.AllReduceMessage.SerializeToString,
-                response_deserializer=exo__tools_dot_proto_dot_node__pb2.AllReduceMessage.FromString,
-                _registered_method=True)
 
 
 class WorkerServicer:
     """Missing associated documentation comment in .proto file."""
 
     def LoadShard(self, request, context):
-        """Missing associated documentation comment in .proto file."""
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def Activations(self, request_iterator, context):
-        """Missing associated documentation comment in .proto file."""
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def AllReduce(self, request_iterator, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -312,16 +290,6 @@ def add_WorkerServicer_to_server(servicer, server):
                     servicer.LoadShard,
                     request_deserializer=exo__tools_dot_proto_dot_node__pb2.LoadShardRequest.FromString,
                     response_serializer=exo__tools_dot_proto_dot_node__pb2.LoadShardProgress.SerializeToString,
-            ),
-            'Activations': grpc.stream_stream_rpc_method_handler(
-                    servicer.Activations,
-                    request_deserializer=exo__tools_dot_proto_dot_node__pb2.ActivationMessage.FromString,
-                    response_serializer=exo__tools_dot_proto_dot_node__pb2.ActivationMessage.SerializeToString,
-            ),
-            'AllReduce': grpc.stream_stream_rpc_method_handler(
-                    servicer.AllReduce,
-                    request_deserializer=exo__tools_dot_proto_dot_node__pb2.AllReduceMessage.FromString,
-                    response_serializer=exo__tools_dot_proto_dot_node__pb2.AllReduceMessage.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -361,8 +329,83 @@ class Worker:
             metadata,
             _registered_method=True)
 
+
+class DataPlaneStub:
+    """The data plane: persistent streams that the receiving node opens to the sending node
+    (on its data_port, served by threads, not the asyncio control server) and reads on a
+    thread of its own, so a message crosses no event loop on either side. The caller is the
+    receiver (the call's signed node id); the stream ends when the placement is replaced.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Activations = channel.unary_stream(
+                '/exo_tools.v1.DataPlane/Activations',
+                request_serializer=exo__tools_dot_proto_dot_node__pb2.PullRequest.SerializeToString,
+                response_deserializer=exo__tools_dot_proto_dot_node__pb2.ActivationMessage.FromString,
+                _registered_method=True)
+        self.AllReduce = channel.unary_stream(
+                '/exo_tools.v1.DataPlane/AllReduce',
+                request_serializer=exo__tools_dot_proto_dot_node__pb2.PullRequest.SerializeToString,
+                response_deserializer=exo__tools_dot_proto_dot_node__pb2.AllReduceMessage.FromString,
+                _registered_method=True)
+
+
+class DataPlaneServicer:
+    """The data plane: persistent streams that the receiving node opens to the sending node
+    (on its data_port, served by threads, not the asyncio control server) and reads on a
+    thread of its own, so a message crosses no event loop on either side. The caller is the
+    receiver (the call's signed node id); the stream ends when the placement is replaced.
+    """
+
+    def Activations(self, request, context):
+        """What the caller's previous stage (or tensor rank 0) sends it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AllReduce(self, request, context):
+        """This tensor member's all-reduce partials for the caller.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_DataPlaneServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Activations': grpc.unary_stream_rpc_method_handler(
+                    servicer.Activations,
+                    request_deserializer=exo__tools_dot_proto_dot_node__pb2.PullRequest.FromString,
+                    response_serializer=exo__tools_dot_proto_dot_node__pb2.ActivationMessage.SerializeToString,
+            ),
+            'AllReduce': grpc.unary_stream_rpc_method_handler(
+                    servicer.AllReduce,
+                    request_deserializer=exo__tools_dot_proto_dot_node__pb2.PullRequest.FromString,
+                    response_serializer=exo__tools_dot_proto_dot_node__pb2.AllReduceMessage.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'exo_tools.v1.DataPlane', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('exo_tools.v1.DataPlane', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class DataPlane:
+    """The data plane: persistent streams that the receiving node opens to the sending node
+    (on its data_port, served by threads, not the asyncio control server) and reads on a
+    thread of its own, so a message crosses no event loop on either side. The caller is the
+    receiver (the call's signed node id); the stream ends when the placement is replaced.
+    """
+
     @staticmethod
-    def Activations(request_iterator,
+    def Activations(request,
             target,
             options=(),
             channel_credentials=None,
@@ -372,11 +415,11 @@ class Worker:
             wait_for_ready=None,
             timeout=None,
             metadata=None):
-        return grpc.experimental.stream_stream(
-            request_iterator,
+        return grpc.experimental.unary_stream(
+            request,
             target,
-            '/exo_tools.v1.Worker/Activations',
-            exo__tools_dot_proto_dot_node__pb2.ActivationMessage.SerializeToString,
+            '/exo_tools.v1.DataPlane/Activations',
+            exo__tools_dot_proto_dot_node__pb2.PullRequest.SerializeToString,
             exo__tools_dot_proto_dot_node__pb2.ActivationMessage.FromString,
             options,
             channel_credentials,
@@ -389,7 +432,7 @@ class Worker:
             _registered_method=True)
 
     @staticmethod
-    def AllReduce(request_iterator,
+    def AllReduce(request,
             target,
             options=(),
             channel_credentials=None,
@@ -399,11 +442,11 @@ class Worker:
             wait_for_ready=None,
             timeout=None,
             metadata=None):
-        return grpc.experimental.stream_stream(
-            request_iterator,
+        return grpc.experimental.unary_stream(
+            request,
             target,
-            '/exo_tools.v1.Worker/AllReduce',
-            exo__tools_dot_proto_dot_node__pb2.AllReduceMessage.SerializeToString,
+            '/exo_tools.v1.DataPlane/AllReduce',
+            exo__tools_dot_proto_dot_node__pb2.PullRequest.SerializeToString,
             exo__tools_dot_proto_dot_node__pb2.AllReduceMessage.FromString,
             options,
             channel_credentials,
