@@ -298,7 +298,12 @@ def test_packed_pass_matches_each_row_alone(folders: dict[str, Path], architectu
     alone_end = model.forward(rest, alone_prompt_cache)[:, -1, :]
     packed_end = model.forward(rest, packed_prompt_cache)[:, -1, :]
     errors.append(float(mx.max(mx.abs(packed_end - alone_end)).item()))
-    assert max(errors) <= TOLERANCE, f"{architecture}: errors {errors}"
+    # The packed chunk's attention runs another kernel (engine/cpu_attention.py), so float32
+    # sums differ in order: relative to the logits' size (Gemma 3's are large), and the
+    # order itself depends on the CPU's BLAS kernels (2.1e-4 on one host, under 1e-4 on
+    # another). A packing bug is off by whole logits.
+    scale = max(1.0, float(mx.max(mx.abs(alone_end)).item()))
+    assert max(errors) <= TOLERANCE * scale, f"{architecture}: errors {errors}, scale {scale}"
     assert architecture not in UNPACKED_FAMILIES, f"{architecture} packs now: update the set"
 
 
