@@ -22,7 +22,7 @@ import grpc.experimental
 from .auth import ClusterAuth, RejectLog
 from .membership import CHANNEL_OPTIONS, MESSAGE_SIZE_OPTIONS
 from .service import SyncAuthInterceptor
-from .tls import CHANNEL_TLS_OPTIONS, ClusterTLS
+from .tls import CHANNEL_TLS_OPTIONS, ClusterTLS, bind_port
 
 log = logging.getLogger(__name__)
 
@@ -63,13 +63,7 @@ class DataServer:
         )
         for hook in self._hooks:
             hook(server)
-        address = f"{host}:{port}"
-        if self._tls is not None:
-            bound = server.add_secure_port(address, self._tls.server_credentials())
-        else:
-            bound = server.add_insecure_port(address)
-        if bound == 0:
-            raise OSError(f"cannot bind the data plane to {host}:{port} (--data-port)")
+        bound = bind_port(server, host, port, self._tls, "the data plane (--data-port)")
         server.start()
         self._server, self.port = server, bound
         return bound

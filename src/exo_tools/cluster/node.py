@@ -20,7 +20,7 @@ from .data_plane import DataServer, DataServicerHook, open_data_channel
 from .discovery import DiscoveredPeer, Discovery, advertised_addresses
 from .membership import MESSAGE_SIZE_OPTIONS, Membership
 from .service import AuthInterceptor, MembershipService
-from .tls import ClusterTLS
+from .tls import ClusterTLS, bind_port
 from .view import Capabilities, ClusterView, NodeInfo
 
 log = logging.getLogger(__name__)
@@ -164,13 +164,7 @@ class ClusterNode:
         )
         for hook in self._hooks:
             hook(server)
-        address = f"{self.config.grpc_host}:{self.config.grpc_port}"
-        if self.tls is not None:
-            port = server.add_secure_port(address, self.tls.server_credentials())
-        else:
-            port = server.add_insecure_port(address)
-        if port == 0:
-            raise OSError(f"cannot bind gRPC to {self.config.grpc_host}:{self.config.grpc_port}")
+        port = bind_port(server, self.config.grpc_host, self.config.grpc_port, self.tls, "gRPC")
         self._grpc_port = port
         await server.start()
         self._server = server

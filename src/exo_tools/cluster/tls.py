@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import cast
 
 import grpc
+import grpc.aio
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -252,3 +253,18 @@ class ClusterTLS:
         return grpc.dynamic_ssl_server_credentials(
             self._certificate_configuration(), fetcher, require_client_authentication=True
         )
+
+
+def bind_port(
+    server: grpc.Server | grpc.aio.Server, host: str, port: int, tls: ClusterTLS | None, what: str
+) -> int:
+    """Bind `server` (the control server or the data plane's) to host:port, under the
+    cluster's mutual TLS unless it is off; the port bound (OSError naming `what` if none)."""
+    address = f"{host}:{port}"
+    if tls is not None:
+        bound = server.add_secure_port(address, tls.server_credentials())
+    else:
+        bound = server.add_insecure_port(address)
+    if bound == 0:
+        raise OSError(f"cannot bind {what} to {address}")
+    return bound

@@ -56,10 +56,6 @@ CUT_UNDER_TLS = (
 )
 
 
-def _kind(method: str) -> str:
-    return _KIND[method]
-
-
 class Outbox:
     """What this node sends one receiver on one stream of one placement: `send` queues
     (from any thread), the receiver's pull (`serve`, on a data plane handler thread) writes.
@@ -106,7 +102,7 @@ class Outbox:
         if refused is not None:
             context.abort(
                 grpc.StatusCode.FAILED_PRECONDITION,
-                f"the {_kind(self.method)} stream of epoch {self.epoch} to node "
+                f"the {_KIND[self.method]} stream of epoch {self.epoch} to node "
                 f"{self.receiver_id} is {refused}",
             )
         # Runs when the call ends for any reason; it frees this thread from its wait.
@@ -137,7 +133,7 @@ class Outbox:
             if self._timer is not None:
                 self._timer.cancel()
         self._queue.put(_END)
-        kind = _kind(self.method)
+        kind = _KIND[self.method]
         log.warning("%s stream to %s broke: %s", kind, self.receiver_id, reason)
         if self.on_broken is not None:
             self.on_broken(f"the {kind} stream to node {self.receiver_id} broke: {reason}")
@@ -182,7 +178,7 @@ class Outboxes:
                 return self._boxes[key]
             if epoch < self._current or epoch <= self._opened:
                 return (
-                    f"this node has no {_kind(method)} stream of placement epoch {epoch} for "
+                    f"this node has no {_KIND[method]} stream of placement epoch {epoch} for "
                     f"node {receiver_id} (it holds epoch {self._current})"
                 )
             return self._box(receiver_id, method, epoch)
@@ -242,12 +238,9 @@ class StreamReader:
         return self
 
     def _run(self) -> None:
-        kind = _kind(self._method)
         channel = self._channel
         if channel is None:
-            self._broke(
-                f"the {kind} stream from node {self.sender_id} broke: the node is not a healthy member"
-            )
+            self._broke("the node is not a healthy member")
             return
         try:
             grpc.channel_ready_future(channel).result(timeout=CONNECT_TIMEOUT_S)
@@ -255,14 +248,12 @@ class StreamReader:
             channel.close()
             if not self._closing:
                 self._broke(
-                    f"the {kind} stream from node {self.sender_id} broke: could not connect "
-                    f"to its data plane port within {CONNECT_TIMEOUT_S:.0f} s (a firewall must "
-                    "allow every node's --data-port as well as its --grpc-port)"
+                    f"could not connect to its data plane port within {CONNECT_TIMEOUT_S:.0f} s "
+                    "(a firewall must allow every node's --data-port as well as its --grpc-port)"
                 )
             return
         try:
-            stub = node_pb2_grpc.DataPlaneStub(channel)
-            method = getattr(stub, self._method)
+            method = getattr(node_pb2_grpc.DataPlaneStub(channel), self._method)
             metadata = self._sign(METHOD_PATHS[self._method])
             with self._lock:
                 if self._closing:
@@ -276,21 +267,17 @@ class StreamReader:
                     log.warning("%s (from %s)", refused, self.sender_id)
                     self._call.cancel()
                     return
-        except grpc.RpcError as error:
+        except Exception as error:  # a failed call, or a message that did not convert
             if not self._closing:
-                code: Any = error.code() if hasattr(error, "code") else None  # type: ignore[attr-defined]
-                details: Any = error.details() if hasattr(error, "details") else str(error)  # type: ignore[attr-defined]
-                name = code.name if code is not None else "UNKNOWN"
-                self._broke(
-                    f"the {kind} stream from node {self.sender_id} broke: {name}: {details}"
-                )
-        except Exception as error:  # a message that did not convert: the stream is unusable
-            if not self._closing:
-                self._broke(f"the {kind} stream from node {self.sender_id} broke: {error}")
+                if isinstance(error, grpc.Call):
+                    self._broke(f"{error.code().name}: {error.details()}")
+                else:
+                    self._broke(str(error))
         finally:
             channel.close()
 
-    def _broke(self, reason: str) -> None:
+    def _broke(self, detail: str) -> None:
+        reason = f"the {_KIND[self._method]} stream from node {self.sender_id} broke: {detail}"
         if self._encrypted and any(marker in reason for marker in _CUT_MARKERS):
             reason += f"; {CUT_UNDER_TLS}"
         log.warning("%s", reason)

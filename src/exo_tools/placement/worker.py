@@ -64,7 +64,7 @@ def memory_report() -> dict[str, int]:
     }
 
 
-def _caller(context: grpc.ServicerContext | grpc.aio.ServicerContext[Any, Any]) -> str:
+def _caller(context: grpc.ServicerContext) -> str:
     """The calling node's id (the signed metadata the interceptor verified)."""
     for key, value in context.invocation_metadata() or ():
         if key == METADATA_NODE:
