@@ -1,5 +1,6 @@
-"""A TCP proxy between two nodes (test helper): it records every byte it forwards and can
-flip one byte of a large chunk in flight, as an attacker on the path would."""
+"""A TCP proxy between two nodes (test helper): it records every byte it forwards, can
+flip one byte of a large chunk in flight, as an attacker on the path would, and can stall:
+swallow every byte from then on without closing anything, as a dead path does."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ class TcpProxy:
     source_ip: str
     captured: bytearray = field(default_factory=bytearray)
     flipped: int = 0  # bytes flipped so far
+    stalled: bool = False  # bytes are swallowed, both ways; the connections stay open
     _flip_at_least: int | None = None  # arm: flip in the next chunk of at least this size
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _server: socket.socket | None = None
@@ -82,6 +84,8 @@ class TcpProxy:
                 chunk = source.recv(1 << 16)
                 if not chunk:
                     break
+                if self.stalled:
+                    continue
                 with self._lock:
                     if len(self.captured) < CAPTURE_LIMIT:
                         self.captured += chunk

@@ -12,6 +12,7 @@ from typing import Any, cast
 
 import pytest
 
+from exo_tools.cluster import data_plane
 from exo_tools.cluster.auth import ClusterAuth, RejectLog
 from exo_tools.cluster.data_plane import DataServer, open_data_channel
 from exo_tools.cluster.tls import ClusterTLS
@@ -19,6 +20,8 @@ from exo_tools.placement import streams
 from exo_tools.placement.streams import ACTIVATIONS, Outboxes, StreamReader
 from exo_tools.placement.worker import DataPlaneService, Worker
 from exo_tools.proto import node_pb2, node_pb2_grpc
+from tests.helpers.nodes import free_port
+from tests.helpers.tcp_proxy import TcpProxy
 
 CLUSTER = "test-data-plane"
 SECRET = b"data-plane-secret"
@@ -55,6 +58,7 @@ class Receiver:
         tls_secret: bytes = SECRET,
         signing_secret: bytes = SECRET,
         epoch: int = EPOCH,
+        port: int | None = None,  # the sender's, or a proxy's in front of it
     ) -> None:
         self.got: queue.SimpleQueue[tuple[str, str]] = queue.SimpleQueue()
         self.broken: queue.SimpleQueue[str] = queue.SimpleQueue()
@@ -64,7 +68,7 @@ class Receiver:
             "sender",
             ACTIVATIONS,
             epoch,
-            open_data_channel(f"127.0.0.1:{sender.port}", tls),
+            open_data_channel(f"127.0.0.1:{port or sender.port}", tls),
             lambda method: auth.sign_call("receiver", method),
             self._accept,
             self.broken.put,
@@ -164,3 +168,30 @@ def test_a_receiver_that_never_pulls_breaks_the_stream(
     box.send(_message("nobody-reads-this"))
     reason = sender.broken.get(timeout=10)
     assert "did not open the stream" in reason, reason
+
+
+def test_a_path_that_goes_silent_breaks_both_ends(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A stall (a frozen peer, TCP stuck retransmitting under loss) closes nothing: only the
+    # keepalive pings can tell, and they must keep going on a long-lived pull, past gRPC's
+    # default of two pings from a client that sends no data.
+    monkeypatch.setattr(data_plane, "KEEPALIVE_S", 0.5)
+    monkeypatch.setattr(data_plane, "KEEPALIVE_TIMEOUT_S", 1.0)
+    sender = Sender()
+    proxy = TcpProxy(("127.0.0.1", free_port()), ("127.0.0.1", sender.port), "127.0.0.1")
+    proxy.start()
+    try:
+        box = sender.outbox()
+        receiver = Receiver(sender, port=proxy.listen[1])
+        for index in range(20):  # 4 s of a healthy stream: several pings answered
+            box.send(_message(f"m{index}"))
+            assert receiver.got.get(timeout=10)[0] == f"m{index}"
+            time.sleep(0.2)
+        assert receiver.broken.empty() and sender.broken.empty()
+        proxy.stalled = True
+        box.send(_message("lost"))
+        assert "the pipeline stream from node sender broke" in receiver.broken.get(timeout=10)
+        assert "the pipeline stream to node receiver broke" in sender.broken.get(timeout=10)
+    finally:
+        proxy.close()
+        sender.outboxes.close_all()
+        sender.server.stop()

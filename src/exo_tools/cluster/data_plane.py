@@ -32,10 +32,36 @@ DataServicerHook = Callable[[grpc.Server], None]
 # partial streams and (rank 0) 7 command streams; replaced placements' streams end.
 MAX_STREAM_THREADS = 64
 
-DATA_CHANNEL_OPTIONS: list[tuple[str, int]] = [
-    *CHANNEL_OPTIONS,
-    (grpc.experimental.ChannelOptions.SingleThreadedUnaryStream, 1),
-]
+# A stream's path can die without a close: a peer frozen, a cable pulled, TCP stuck in
+# retransmissions under loss. Both ends ping every KEEPALIVE_S and drop the connection when
+# a ping goes unanswered for KEEPALIVE_TIMEOUT_S, which breaks the stream (and the master
+# re-places). gRPC's defaults defeat that three ways: a client sends at most two pings
+# without sending data (a reader sends none after its pull); a server answers pings it
+# finds too frequent with GOAWAY; an unanswered ping fails the connection only after a
+# minute (`ping_timeout_ms`, which this gRPC applies, not `keepalive_timeout_ms`).
+KEEPALIVE_S = 5.0
+KEEPALIVE_TIMEOUT_S = 3.0
+
+
+def _keepalive_options() -> list[tuple[str, int]]:
+    return [
+        ("grpc.keepalive_time_ms", int(KEEPALIVE_S * 1000)),
+        ("grpc.keepalive_timeout_ms", int(KEEPALIVE_TIMEOUT_S * 1000)),
+        ("grpc.http2.ping_timeout_ms", int(KEEPALIVE_TIMEOUT_S * 1000)),
+        ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.http2.max_ping_strikes", 0),
+    ]
+
+
+def data_channel_options() -> list[tuple[str, int]]:
+    """A data channel's options (the keepalive ones replace the control channel's)."""
+    keepalive = _keepalive_options()
+    named = {name for name, _ in keepalive}
+    return [
+        *(option for option in CHANNEL_OPTIONS if option[0] not in named),
+        *keepalive,
+        (grpc.experimental.ChannelOptions.SingleThreadedUnaryStream, 1),
+    ]
 
 
 class DataServer:
@@ -59,7 +85,7 @@ class DataServer:
         server = grpc.server(
             futures.ThreadPoolExecutor(MAX_STREAM_THREADS, thread_name_prefix="data-plane"),
             interceptors=[SyncAuthInterceptor(self._auth, self._reject_log)],
-            options=MESSAGE_SIZE_OPTIONS,
+            options=[*MESSAGE_SIZE_OPTIONS, *_keepalive_options()],
         )
         for hook in self._hooks:
             hook(server)
@@ -79,9 +105,9 @@ def open_data_channel(target: str, tls: ClusterTLS | None) -> grpc.Channel:
     """A channel for one pulled stream (the option that lets its reader poll the call itself
     is per channel, so each stream has its own)."""
     if tls is None:
-        return grpc.insecure_channel(target, options=DATA_CHANNEL_OPTIONS)
+        return grpc.insecure_channel(target, options=data_channel_options())
     return grpc.secure_channel(
         target,
         tls.channel_credentials(),
-        options=[*DATA_CHANNEL_OPTIONS, *CHANNEL_TLS_OPTIONS],
+        options=[*data_channel_options(), *CHANNEL_TLS_OPTIONS],
     )
