@@ -20,7 +20,7 @@ import grpc
 import grpc.experimental
 
 from .auth import ClusterAuth, RejectLog
-from .membership import CHANNEL_OPTIONS, MESSAGE_SIZE_OPTIONS
+from .membership import MESSAGE_SIZE_OPTIONS, RECONNECT_OPTIONS
 from .service import SyncAuthInterceptor
 from .tls import CHANNEL_TLS_OPTIONS, ClusterTLS, bind_port
 
@@ -54,12 +54,11 @@ def _keepalive_options() -> list[tuple[str, int]]:
 
 
 def data_channel_options() -> list[tuple[str, int]]:
-    """A data channel's options (the keepalive ones replace the control channel's)."""
-    keepalive = _keepalive_options()
-    named = {name for name, _ in keepalive}
+    """A data channel's options: the control channel's, with the data plane's keepalive."""
     return [
-        *(option for option in CHANNEL_OPTIONS if option[0] not in named),
-        *keepalive,
+        *MESSAGE_SIZE_OPTIONS,
+        *RECONNECT_OPTIONS,
+        *_keepalive_options(),
         (grpc.experimental.ChannelOptions.SingleThreadedUnaryStream, 1),
     ]
 

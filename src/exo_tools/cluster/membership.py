@@ -46,11 +46,14 @@ MESSAGE_SIZE_OPTIONS: list[tuple[str, int]] = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
 ]
-CHANNEL_OPTIONS: list[tuple[str, int]] = [
-    *MESSAGE_SIZE_OPTIONS,
+RECONNECT_OPTIONS: list[tuple[str, int]] = [
     ("grpc.initial_reconnect_backoff_ms", 200),
     ("grpc.min_reconnect_backoff_ms", 200),
     ("grpc.max_reconnect_backoff_ms", 1000),
+]
+CHANNEL_OPTIONS: list[tuple[str, int]] = [
+    *MESSAGE_SIZE_OPTIONS,
+    *RECONNECT_OPTIONS,
     ("grpc.keepalive_time_ms", 10_000),
     ("grpc.keepalive_timeout_ms", 3_000),
 ]
