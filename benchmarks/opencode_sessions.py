@@ -10,9 +10,10 @@ with a `model_providers` entry over the Responses API) against one node serving 
 default model, once per node mode: `unconstrained` (tool_choice "auto" free), `lazy`
 (`--lazy-tool-grammar`: a call is constrained once the model starts one) and
 `tool-on-user-turn` (`--require-tool-on-user-turn`: a user's turn is answered with one
-call under the grammar, a tool result freely); every node gets `--default-max-tokens`, `--default-temperature`, `--default-top-p` and
-`--default-repetition-penalty` (the CLIs set no sampling parameters; the defaults are
-SmolLM2's card's, 0.2 and 0.9, and a penalty of 1.3 that stops its loops).
+call under the grammar, a tool result freely); every node gets `--default-max-tokens`,
+`--default-temperature`, `--default-top-p`, `--default-repetition-penalty` and
+`--default-dry-multiplier` (the CLIs set no sampling parameters; the defaults are SmolLM2's
+card's, 0.2 and 0.9, a penalty of 1.3 that stops its short loops, and DRY off).
 Each session gets its own small project directory and one of ten coding-agent prompts,
 and runs until the CLI exits (or `--timeout`). A session "ran a tool" when the CLI reports a tool that ran (completed or
 error: the call was accepted as one), "answered" when it ended with a text answer, and
@@ -106,6 +107,13 @@ def main() -> None:
         help="the node's repetition penalty for requests that set none (1.0: off); at 0.2 "
         "without one the 135M model's answers loop until the output limit",
     )
+    parser.add_argument(
+        "--default-dry-multiplier",
+        type=float,
+        default=0.0,
+        help="the node's DRY multiplier for requests that set none (0: off, as in "
+        "AGENT_NODE_FLAGS; 0.8 is llama.cpp's suggestion)",
+    )
     parser.add_argument("--modes", default="tool-on-user-turn", help="comma-separated modes")
     parser.add_argument("--events", type=Path, help="write each session's JSON events here")
     parser.add_argument(
@@ -135,6 +143,8 @@ def main() -> None:
             str(args.default_top_p),
             "--default-repetition-penalty",
             str(args.default_repetition_penalty),
+            "--default-dry-multiplier",
+            str(args.default_dry_multiplier),
         ]
         if args.record:
             flags += ["--log-requests", str(args.record)]
@@ -184,6 +194,7 @@ def main() -> None:
     print_table(
         f"{args.client} headless sessions, {MODEL}, one node, output limit {args.output_limit}, "
         f"temperature {args.default_temperature}, top_p {args.default_top_p}, "
+        f"DRY {args.default_dry_multiplier}, "
         f"repetition penalty {args.default_repetition_penalty}",
         [
             "client",

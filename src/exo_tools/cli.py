@@ -56,6 +56,7 @@ def _number_in(low: float, high: float, *, low_included: bool) -> Callable[[str]
 _unit_interval = _number_in(0.0, 1.0, low_included=False)  # top_p
 _temperature = _number_in(0.0, 2.0, low_included=True)
 _repetition_penalty = _number_in(0.0, 2.0, low_included=False)
+_dry_multiplier = _number_in(0.0, 10.0, low_included=True)
 
 
 def _non_negative_int(text: str) -> int:
@@ -232,6 +233,17 @@ def build_parser() -> argparse.ArgumentParser:
         "(default 1.0: off)",
     )
     node.add_argument(
+        "--default-dry-multiplier",
+        type=_dry_multiplier,
+        default=0.0,
+        metavar="M",
+        help="dry_multiplier of a request that sets none: llama.cpp's DRY sampler, which "
+        "makes a token that would repeat an earlier run of the answer (2+ tokens, not "
+        "across newlines, colons, quotes or *) less likely, by M x 1.75^(run - 2) in logits; "
+        "it ends the verbatim loops a small model falls into, which a repetition penalty's "
+        "64-token window misses (default 0: off; llama.cpp suggests 0.8)",
+    )
+    node.add_argument(
         "--prefix-cache-mb",
         type=_non_negative_int,
         default=None,
@@ -404,6 +416,7 @@ def _run_node(args: argparse.Namespace) -> int:
                     args.default_top_p,
                     args.default_top_k,
                     args.default_repetition_penalty,
+                    args.default_dry_multiplier,
                 ),
                 prefix_cache_bytes=None
                 if args.prefix_cache_mb is None

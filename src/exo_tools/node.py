@@ -189,6 +189,15 @@ class Node:
         if self.coordinator.is_master:
             # Stage 0's index: the hit rate, and every stage's cached bytes.
             view["prefix_cache"] = self.engine.prefix_cache_stats()
+            # Nodes whose placements kept breaking, left out for a while.
+            view["left_out"] = [
+                {
+                    "node_id": out.node_id,
+                    "seconds_left": round(out.seconds_left, 1),
+                    "reason": out.reason,
+                }
+                for out in self.coordinator.left_out()
+            ]
         return view
 
     def master_api_url(self) -> str | None:

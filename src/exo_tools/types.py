@@ -181,6 +181,13 @@ class SamplingParams:
     # > 1 makes the tokens among the last REPETITION_WINDOW generated less likely (as
     # vLLM's and llama.cpp's `repetition_penalty`); 1: off.
     repetition_penalty: float = 1.0
+    # DRY ("don't repeat yourself", llama.cpp's and koboldcpp's sampler): a token that would
+    # extend a repeat of an earlier run of generated tokens, at least `dry_allowed_length`
+    # long, loses `dry_multiplier * dry_base ** (length - dry_allowed_length)` of its logit.
+    # It breaks the verbatim loops small models fall into; 0: off.
+    dry_multiplier: float = 0.0
+    dry_base: float = 1.75
+    dry_allowed_length: int = 2
     seed: int | None = None
     # A grammar constraint for this request (see exo_tools.constraints), as its serialized
     # spec so it can travel to whichever node samples; None = unconstrained.

@@ -47,8 +47,8 @@ API_PORT, GRPC_PORT = 18000, 19000  # the same on every host: they are separate 
 PROMPT = "Write a short story about a lighthouse keeper."
 MAX_TOKENS = 40
 # No request may take longer than this, whatever the network does. Under 30 % loss a
-# stream can fail over several times (the lossy node keeps rejoining and being placed
-# again, and TCP's retransmissions stall each new ring for seconds): one took 49 s here.
+# stream fails over a few times (until the master leaves the lossy node out, and TCP's
+# retransmissions stall each ring for seconds): 19-37 s here.
 DEADLINE_S = 120.0
 HEAL_S = 90.0  # a disturbed cluster is back to 3 stages within this
 
@@ -261,10 +261,8 @@ def chaos(model_path: Path) -> Iterator[Chaos]:
 # ---------------------------------------------------------------- the cases
 
 
-# Run by hand (`pytest -m long tests/netns`): under continuous loss the master keeps placing
-# the lossy node again, and a stream can fail over past DEADLINE_S (a node whose streams
-# keep breaking is not yet left out of placements).
-@pytest.mark.long
+# Before the master left a node whose placements keep breaking out for a while, it placed
+# the lossy node again and again and a stream could fail over past DEADLINE_S.
 def test_lossy_link_requests_complete_or_fail_cleanly(chaos: Chaos) -> None:
     chaos.healed()
     victim = chaos.middle_stage()

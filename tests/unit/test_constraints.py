@@ -14,6 +14,7 @@ import jsonschema
 import mlx.core as mx
 import numpy as np
 import pytest
+from pydantic import ValidationError
 
 from exo_tools import constraints as C
 from exo_tools.engine.sampling import Sampler
@@ -721,3 +722,30 @@ def test_node_sampling_defaults_apply_only_where_a_request_sets_none(
         )
     )
     assert sampled(service, explicit) == (0.0, 1.0, 0)
+    # The repetition penalties: the node's where a request sets none, a chat completion's
+    # own fields (llama.cpp's DRY names) where it does.
+    penalties = _chat_service(
+        tokenizer,
+        "hermes",
+        sampling_defaults=SamplingDefaults(repetition_penalty=1.3, dry_multiplier=0.8),
+    )
+
+    def penalized(request: Any) -> tuple[float, float, float, int]:
+        params = penalties.prepare(request).sampling
+        return (
+            params.repetition_penalty,
+            params.dry_multiplier,
+            params.dry_base,
+            params.dry_allowed_length,
+        )
+
+    assert penalized(unset[1]) == (1.3, 0.8, 1.75, 2)
+    own = {"repetition_penalty": 1.0, "dry_multiplier": 0, "dry_base": 2.0, "dry_allowed_length": 3}
+    assert penalized(
+        openai_chat.to_chat_request(
+            ChatCompletionRequest.model_validate({"model": "m", "messages": user, **own})
+        )
+    ) == (1.0, 0.0, 2.0, 3)
+    for bad in ({"dry_base": 1.0}, {"dry_multiplier": -1}, {"dry_allowed_length": 0}):
+        with pytest.raises(ValidationError):
+            ChatCompletionRequest.model_validate({"model": "m", "messages": user, **bad})

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import random
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, cast
 
 import mlx.core as mx
 import pytest
@@ -12,7 +15,7 @@ from pydantic import ValidationError
 
 from exo_tools.api.errors import from_validation_error
 from exo_tools.api.schemas import ChatCompletionRequest
-from exo_tools.engine.sampling import Sampler, _top_p_filter, sample_token
+from exo_tools.engine.sampling import Sampler, _top_p_filter, dry_repeat_lengths, sample_token
 from exo_tools.models.catalog import (
     GGUFFileSource,
     HFRepoSource,
@@ -103,6 +106,66 @@ def test_repetition_penalty_lowers_recent_tokens_only() -> None:
     assert negative(mx.array([[-0.9, -5.0, -5.0, -0.5]])).tolist() == [0]  # -0.5 * 2 < -0.9
     unpenalized = Sampler(SamplingParams(temperature=0.0))
     assert [sample_token(unpenalized, logits)[0] for _ in range(2)] == [1, 1]
+
+
+def _dry_lengths_by_search(history: list[int], breaks: list[bool], allowed: int) -> dict[int, int]:
+    """DRY's repeat lengths the slow way: for every earlier position, compare backwards."""
+    n = len(history)
+    tail = next((k for k in range(n) if breaks[n - 1 - k]), n)
+    lengths: dict[int, int] = {}
+    for j in range(1, n):
+        length = 0
+        while length < min(j, tail) and history[j - 1 - length] == history[n - 1 - length]:
+            length += 1
+        if length >= allowed:
+            lengths[history[j]] = max(lengths.get(history[j], 0), length)
+    return lengths
+
+
+def test_dry_repeat_lengths() -> None:
+    # The history ends with 1 2 3, seen before and followed by 4: 4 would make it a repeat.
+    assert dry_repeat_lengths([1, 2, 3, 4, 1, 2, 3], [False] * 7, 2) == {4: 3}
+    assert dry_repeat_lengths([1, 2, 3, 4, 1, 2, 3], [False] * 7, 4) == {}
+    # Each token gets its longest run: 9 follows "7 1 2", 8 only "1 2".
+    assert dry_repeat_lengths([7, 1, 2, 9, 1, 2, 8, 7, 1, 2], [False] * 10, 2) == {9: 3, 8: 2}
+    # A breaker (a newline, say) ends the run the history can repeat.
+    assert (
+        dry_repeat_lengths([5, 1, 2, 9, 1, 2], [False, False, False, False, True, False], 2) == {}
+    )
+    rng = random.Random(7)
+    for _ in range(300):
+        n = rng.randrange(0, 40)
+        history = [rng.randrange(3) for _ in range(n)]
+        breaks = [rng.random() < 0.05 for _ in range(n)]
+        allowed = rng.randrange(1, 4)
+        assert dry_repeat_lengths(history, breaks, allowed) == _dry_lengths_by_search(
+            history, breaks, allowed
+        ), (history, breaks, allowed)
+
+
+def test_dry_sampler_steps_out_of_a_loop_but_not_across_a_breaker() -> None:
+    """Greedy: token 3 leads token 4 by 0.5 and would repeat "1 2 3" a third time; DRY
+    takes 0.8 x 1.75 ** (5 - 2) from it (the run "1 2 3 1 2" repeats) and 4 wins. Once a
+    breaker token cuts the run, only what follows it counts."""
+    logits = mx.array([[0.0, 0.0, 0.0, 2.5, 2.0, 0.0]])
+    history = [1, 2, 3, 1, 2, 3, 1, 2]
+    plain = Sampler(SamplingParams(temperature=0.0))
+    dry = Sampler(SamplingParams(temperature=0.0, dry_multiplier=0.8))
+    for token in history:
+        plain.sampled(token)
+        dry.sampled(token)
+    assert plain(logits).tolist() == [3]
+    assert dry(logits).tolist() == [4]
+    # Token 5 reads as a newline: the run before it no longer counts, and "1 2" after it
+    # (allowed length 2) costs 3 only 0.4, less than its 0.5 lead.
+    text = SimpleNamespace(decode=lambda ids: "\n" if ids == [5] else "x")
+    broken = Sampler(
+        SamplingParams(temperature=0.0, dry_multiplier=0.4),
+        cast(Any, SimpleNamespace(text=text)),
+    )
+    for token in [*history, 3, 5, 1, 2]:
+        broken.sampled(token)
+    assert broken(logits).tolist() == [3]
 
 
 def test_shard_bounds() -> None:

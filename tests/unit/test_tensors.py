@@ -1,13 +1,20 @@
-"""The activation wire format: raw bytes + dtype + shape, bfloat16 included."""
+"""The wire formats: activations (raw bytes + dtype + shape, bfloat16 included) and sampling
+parameters."""
 
 from __future__ import annotations
 
 import mlx.core as mx
 import pytest
 
-from exo_tools.cluster.wire import tensor_from_proto, tensor_to_proto
+from exo_tools.cluster.wire import (
+    sampling_from_proto,
+    sampling_to_proto,
+    tensor_from_proto,
+    tensor_to_proto,
+)
 from exo_tools.engine.tensors import from_wire, to_wire
 from exo_tools.proto import node_pb2
+from exo_tools.types import SamplingParams
 
 
 @pytest.mark.parametrize("dtype", [mx.float32, mx.float16, mx.bfloat16, mx.int32, mx.uint32])
@@ -37,3 +44,24 @@ def test_unknown_dtype_is_refused_on_both_ends() -> None:
         to_wire(mx.array([1 + 2j], dtype=mx.complex64))
     with pytest.raises(ValueError, match="float8"):
         from_wire(tensor_from_proto(node_pb2.Tensor(data=b"\0", dtype="float8", shape=[1])))
+
+
+def test_sampling_params_cross_the_wire_whole() -> None:
+    """Every field the sampling stage needs arrives as the API node set it."""
+    for params in (
+        SamplingParams(),
+        SamplingParams(
+            temperature=0.2,
+            top_p=0.9,
+            top_k=40,
+            repetition_penalty=1.3,
+            dry_multiplier=0.8,
+            dry_base=2.0,
+            dry_allowed_length=3,
+            seed=7,
+            constraint="{}",
+            logprobs=True,
+            top_logprobs=2,
+        ),
+    ):
+        assert sampling_from_proto(sampling_to_proto(params)) == params

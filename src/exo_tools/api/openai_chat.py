@@ -64,6 +64,9 @@ def to_chat_request(body: ChatCompletionRequest) -> ChatRequest:
         top_p=body.top_p,
         top_k=body.top_k,
         repetition_penalty=body.repetition_penalty,
+        dry_multiplier=body.dry_multiplier,
+        dry_base=body.dry_base,
+        dry_allowed_length=body.dry_allowed_length,
         seed=body.seed,
         stop=tuple(body.stop_list()),
         response_format=None

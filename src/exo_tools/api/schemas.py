@@ -154,6 +154,11 @@ class ChatCompletionRequest(GuidedGenerationFields):
     top_k: int | None = Field(default=None, ge=0)
     # vLLM's extension: > 1 makes recently generated tokens less likely.
     repetition_penalty: float | None = Field(default=None, gt=0.0, le=2.0)
+    # llama.cpp's DRY sampler: a token that would extend a repeat loses
+    # dry_multiplier * dry_base ** (length - dry_allowed_length) of its logit.
+    dry_multiplier: float | None = Field(default=None, ge=0.0, le=10.0)
+    dry_base: float | None = Field(default=None, gt=1.0, le=8.0)
+    dry_allowed_length: int | None = Field(default=None, ge=1, le=64)
     # MLX keys its generator with an unsigned 64-bit seed.
     seed: int | None = Field(default=None, ge=0, le=2**64 - 1)
     stop: str | list[str] | None = None

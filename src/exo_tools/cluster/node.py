@@ -51,7 +51,7 @@ class ClusterNode:
         self._grpc_port = config.grpc_port
         self._capabilities = Capabilities()
         self._capabilities_at = 0.0
-        self._broken_ring: tuple[int, str] = (0, "")
+        self._broken_ring: tuple[int, str, str] = (0, "", "")
         self._addresses = advertised_addresses(config.interfaces)
         self.membership = Membership(
             auth=self.auth, self_info=self.self_info, cluster_name=config.cluster_name, tls=self.tls
@@ -141,12 +141,14 @@ class ClusterNode:
             capabilities=self._capabilities,
             broken_epoch=self._broken_ring[0],
             broken_reason=self._broken_ring[1],
+            broken_peer=self._broken_ring[2],
         )
 
-    def report_broken_ring(self, epoch: int, reason: str) -> None:
-        """Tell every peer, with the next heartbeats, that placement `epoch` broke here; the
-        master re-places on it even when the broken hop was not one of its own."""
-        self._broken_ring = (epoch, reason)
+    def report_broken_ring(self, epoch: int, reason: str, peer: str) -> None:
+        """Tell every peer, with the next heartbeats, that placement `epoch` broke here, at
+        a stream with `peer` ("" when unknown); the master re-places on it even when the
+        broken hop was not one of its own."""
+        self._broken_ring = (epoch, reason, peer)
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:

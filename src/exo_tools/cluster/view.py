@@ -23,9 +23,11 @@ class NodeInfo(BaseModel):
     start_time: float = 0.0
     capabilities: Capabilities = Field(default_factory=Capabilities)
     healthy: bool = True
-    # The last placement epoch whose ring broke at this node (0: none), and why.
+    # The last placement epoch whose ring broke at this node (0: none), why, and the node
+    # at the stream's other end ("" when unknown).
     broken_epoch: int = 0
     broken_reason: str = ""
+    broken_peer: str = ""
 
 
 class LinkInfo(BaseModel):

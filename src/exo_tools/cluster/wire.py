@@ -48,6 +48,7 @@ def info_to_proto(info: NodeInfo, cluster_name: str) -> node_pb2.NodeInfo:
         ),
         broken_epoch=info.broken_epoch,
         broken_reason=info.broken_reason,
+        broken_peer=info.broken_peer,
     )
 
 
@@ -64,6 +65,7 @@ def info_from_proto(message: node_pb2.NodeInfo) -> NodeInfo:
         capabilities=Capabilities(**{name: getattr(caps, name) for name in _CAPABILITY_FIELDS}),
         broken_epoch=message.broken_epoch,
         broken_reason=message.broken_reason,
+        broken_peer=message.broken_peer,
     )
 
 
@@ -167,6 +169,9 @@ def sampling_to_proto(params: SamplingParams) -> node_pb2.SamplingParams:
         top_p=params.top_p,
         top_k=params.top_k,
         repetition_penalty=params.repetition_penalty,
+        dry_multiplier=params.dry_multiplier,
+        dry_base=params.dry_base,
+        dry_allowed_length=params.dry_allowed_length,
         seed=params.seed or 0,
         has_seed=params.seed is not None,
         constraint=params.constraint or "",
@@ -182,6 +187,9 @@ def sampling_from_proto(message: node_pb2.SamplingParams) -> SamplingParams:
         top_p=message.top_p,
         top_k=message.top_k,
         repetition_penalty=message.repetition_penalty or 1.0,
+        dry_multiplier=message.dry_multiplier,
+        dry_base=message.dry_base,
+        dry_allowed_length=message.dry_allowed_length,
         seed=int(message.seed) if message.has_seed else None,
         constraint=message.constraint if message.has_constraint else None,
         logprobs=message.logprobs,

@@ -7,12 +7,17 @@ request carries its own key (seeded when the client gives `seed`).
 A request with a `constraint` masks the logits with its grammar before sampling and
 feeds the sampled token back (exo_tools.constraints); once the grammar is complete only
 end-of-sequence is allowed, so the runner stops. Without one, sampling does no extra work.
+
+The repetition penalties (vLLM's `repetition_penalty`, llama.cpp's DRY) read the tokens this
+request generated; mlx-lm has the first, not DRY, which is written here.
 """
 
 from __future__ import annotations
 
 import os
 from collections import deque
+from collections.abc import Sequence
+from itertools import islice
 from typing import TYPE_CHECKING, cast
 
 import mlx.core as mx
@@ -24,6 +29,12 @@ if TYPE_CHECKING:
 
 # The generated tokens a repetition penalty looks back on (llama.cpp's repeat_last_n).
 REPETITION_WINDOW = 64
+# ... and DRY does (llama.cpp's dry_penalty_last_n), and the text that ends a repeat there:
+# a repeat does not run across a token holding one of llama.cpp's default sequence breakers,
+# so line- and field-shaped text (lists, JSON keys, code) keeps its repeated framing.
+DRY_WINDOW = 1024
+DRY_BREAKERS = ("\n", ":", '"', "*")
+DRY_MAX_EXPONENT = 40  # past this the token is out anyway; keeps the penalty finite
 
 
 def token_logprobs(logits: mx.array, token: int, top: int) -> TokenLogprobs:
@@ -49,28 +60,54 @@ class Sampler:
         self._key = mx.random.key(seed)
         # Built on the first call, on the thread that samples (the node's MLX thread).
         self._constraint: TokenConstraint | None = None
-        self._recent: deque[int] = deque(maxlen=REPETITION_WINDOW)
+        self._dry = params.dry_multiplier > 0.0
+        window = DRY_WINDOW if self._dry else REPETITION_WINDOW
+        self._recent: deque[int] = deque(maxlen=window)
+        self._breaks: deque[bool] = deque(maxlen=window)  # DRY: the token ends a repeat
 
     @property
     def penalizes_repetition(self) -> bool:
         """Whether sampling needs the tokens sampled so far (read back between steps)."""
-        return self.params.repetition_penalty != 1.0
+        return self.params.repetition_penalty != 1.0 or self._dry
 
     def sampled(self, token: int) -> None:
-        """Note a sampled token, for the repetition penalty."""
-        if self.penalizes_repetition:
-            self._recent.append(token)
+        """Note a sampled token, for the repetition penalties."""
+        if not self.penalizes_repetition:
+            return
+        self._recent.append(token)
+        if self._dry:
+            text = self._tokenizer.text.decode([token]) if self._tokenizer is not None else ""
+            self._breaks.append(any(breaker in text for breaker in DRY_BREAKERS))
 
     def _penalized(self, logits: mx.array) -> mx.array:
         """`logits` with the recently generated tokens made less likely: a positive logit
-        divided by the penalty, a negative one multiplied (so both move down)."""
-        if not self._recent or not self.penalizes_repetition:
+        divided by the penalty, a negative one multiplied (so both move down); then DRY's
+        subtraction from each token that would extend a repeat."""
+        if not self._recent:
             return logits
         penalty = self.params.repetition_penalty
-        ids = mx.array(sorted(set(self._recent)))
-        logits = logits.astype(mx.float32)
-        seen = logits[:, ids]
-        logits[:, ids] = mx.where(seen < 0, seen * penalty, seen / penalty)
+        if penalty != 1.0:
+            recent = islice(self._recent, max(0, len(self._recent) - REPETITION_WINDOW), None)
+            ids = mx.array(sorted(set(recent)))
+            logits = logits.astype(mx.float32)
+            seen = logits[:, ids]
+            logits[:, ids] = mx.where(seen < 0, seen * penalty, seen / penalty)
+        if self._dry:
+            params = self.params
+            lengths = dry_repeat_lengths(self._recent, self._breaks, params.dry_allowed_length)
+            if lengths:
+                ids = mx.array(list(lengths))
+                amounts = mx.array(
+                    [
+                        params.dry_multiplier
+                        * params.dry_base
+                        ** min(length - params.dry_allowed_length, DRY_MAX_EXPONENT)
+                        for length in lengths.values()
+                    ],
+                    dtype=mx.float32,
+                )
+                logits = logits.astype(mx.float32)
+                logits[:, ids] = logits[:, ids] - amounts
         return logits
 
     def __call__(self, logits: mx.array) -> mx.array:
@@ -121,6 +158,50 @@ def sample_token(sampler: Sampler | None, logits: mx.array) -> tuple[int, TokenL
     if not params.logprobs:
         return token, None
     return token, token_logprobs(logits, token, params.top_logprobs)
+
+
+def dry_repeat_lengths(
+    history: Sequence[int], breaks: Sequence[bool], allowed_length: int
+) -> dict[int, int]:
+    """DRY's view of `history`: each token that, sampled next, would extend a repeat of an
+    earlier run (the run the history ends with, seen before and followed by that token),
+    with the longest such run's length, for runs of at least `allowed_length`. A run does
+    not reach back past a token marked in `breaks` (one flag per token of `history`)."""
+    tokens = list(history)
+    n = len(tokens)
+    tail = 0  # the longest run that can repeat: back to the last breaker
+    for broken in reversed(breaks):
+        if broken:
+            break
+        tail += 1
+    if tail < allowed_length:
+        return {}
+    # z[i]: how far `tokens` read backwards from the end and from position n-1-i agree, so
+    # the run ending just before position j repeats the history's end for z[n - j] tokens.
+    z = _z_array(tokens[::-1])
+    lengths: dict[int, int] = {}
+    for j in range(1, n):
+        length = min(z[n - j], tail)
+        if length >= allowed_length and length > lengths.get(tokens[j], 0):
+            lengths[tokens[j]] = length
+    return lengths
+
+
+def _z_array(sequence: Sequence[int]) -> list[int]:
+    """z[i]: the length of the longest common prefix of `sequence` and `sequence[i:]`."""
+    n = len(sequence)
+    z = [0] * n
+    if n:
+        z[0] = n
+    left = right = 0
+    for i in range(1, n):
+        if i < right:
+            z[i] = min(right - i, z[i - left])
+        while i + z[i] < n and sequence[z[i]] == sequence[i + z[i]]:
+            z[i] += 1
+        if i + z[i] > right:
+            left, right = i, i + z[i]
+    return z
 
 
 def _build_constraint(spec: str, tokenizer: GrammarTokenizer | None) -> TokenConstraint:

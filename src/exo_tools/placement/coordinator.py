@@ -3,7 +3,8 @@
 Runs on every node; only the master acts. It places once the membership has been stable for
 a moment, re-places when a stage's node is lost or a pipeline stream breaks (after the
 liveness bound, so the dead node is out of the view), and spreads wider when nodes join
-while the placement has fewer stages than --min-nodes.
+while the placement has fewer stages than --min-nodes. A node whose placements keep
+breaking is left out for a while (placement.quarantine).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from ..cluster.wire import load_order_to_proto, progress_from_proto
 from ..proto import node_pb2_grpc
 from ..types import LoadOrder, LoadProgress, ModelLayout, Parallelism
 from .plan import NodeResources, Placement, PlacementError, plan_placement
+from .quarantine import LeftOut, Quarantine
 from .views import CoordinatorState, PlacementState, PlacementView, StageState
 from .worker import Worker
 
@@ -72,7 +74,8 @@ class Coordinator:
         self._broken_at: float | None = None
         self._retry_at = 0.0
         self._task: asyncio.Task[None] | None = None
-        worker.broken_listeners.append(self._on_broken)
+        self.quarantine = Quarantine(node_id)
+        worker.broken_listeners.append(self._on_stream_broken)
 
     @property
     def ready(self) -> bool:
@@ -98,6 +101,10 @@ class Coordinator:
 
     # ---------------------------------------------------------------- membership
 
+    def left_out(self) -> list[LeftOut]:
+        """The nodes left out of placements now (their placements kept breaking)."""
+        return self.quarantine.left_out() if self.is_master else []
+
     def _resources(self) -> dict[str, NodeResources]:
         nodes = {
             self.node_id: NodeResources(
@@ -113,11 +120,29 @@ class Coordinator:
                     )
         return nodes
 
-    def _on_broken(self, reason: str) -> None:
+    def _on_stream_broken(self, reason: str, peer: str) -> None:
+        """A stream of this node's current placement broke, with `peer` at its other end."""
         if not self.is_master:
             if self.cluster is not None:
-                self.cluster.report_broken_ring(self.worker.epoch, reason)
+                self.cluster.report_broken_ring(self.worker.epoch, reason, peer)
             return
+        self._count_break((self.node_id, peer), reason)
+        self._on_broken(reason)
+
+    def _count_break(self, ends: tuple[str, str], reason: str) -> None:
+        if self.placement is None:
+            return
+        for node_id in self.quarantine.broke(self._epoch, ends, reason):
+            left = next(out for out in self.quarantine.left_out() if out.node_id == node_id)
+            log.warning(
+                "leaving node %s out of placements for %.0f s: the placements it is in keep "
+                "breaking (last: %s)",
+                node_id,
+                left.seconds_left,
+                reason,
+            )
+
+    def _on_broken(self, reason: str) -> None:
         if self.placement is None:
             return
         if self._broken_at is None:
@@ -136,7 +161,9 @@ class Coordinator:
             return None
         for node in self.cluster.snapshot().nodes:
             if node.broken_epoch == self._epoch and node.id in self.placement.node_ids:
-                return f"node {node.id}: {node.broken_reason}"
+                reason = f"node {node.id}: {node.broken_reason}"
+                self._count_break((node.id, node.broken_peer), reason)
+                return reason
         return None
 
     def _lost(self, members: frozenset[str]) -> list[str]:
@@ -165,7 +192,9 @@ class Coordinator:
                 self.worker.engine.fail_parked("this node is no longer the master")
             self.placement, self.view, self.state = None, None, CoordinatorState.STANDBY
             return
-        resources = self._resources()
+        every = self._resources()
+        out = {left.node_id for left in self.quarantine.left_out()}
+        resources = {node_id: node for node_id, node in every.items() if node_id not in out}
         members = frozenset(resources)
         now = time.monotonic()
         if members != self._members:
@@ -174,6 +203,9 @@ class Coordinator:
         if lost and self.state == CoordinatorState.READY:
             # Fail in-flight requests now; re-placing waits for the view to settle.
             reason = f"node(s) {', '.join(lost)} of the placement left the cluster"
+            # A node that keeps leaving and rejoining (a lossy link) is a broken one too.
+            for node_id in lost:
+                self._count_break((node_id, ""), f"node {node_id} left the cluster")
             self._on_broken(reason)
             self.worker.engine.fail_all(f"{reason}; re-placing the model")
         elif self.state == CoordinatorState.READY and (broken := self._broken_elsewhere()):
@@ -192,7 +224,18 @@ class Coordinator:
             self.state = CoordinatorState.WAITING
             self.error = f"waiting for {self.min_nodes} nodes (--min-nodes); {len(members)} healthy"
             return
-        await self._place(resources)
+        await self._place(resources, every)
+
+    def _plan(self, resources: dict[str, NodeResources], epoch: int) -> Placement:
+        assert self._layout is not None
+        return plan_placement(
+            self._layout,
+            list(resources.values()),
+            master_id=self.node_id,
+            epoch=epoch,
+            parallelism=self.parallelism,
+            min_nodes=min(self.min_nodes, len(resources)),
+        )
 
     def _needs_placement(self, members: frozenset[str]) -> bool:
         if (
@@ -207,22 +250,24 @@ class Coordinator:
         # Spread wider when nodes joined and the placement is below --min-nodes.
         return stages < self.min_nodes and len(members) > stages
 
-    async def _place(self, resources: dict[str, NodeResources]) -> None:
+    async def _place(
+        self, resources: dict[str, NodeResources], every: dict[str, NodeResources]
+    ) -> None:
+        """Place on `resources`; on `every` healthy node (those left out too) when the
+        model does not fit without them."""
         if self._layout is None:
             self.state = CoordinatorState.LOADING
             self._layout = await asyncio.to_thread(self._layout_fn)
-        min_nodes = min(self.min_nodes, len(resources))
         # Epochs grow across masters too: a new master starts above any older placement.
         epoch = max(self._epoch + 1, time.time_ns() // 1_000_000)
         try:
-            placement = plan_placement(
-                self._layout,
-                list(resources.values()),
-                master_id=self.node_id,
-                epoch=epoch,
-                parallelism=self.parallelism,
-                min_nodes=min_nodes,
-            )
+            try:
+                placement = self._plan(resources, epoch)
+            except PlacementError as error:
+                if len(every) == len(resources):
+                    raise
+                log.warning("placing on the nodes left out too: without them, %s", error)
+                placement = self._plan(every, epoch)
         except PlacementError as error:
             self.state, self.error = CoordinatorState.FAILED, str(error)
             self.placement, self.view = None, None

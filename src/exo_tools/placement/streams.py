@@ -38,7 +38,8 @@ ATTACH_TIMEOUT_S = 5.0
 CONNECT_TIMEOUT_S = 10.0
 
 # Told why a stream broke, once; called on whatever thread saw it.
-BrokenListener = Callable[[str], None]
+# Why a stream broke, and the node at its other end ("" when none is to blame).
+BrokenListener = Callable[[str, str], None]
 # The receiving side's check of one message: why it refuses it (None: delivered).
 Accept = Callable[[Any], "str | None"]
 DataChannelFor = Callable[[str], "grpc.Channel | None"]
@@ -136,7 +137,9 @@ class Outbox:
         kind = _KIND[self.method]
         log.warning("%s stream to %s broke: %s", kind, self.receiver_id, reason)
         if self.on_broken is not None:
-            self.on_broken(f"the {kind} stream to node {self.receiver_id} broke: {reason}")
+            self.on_broken(
+                f"the {kind} stream to node {self.receiver_id} broke: {reason}", self.receiver_id
+            )
 
 
 class Outboxes:
@@ -281,7 +284,7 @@ class StreamReader:
         if self._encrypted and any(marker in reason for marker in _CUT_MARKERS):
             reason += f"; {CUT_UNDER_TLS}"
         log.warning("%s", reason)
-        self._on_broken(reason)
+        self._on_broken(reason, self.sender_id)
 
     def close(self) -> None:
         """Stop reading (the placement is replaced); does not wait for the thread."""

@@ -118,7 +118,7 @@ class Worker(node_pb2_grpc.WorkerServicer):
             view.weight_bytes = self.loaded.weight_bytes
         return view
 
-    def _ring_broken(self, reason: str, epoch: int) -> None:
+    def _ring_broken(self, reason: str, peer: str, epoch: int) -> None:
         """A stream of placement `epoch` broke: this node's requests of it fail (the
         master's park), and the listeners hear why. A stream of an older placement,
         ending after the next was installed, breaks nothing that still runs."""
@@ -127,16 +127,16 @@ class Worker(node_pb2_grpc.WorkerServicer):
             return
         self.engine.fail_all(reason)
         for listener in list(self.broken_listeners):
-            listener(reason)
+            listener(reason, peer)
 
     def _broken_from_any_thread(self, epoch: int) -> BrokenListener:
         loop = self._loop
         assert loop is not None
 
-        def broken(reason: str) -> None:
+        def broken(reason: str, peer: str) -> None:
             if not self._stopping:
                 with contextlib.suppress(RuntimeError):  # the loop is gone at shutdown
-                    loop.call_soon_threadsafe(self._ring_broken, reason, epoch)
+                    loop.call_soon_threadsafe(self._ring_broken, reason, peer, epoch)
 
         return broken
 
@@ -330,7 +330,7 @@ class Worker(node_pb2_grpc.WorkerServicer):
             )
         if message.error:
             self._broken_from_any_thread(message.epoch)(
-                f"tensor member {sender_id}: {message.error}"
+                f"tensor member {sender_id}: {message.error}", sender_id
             )
         collective.deliver(partial_from_proto(message))
         return None

@@ -24,7 +24,7 @@ class Capabilities(_message.Message):
     def __init__(self, memory_total: _Optional[int] = ..., memory_available: _Optional[int] = ..., chip: _Optional[str] = ..., mlx_device: _Optional[str] = ..., matmul_gflops: _Optional[float] = ...) -> None: ...
 
 class NodeInfo(_message.Message):
-    __slots__ = ("node_id", "addresses", "grpc_port", "api_port", "version", "cluster_name", "start_time", "capabilities", "broken_epoch", "broken_reason", "data_port")
+    __slots__ = ("node_id", "addresses", "grpc_port", "api_port", "version", "cluster_name", "start_time", "capabilities", "broken_epoch", "broken_reason", "data_port", "broken_peer")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESSES_FIELD_NUMBER: _ClassVar[int]
     GRPC_PORT_FIELD_NUMBER: _ClassVar[int]
@@ -36,6 +36,7 @@ class NodeInfo(_message.Message):
     BROKEN_EPOCH_FIELD_NUMBER: _ClassVar[int]
     BROKEN_REASON_FIELD_NUMBER: _ClassVar[int]
     DATA_PORT_FIELD_NUMBER: _ClassVar[int]
+    BROKEN_PEER_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     addresses: _containers.RepeatedScalarFieldContainer[str]
     grpc_port: int
@@ -47,7 +48,8 @@ class NodeInfo(_message.Message):
     broken_epoch: int
     broken_reason: str
     data_port: int
-    def __init__(self, node_id: _Optional[str] = ..., addresses: _Optional[_Iterable[str]] = ..., grpc_port: _Optional[int] = ..., api_port: _Optional[int] = ..., version: _Optional[str] = ..., cluster_name: _Optional[str] = ..., start_time: _Optional[float] = ..., capabilities: _Optional[_Union[Capabilities, _Mapping]] = ..., broken_epoch: _Optional[int] = ..., broken_reason: _Optional[str] = ..., data_port: _Optional[int] = ...) -> None: ...
+    broken_peer: str
+    def __init__(self, node_id: _Optional[str] = ..., addresses: _Optional[_Iterable[str]] = ..., grpc_port: _Optional[int] = ..., api_port: _Optional[int] = ..., version: _Optional[str] = ..., cluster_name: _Optional[str] = ..., start_time: _Optional[float] = ..., capabilities: _Optional[_Union[Capabilities, _Mapping]] = ..., broken_epoch: _Optional[int] = ..., broken_reason: _Optional[str] = ..., data_port: _Optional[int] = ..., broken_peer: _Optional[str] = ...) -> None: ...
 
 class PeerEntry(_message.Message):
     __slots__ = ("node_id", "grpc_target", "latency_ms")
@@ -240,7 +242,7 @@ class LoadShardProgress(_message.Message):
     def __init__(self, epoch: _Optional[int] = ..., stage: _Optional[str] = ..., done: _Optional[int] = ..., total: _Optional[int] = ..., finished: _Optional[bool] = ..., error: _Optional[str] = ..., weight_bytes: _Optional[int] = ..., rss: _Optional[int] = ..., mlx_active: _Optional[int] = ..., current_epoch: _Optional[int] = ...) -> None: ...
 
 class SamplingParams(_message.Message):
-    __slots__ = ("temperature", "top_p", "seed", "has_seed", "constraint", "has_constraint", "logprobs", "top_logprobs", "top_k", "repetition_penalty")
+    __slots__ = ("temperature", "top_p", "seed", "has_seed", "constraint", "has_constraint", "logprobs", "top_logprobs", "top_k", "repetition_penalty", "dry_multiplier", "dry_base", "dry_allowed_length")
     TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
     TOP_P_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
@@ -251,6 +253,9 @@ class SamplingParams(_message.Message):
     TOP_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     REPETITION_PENALTY_FIELD_NUMBER: _ClassVar[int]
+    DRY_MULTIPLIER_FIELD_NUMBER: _ClassVar[int]
+    DRY_BASE_FIELD_NUMBER: _ClassVar[int]
+    DRY_ALLOWED_LENGTH_FIELD_NUMBER: _ClassVar[int]
     temperature: float
     top_p: float
     seed: int
@@ -261,7 +266,10 @@ class SamplingParams(_message.Message):
     top_logprobs: int
     top_k: int
     repetition_penalty: float
-    def __init__(self, temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., has_seed: _Optional[bool] = ..., constraint: _Optional[str] = ..., has_constraint: _Optional[bool] = ..., logprobs: _Optional[bool] = ..., top_logprobs: _Optional[int] = ..., top_k: _Optional[int] = ..., repetition_penalty: _Optional[float] = ...) -> None: ...
+    dry_multiplier: float
+    dry_base: float
+    dry_allowed_length: int
+    def __init__(self, temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., has_seed: _Optional[bool] = ..., constraint: _Optional[str] = ..., has_constraint: _Optional[bool] = ..., logprobs: _Optional[bool] = ..., top_logprobs: _Optional[int] = ..., top_k: _Optional[int] = ..., repetition_penalty: _Optional[float] = ..., dry_multiplier: _Optional[float] = ..., dry_base: _Optional[float] = ..., dry_allowed_length: _Optional[int] = ...) -> None: ...
 
 class ActivationMessage(_message.Message):
     __slots__ = ("request_id", "epoch", "sent_ns", "forward", "token", "release", "failure")

@@ -286,6 +286,13 @@ class ChatService:
             repetition_penalty=defaults.repetition_penalty
             if request.repetition_penalty is None
             else request.repetition_penalty,
+            dry_multiplier=defaults.dry_multiplier
+            if request.dry_multiplier is None
+            else request.dry_multiplier,
+            dry_base=SamplingParams.dry_base if request.dry_base is None else request.dry_base,
+            dry_allowed_length=SamplingParams.dry_allowed_length
+            if request.dry_allowed_length is None
+            else request.dry_allowed_length,
             seed=request.seed,
             constraint=self._constraint(request, shown, choice, max_tokens),
             logprobs=request.logprobs,

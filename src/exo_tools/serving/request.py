@@ -39,16 +39,16 @@ class GuidedOutput:
 
 @dataclass(frozen=True)
 class SamplingDefaults:
-    """What a request that sets no temperature, top_p, top_k or repetition_penalty samples
-    with: the APIs'
-    own defaults (1.0, 1.0, none), or a node's (`--default-temperature` ...; a model card
-    may recommend lower ones for small models, as llama.cpp's server and vLLM's
-    generation config do)."""
+    """What a request that sets no temperature, top_p, top_k, repetition_penalty or
+    dry_multiplier samples with: the APIs' own defaults (1.0, 1.0, none), or a node's
+    (`--default-temperature` ...; a model card may recommend lower ones for small models,
+    as llama.cpp's server and vLLM's generation config do)."""
 
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
     repetition_penalty: float = 1.0
+    dry_multiplier: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -72,6 +72,9 @@ class ChatRequest:
     top_p: float | None = None
     top_k: int | None = None  # 0: no top-k filter
     repetition_penalty: float | None = None  # 1: none
+    dry_multiplier: float | None = None  # 0: no DRY penalty
+    dry_base: float | None = None  # None: SamplingParams' (llama.cpp's defaults)
+    dry_allowed_length: int | None = None
     seed: int | None = None
     stop: tuple[str, ...] = ()
     response_format: ResponseFormat | None = None
