@@ -5,9 +5,10 @@ A node behind a lossy link stays a member (enough heartbeats get through), yet e
 placement it is in breaks within seconds and every resume prefills again, so a stream
 could fail over until its client gives up. The master counts, for each node, the
 placements that broke at a stream to or from it, or that it left (missed heartbeats),
-never itself (it serves the API and cannot be left out). STRIKES of them within WINDOW_S leave the node out for FIRST_S; one
-more break soon after it is back leaves it out twice as long, up to LONGEST_S. A single
-break (a node that restarted, a link cut once) leaves nobody out.
+never itself (it serves the API and cannot be left out). STRIKES of them within WINDOW_S
+leave the node out for FIRST_S; one more break soon after it is back leaves it out twice
+as long, up to LONGEST_S. A single break (a node that restarted, a link cut once) leaves
+nobody out.
 """
 
 from __future__ import annotations

@@ -37,8 +37,8 @@ ATTACH_TIMEOUT_S = 5.0
 # fail while a node is busy installing its stage; gRPC retries it with backoff).
 CONNECT_TIMEOUT_S = 10.0
 
-# Told why a stream broke, once; called on whatever thread saw it.
-# Why a stream broke, and the node at its other end ("" when none is to blame).
+# Told why a stream broke and the node at its other end ("" when none is to blame), once;
+# called on whatever thread saw it.
 BrokenListener = Callable[[str, str], None]
 # The receiving side's check of one message: why it refuses it (None: delivered).
 Accept = Callable[[Any], "str | None"]
