@@ -338,6 +338,10 @@ class Forward:
     # A batched decode step (engine.batching): the hidden state's rows belong to these
     # requests, in order (`request_id` is the first); empty for one request.
     rows: list[str] = field(default_factory=list[str])
+    # A packed pass: the last of `rows` is a prefill chunk of this many tokens, beside the
+    # others' decode steps of one token each, all along the sequence axis of one batch
+    # row (hidden is (1, decode steps + chunk_tokens, dim)). 0: not packed.
+    chunk_tokens: int = 0
 
     @property
     def request_ids(self) -> list[str]:

@@ -254,49 +254,59 @@ def test_batched_decode_matches_each_row_alone(folders: dict[str, Path], archite
 UNBATCHED_FAMILIES = {"deepseek_v3", "llama4", "qwen3_next"}
 
 
+@pytest.mark.parametrize("count", [1, 2])
 @pytest.mark.parametrize("architecture", sorted(CONFIGS))
-def test_packed_pass_matches_each_row_alone(folders: dict[str, Path], architecture: str) -> None:
+def test_packed_pass_matches_each_row_alone(
+    folders: dict[str, Path], architecture: str, count: int
+) -> None:
     """Two requests' decode steps and a third prompt's prefill chunks packed into one pass
-    per step (engine.batching), on one stage, against each request alone: the decode
+    per step (engine.batching), on one stage and through two (the packed hidden state
+    goes from one to the next, as on a pipeline), against each request alone: the decode
     logits, and the packed prompt's logits once its prefill is done. A family that cannot
     pack gives None and keeps its caches as they were."""
-    (model,) = stages(folders[architecture], 1)
+    models = stages(folders[architecture], count)
     decoders, packed_prompt = ROW_PROMPTS[:2], PROMPT
 
-    def prefilled() -> list[list[Any]]:
-        caches = []
+    def run(inputs: mx.array, caches: list[list[Any]]) -> mx.array:
+        out: Any = inputs
+        for model, cache in zip(models, caches, strict=True):
+            out = model.forward(out, cache)
+        return out[:, -1, :]
+
+    def new_caches() -> list[list[Any]]:
+        return [model.make_cache() for model in models]
+
+    def prefilled() -> list[list[list[Any]]]:
+        per_row = []
         for prompt in decoders:
-            cache = model.make_cache()
-            model.forward(mx.array(prompt[:-1])[None], cache)
-            caches.append(cache)
-        return caches
+            caches = new_caches()
+            run(mx.array(prompt[:-1])[None], caches)
+            per_row.append(caches)
+        return per_row
 
     alone_caches, packed_caches = prefilled(), prefilled()
-    alone_prompt_cache, packed_prompt_cache = model.make_cache(), model.make_cache()
+    alone_prompt_cache, packed_prompt_cache = new_caches(), new_caches()
     inputs = [prompt[-1] for prompt in decoders]
     chunks = [packed_prompt[start : start + 6] for start in range(0, 36, 6)]
     errors: list[float] = []
     for chunk in chunks:
         alone = [
-            model.forward(mx.array([[row]]), cache)[:, -1, :]
-            for row, cache in zip(inputs, alone_caches, strict=True)
+            run(mx.array([[row]]), caches) for row, caches in zip(inputs, alone_caches, strict=True)
         ]
-        model.forward(mx.array(chunk)[None], alone_prompt_cache)
-        packed = model.forward_packed(
-            mx.array([*inputs, *chunk])[None],
-            [*packed_caches, packed_prompt_cache],
-            [1, 1, len(chunk)],
-            sampled=2,
-        )
-        if packed is None:
-            assert architecture in UNPACKED_FAMILIES, f"{architecture} stopped packing"
-            return
+        run(mx.array(chunk)[None], alone_prompt_cache)
+        packed: Any = mx.array([*inputs, *chunk])[None]
+        for stage, model in enumerate(models):
+            caches = [caches[stage] for caches in [*packed_caches, packed_prompt_cache]]
+            packed = model.forward_packed(packed, caches, [1, 1, len(chunk)], sampled=2)
+            if packed is None:
+                assert architecture in UNPACKED_FAMILIES, f"{architecture} stopped packing"
+                return
         expected = mx.concatenate(alone, axis=0)
         errors.append(float(mx.max(mx.abs(packed[:, -1, :] - expected)).item()))
         inputs = [int(token) for token in mx.argmax(expected, axis=-1).tolist()]  # type: ignore[union-attr]
     rest = mx.array(packed_prompt[36:])[None]
-    alone_end = model.forward(rest, alone_prompt_cache)[:, -1, :]
-    packed_end = model.forward(rest, packed_prompt_cache)[:, -1, :]
+    alone_end = run(rest, alone_prompt_cache)
+    packed_end = run(rest, packed_prompt_cache)
     errors.append(float(mx.max(mx.abs(packed_end - alone_end)).item()))
     # The packed chunk's attention runs another kernel (engine/cpu_attention.py), so float32
     # sums differ in order: relative to the logits' size (Gemma 3's are large), and the
@@ -307,6 +317,6 @@ def test_packed_pass_matches_each_row_alone(folders: dict[str, Path], architectu
     assert architecture not in UNPACKED_FAMILIES, f"{architecture} packs now: update the set"
 
 
-# Families whose one-stage passes cannot pack a prefill chunk beside decode steps: those
+# Families whose passes cannot pack a prefill chunk beside decode steps: those
 # that cannot batch at all.
 UNPACKED_FAMILIES = UNBATCHED_FAMILIES

@@ -109,11 +109,7 @@ class TestTwoStages:
         assert_logprobs_match(cluster.master, reference_runs)
 
     def test_concurrent_requests_match_each_alone(self, cluster: Cluster) -> None:
-        # Batched passes through both stages: each request as it comes alone.
-        assert_concurrent_requests_match_alone(cluster.master)
-        hops = [node.health()["pipeline"]["hops_measured"] for node in cluster.nodes]
-        assert all(count > 0 for count in hops), hops
-        wait_idle(cluster)
+        assert_batched_requests_match_alone(cluster)
 
     def test_conversation_turns_reuse_every_stage_cache(
         self, cluster: Cluster, model_path: Path, tokenizer: TextTokenizer
@@ -238,6 +234,17 @@ class TestTwoStages:
         assert chat(cluster.master, "Hi", max_tokens=2).status_code == 200
 
 
+def assert_batched_requests_match_alone(cluster: Cluster) -> None:
+    """Batched passes through every stage: each request as it comes alone."""
+    before = cluster.master.health()["scheduler"]["packed_chunks"]
+    assert_concurrent_requests_match_alone(cluster.master)
+    # The long prompt's chunks after its first rode in the decode passes (packed).
+    assert cluster.master.health()["scheduler"]["packed_chunks"] > before
+    hops = [node.health()["pipeline"]["hops_measured"] for node in cluster.nodes]
+    assert all(count > 0 for count in hops), hops
+    wait_idle(cluster)
+
+
 class TestThreeStages:
     @pytest.fixture
     def cluster(self, three: Cluster) -> Cluster:
@@ -254,6 +261,10 @@ class TestThreeStages:
         ]
         assert_identical(cluster, cluster.master, reference, tokenizer)
         wait_idle(cluster)
+
+    def test_concurrent_requests_match_each_alone(self, cluster: Cluster) -> None:
+        # A middle stage passes batched and packed steps on.
+        assert_batched_requests_match_alone(cluster)
 
     def test_each_member_holds_only_its_share(self, cluster: Cluster, model_path: Path) -> None:
         layout = model_layout(CATALOG[MODEL], model_path, dtype="float32")

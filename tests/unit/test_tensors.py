@@ -1,5 +1,5 @@
-"""The wire formats: activations (raw bytes + dtype + shape, bfloat16 included) and sampling
-parameters."""
+"""The wire formats: activations (raw bytes + dtype + shape, bfloat16 included), sampling
+parameters and packed steps."""
 
 from __future__ import annotations
 
@@ -9,12 +9,15 @@ import pytest
 from exo_tools.cluster.wire import (
     sampling_from_proto,
     sampling_to_proto,
+    stage_message_from_proto,
+    stage_message_to_proto,
     tensor_from_proto,
     tensor_to_proto,
 )
+from exo_tools.engine.batching import packed_lengths, packed_segments, packed_steps
 from exo_tools.engine.tensors import from_wire, to_wire
 from exo_tools.proto import node_pb2
-from exo_tools.types import SamplingParams
+from exo_tools.types import Forward, SamplingParams
 
 
 @pytest.mark.parametrize("dtype", [mx.float32, mx.float16, mx.bfloat16, mx.int32, mx.uint32])
@@ -65,3 +68,23 @@ def test_sampling_params_cross_the_wire_whole() -> None:
         ),
     ):
         assert sampling_from_proto(sampling_to_proto(params)) == params
+
+
+def test_a_packed_forward_crosses_the_wire_whole() -> None:
+    """A packed batched step keeps its rows, its chunk's length and its hidden state."""
+    hidden = mx.arange(5 * 4, dtype=mx.float32).reshape(1, 5, 4)
+    message = Forward("a", 3, 7, to_wire(hidden), sample=True, rows=["a", "b", "c"], chunk_tokens=3)
+    back = stage_message_from_proto(stage_message_to_proto(message))
+    assert isinstance(back, Forward)
+    assert (back.rows, back.chunk_tokens, back.sample, back.step) == (["a", "b", "c"], 3, True, 7)
+    assert mx.array_equal(from_wire(back.hidden), hidden).item()
+
+
+def test_packed_segments_keep_the_rows_asked_for() -> None:
+    """A stage that lost one request of a packed step passes on the others' segments."""
+    hidden = mx.arange(6, dtype=mx.float32).reshape(1, 6, 1)  # steps 0, 1; chunk 2..5
+    lengths = packed_lengths(2, 4)
+    assert packed_segments(hidden, lengths, [1, 2]).reshape(-1).tolist() == [1, 2, 3, 4, 5]
+    steps = packed_steps(packed_segments(hidden, lengths, [0, 1]), 2)
+    assert steps.shape == (2, 1, 1)
+    assert steps.reshape(-1).tolist() == [0, 1]

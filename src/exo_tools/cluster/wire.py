@@ -211,6 +211,7 @@ def stage_message_to_proto(message: StageMessage) -> node_pb2.ActivationMessage:
                 forward.sampling.CopyFrom(sampling_to_proto(message.sampling))
             forward.reuse_entry, forward.reuse_tokens = message.reuse_entry, message.reuse_tokens
             forward.rows.extend(message.rows)
+            forward.chunk_tokens = message.chunk_tokens
         case SampledToken():
             token = envelope.token
             token.step, token.token_id = message.step, message.token_id
@@ -251,6 +252,7 @@ def stage_message_from_proto(envelope: node_pb2.ActivationMessage) -> StageMessa
             reuse_entry=forward.reuse_entry,
             reuse_tokens=forward.reuse_tokens,
             rows=list(forward.rows),
+            chunk_tokens=forward.chunk_tokens,
         )
     if kind == "token":
         token = envelope.token

@@ -175,6 +175,24 @@ def row_caches(
     ]
 
 
+def packed_lengths(decode_steps: int, chunk_tokens: int) -> list[int]:
+    """The segment lengths of a packed pass: one token per decode step, then the chunk."""
+    return [1] * decode_steps + [chunk_tokens]
+
+
+def packed_steps(hidden: mx.array, steps: int) -> mx.array:
+    """The decode steps' rows of a packed hidden state (they come first, one token each),
+    as a batch of `steps` rows of one token."""
+    return hidden[:, :steps, :].reshape(steps, 1, hidden.shape[-1])
+
+
+def packed_segments(hidden: mx.array, lengths: list[int], kept: list[int]) -> mx.array:
+    """The segments `kept` (indices into `lengths`) of a packed hidden state, in order."""
+    starts = [0, *accumulate(lengths)]
+    positions = [p for index in kept for p in range(starts[index], starts[index + 1])]
+    return hidden[:, mx.array(positions), :]
+
+
 Attention = Callable[..., mx.array]
 
 

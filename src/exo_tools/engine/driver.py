@@ -182,6 +182,9 @@ class Driver(Role):
         self._in_flight: dict[int, set[str]] = {}
         self._held: dict[int, list[Origin]] = {}
         self._groups = 0
+        # Pipelines: prompts whose next chunk rides in the pass of the next micro-batch
+        # to come back (see `_rides_next`).
+        self._riders: list[Origin] = []
         # Running averages: a decode round's seconds, and a prefill token's.
         self._decode_round_s: float | None = None
         self._prefill_token_s: float | None = None
@@ -281,6 +284,7 @@ class Driver(Role):
         self.waiting.clear()
         self._in_flight.clear()
         self._held.clear()
+        self._riders.clear()
         return taken
 
     # -- rounds
@@ -296,7 +300,7 @@ class Driver(Role):
         decoding = [origin for origin in self.ready.values() if origin.decoding]
         prefilling = next((o for o in self.ready.values() if not o.decoding), None)
         if decoding:
-            packable = prefilling if self._stage.model.packs else None
+            packable = prefilling if prefilling is not None and self._packs(prefilling) else None
             began = time.perf_counter()
             chunk = self._decode_round(decoding[: self._batch_limit()], packable)
             elapsed = time.perf_counter() - began
@@ -315,6 +319,13 @@ class Driver(Role):
             if fed > 0:
                 per_token = (time.perf_counter() - began) / fed
                 self._prefill_token_s = _smoothed(self._prefill_token_s, per_token)
+
+    def _packs(self, origin: Origin) -> bool:
+        """Whether `origin`'s next prefill chunk may ride in a decode pass: the model packs,
+        and on a pipeline every stage holds the request's cache (its first chunk went
+        alone and opened them)."""
+        stage = self._stage
+        return stage.model.packs and (stage.n_stages == 1 or origin.sent_first)
 
     def _busy_chunk(self, remaining: int) -> int:
         """The next prefill chunk while other requests decode (see PREFILL_CHUNK_BUSY)."""
@@ -527,7 +538,21 @@ class Driver(Role):
         if group is not None and self._in_flight[group]:
             self._held.setdefault(group, []).append(origin)
             return
+        if self._rides_next(origin):
+            self._riders.append(origin)
+            return
         self.ready[origin.request_id] = origin
+
+    def _rides_next(self, origin: Origin) -> bool:
+        """On a pipeline, while micro-batches are in flight, a prompt's next chunk waits
+        for the next one to come back and rides in its pass: run apart meanwhile, it
+        would hold that micro-batch's next step up by a whole pass."""
+        return (
+            self._stage.n_stages > 1
+            and bool(self._in_flight)
+            and not origin.decoding
+            and self._packs(origin)
+        )
 
     def _leave_group(self, origin: Origin) -> int | None:
         """Take `origin` out of its in-flight micro-batch; the batch's id. When it was the
@@ -539,7 +564,8 @@ class Driver(Role):
         waiting.discard(origin.request_id)
         if not waiting:
             del self._in_flight[group]
-            for held in self._held.pop(group, []):
+            riders, self._riders = self._riders, []
+            for held in [*self._held.pop(group, []), *riders]:
                 if held.request_id in self.origins:
                     self.ready[held.request_id] = held
         return group if waiting else None
@@ -615,6 +641,12 @@ class Driver(Role):
         try:
             if chunk is not None:
                 packed = self._packed_pass(inputs, caches, chunk)
+            if packed is not None and stage.n_stages > 1:
+                assert chunk is not None
+                self._send_batch(batch, packed[0], chunk, len(packed[2]))
+                # Its next chunk streams on: the next stage works on this one meanwhile.
+                self._schedule(chunk)
+                return len(packed[2])
             if packed is not None:
                 logits = packed[0][:, -1, :]
                 mx.eval(logits, *packed[1])
@@ -622,21 +654,7 @@ class Driver(Role):
                 return len(packed[2])
             out = self._forward_rows(batch, mx.array(inputs)[:, None], caches)
             if stage.n_stages > 1:
-                first = batch[0]
-                self._groups += 1
-                self._in_flight[self._groups] = {origin.request_id for origin in batch}
-                for origin in batch:
-                    origin.group = self._groups
-                self._send(
-                    Forward(
-                        first.request_id,
-                        stage.epoch,
-                        first.generated,
-                        to_wire(out),
-                        sample=True,
-                        rows=[origin.request_id for origin in batch],
-                    )
-                )
+                self._send_batch(batch, out)
                 return 0
             logits = out[:, -1, :]
             mx.eval(logits)
@@ -650,12 +668,43 @@ class Driver(Role):
         self._decode_batch_sampled(batch, entries, logits, None)
         return 0
 
+    def _send_batch(
+        self,
+        batch: list[Origin],
+        hidden: mx.array,
+        chunk: Origin | None = None,
+        chunk_tokens: int = 0,
+    ) -> None:
+        """A pipeline's batched decode step (with a packed prefill chunk of `chunk`) on to
+        the next stage; its requests are in flight as one micro-batch until their tokens
+        are all back."""
+        first = batch[0]
+        self._groups += 1
+        self._in_flight[self._groups] = {origin.request_id for origin in batch}
+        for origin in batch:
+            origin.group = self._groups
+        rows = [origin.request_id for origin in batch]
+        if chunk is not None:
+            rows.append(chunk.request_id)
+        self._send(
+            Forward(
+                first.request_id,
+                self._stage.epoch,
+                first.generated,
+                to_wire(hidden),
+                sample=True,
+                rows=rows,
+                chunk_tokens=chunk_tokens,
+            )
+        )
+
     def _packed_pass(
         self, inputs: list[int], caches: list[list[object]], chunk: Origin
     ) -> tuple[mx.array, list[Any], list[int]] | None:
         """The decode steps `inputs` and the next prefill chunk of `chunk` as one packed
-        pass (built, not evaluated): the decode rows' logits, the chunk's cache state to
-        evaluate with them, and the chunk's tokens; None when it cannot pack."""
+        pass (built, not evaluated): the decode rows' logits (on a pipeline, the packed
+        hidden state for the next stage), the chunk's cache state to evaluate with them,
+        and the chunk's tokens; None when it cannot pack."""
         stage = self._stage
         entry = self._engine.caches.get(chunk.request_id)
         if entry is None:

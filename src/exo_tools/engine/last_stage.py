@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING
 import mlx.core as mx
 
 from ..types import Forward, Release, SampledToken, StageMessage
-from .relay import Relay
+from .batching import packed_steps
+from .relay import HeldRows, Relay
 from .sampling import sample_token
 from .tensors import from_wire
 
@@ -37,7 +38,7 @@ class LastStage(Relay):
                 try:
                     entry = self.entry_for(message)
                     if entry is not None:
-                        self._prefill(entry, message)
+                        self._prefill(entry, from_wire(message.hidden))
                 except Exception as error:
                     self.fail(message, error)
             case Release():
@@ -48,9 +49,9 @@ class LastStage(Relay):
             case _:
                 super().on_message(message)
 
-    def _prefill(self, entry: CacheEntry, message: Forward) -> None:
+    def _prefill(self, entry: CacheEntry, hidden: mx.array) -> None:
         """A prefill chunk: the cache is all it leaves."""
-        self._stage.model.forward(from_wire(message.hidden), entry.cache)
+        self._stage.model.forward(hidden, entry.cache)
         mx.eval(self._stage.model.cache_state(entry.cache))
 
     def _sample_batch(self, messages: list[Forward]) -> None:
@@ -87,18 +88,37 @@ class LastStage(Relay):
                 self.fail_request(request_id, error)
 
     def _rows_blocks(self, message: Forward) -> list[tuple[str, int, CacheEntry, mx.array]]:
-        """A batched decode step's blocks, one pass for its rows."""
+        """A batched decode step's blocks, one pass for its rows (packed: with a prefill
+        chunk, which only fills its cache)."""
         held = self.held_rows(message)
         if held is None:
             return []
-        request_ids, entries, hidden = held
         try:
-            out = self._stage.model.blocks_rows(hidden, [entry.cache for entry in entries])
+            if held.chunk_tokens:
+                out = self._packed_blocks(held)
+            else:
+                out = self._stage.model.blocks_rows(held.hidden, held.caches)
         except Exception as error:
-            for request_id in request_ids:
-                self.fail_request(request_id, error)
+            self.fail_rows(held.request_ids, error)
             return []
+        steps = held.decode_steps
         return [
             (request_id, message.step, entry, out[index : index + 1, -1, :])
-            for index, (request_id, entry) in enumerate(zip(request_ids, entries, strict=True))
+            for index, (request_id, entry) in enumerate(
+                zip(held.request_ids[:steps], held.entries[:steps], strict=True)
+            )
         ]
+
+    def _packed_blocks(self, held: HeldRows) -> mx.array:
+        """A packed step's blocks: the decode steps' rows; the chunk fills its cache."""
+        model = self._stage.model
+        packed = model.blocks_packed(held.hidden, held.caches, held.lengths)
+        if packed is not None:
+            mx.eval(packed, model.cache_state(held.entries[-1].cache))
+            return packed_steps(packed, held.decode_steps)
+        # This stage cannot pack: the chunk goes apart.
+        steps, chunk = held.apart()
+        self._prefill(chunk.entries[0], chunk.hidden)
+        if steps is None:
+            return packed_steps(held.hidden, 0)
+        return model.blocks_rows(steps.hidden, steps.caches)

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import mlx.core as mx
 
 from ..types import Failure, Forward, Release, StageMessage
+from .batching import packed_lengths, packed_segments, packed_steps
 from .prefix_cache import CacheMiss
 from .role import Role
 from .tensors import from_wire, to_wire
@@ -16,6 +18,41 @@ if TYPE_CHECKING:
     from .core import CacheEntry
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class HeldRows:
+    """The rows of a batched step that this stage holds: their requests, caches and part
+    of the hidden state; packed (`chunk_tokens` > 0), the last request's prefill chunk
+    follows the others' decode steps along the sequence."""
+
+    request_ids: list[str]
+    entries: list[CacheEntry]
+    hidden: mx.array
+    chunk_tokens: int = 0
+
+    @property
+    def caches(self) -> list[list[object]]:
+        return [entry.cache for entry in self.entries]
+
+    @property
+    def decode_steps(self) -> int:
+        return len(self.request_ids) - (1 if self.chunk_tokens else 0)
+
+    @property
+    def lengths(self) -> list[int]:
+        return packed_lengths(self.decode_steps, self.chunk_tokens)
+
+    def apart(self) -> tuple[HeldRows | None, HeldRows]:
+        """A packed step as its decode steps (None: none) and its chunk, each unpacked."""
+        steps = self.decode_steps
+        chunk = HeldRows(self.request_ids[-1:], self.entries[-1:], self.hidden[:, steps:, :])
+        if not steps:
+            return None, chunk
+        decode = HeldRows(
+            self.request_ids[:steps], self.entries[:steps], packed_steps(self.hidden, steps)
+        )
+        return decode, chunk
 
 
 class Relay(Role):
@@ -76,9 +113,9 @@ class Relay(Role):
             )
         return entry
 
-    def held_rows(self, message: Forward) -> tuple[list[str], list[CacheEntry], mx.array] | None:
-        """A batched step's requests this stage holds, their caches, and their rows of
-        the hidden state (None: it holds none of them)."""
+    def held_rows(self, message: Forward) -> HeldRows | None:
+        """A batched step's requests this stage holds, their caches and their part of the
+        hidden state (None: it holds none of them)."""
         kept: list[int] = []
         request_ids: list[str] = []
         entries: list[CacheEntry] = []
@@ -91,27 +128,66 @@ class Relay(Role):
         if not kept:
             return None
         hidden = from_wire(message.hidden)
+        chunk_tokens = message.chunk_tokens
         if len(kept) < len(message.rows):
-            hidden = hidden[mx.array(kept)]
-        return request_ids, entries, hidden
+            if chunk_tokens:
+                lengths = packed_lengths(len(message.rows) - 1, chunk_tokens)
+                hidden = packed_segments(hidden, lengths, kept)
+                if kept[-1] != len(message.rows) - 1:  # the chunk's request is gone
+                    hidden = packed_steps(hidden, len(kept))
+                    chunk_tokens = 0
+            else:
+                hidden = hidden[mx.array(kept)]
+        return HeldRows(request_ids, entries, hidden, chunk_tokens)
 
     def _forward_rows(self, message: Forward) -> None:
         held = self.held_rows(message)
         if held is None:
             return
-        request_ids, entries, hidden = held
-        stage = self._stage
+        model = self._stage.model
+        if held.chunk_tokens:
+            try:
+                out = model.forward_packed(
+                    held.hidden, held.caches, held.lengths, held.decode_steps
+                )
+            except Exception as error:
+                self.fail_rows(held.request_ids, error)
+                return
+            if out is not None:
+                self._send_rows(held, out, message.step, message.sample)
+                return
+            # This stage cannot pack: the decode steps and the chunk go on apart.
+            steps, chunk = held.apart()
+            if steps is not None:
+                self._forward_held(steps, message.step, message.sample)
+            self._forward_held(chunk, 0, False)
+            return
+        self._forward_held(held, message.step, message.sample)
+
+    def _forward_held(self, held: HeldRows, step: int, sample: bool) -> None:
         try:
-            out = stage.model.forward_rows(hidden, [entry.cache for entry in entries])
+            out = self._stage.model.forward_rows(held.hidden, held.caches)
+        except Exception as error:
+            self.fail_rows(held.request_ids, error)
+            return
+        self._send_rows(held, out, step, sample)
+
+    def _send_rows(self, held: HeldRows, out: mx.array, step: int, sample: bool) -> None:
+        try:
             wire = to_wire(out)
         except Exception as error:
-            for request_id in request_ids:
-                self.fail_request(request_id, error)
+            self.fail_rows(held.request_ids, error)
             return
-        rows = request_ids if len(request_ids) > 1 else []
+        rows = held.request_ids if len(held.request_ids) > 1 or held.chunk_tokens else []
         self.send(
             Forward(
-                request_ids[0], stage.epoch, message.step, wire, sample=message.sample, rows=rows
+                held.request_ids[0],
+                self._stage.epoch,
+                step,
+                wire,
+                sample=sample,
+                rows=rows,
+                chunk_tokens=held.chunk_tokens,
             )
         )
 
@@ -141,6 +217,10 @@ class Relay(Role):
     def fail(self, message: StageMessage, error: Exception) -> None:
         """This request failed here: drop it and tell stage 0 (down the ring)."""
         self.fail_request(message.request_id, error)
+
+    def fail_rows(self, request_ids: list[str], error: Exception) -> None:
+        for request_id in request_ids:
+            self.fail_request(request_id, error)
 
     def fail_request(self, request_id: str, error: Exception) -> None:
         log.exception("request %s failed on this stage", request_id)

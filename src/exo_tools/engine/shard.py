@@ -32,7 +32,7 @@ from mlx_lm.models.cache import KVCache
 from ..models.pruning import SkippedLayer, embedding_key, layers_path, module_at
 from ..types import Shard
 from . import cpu_attention
-from .batching import batchable, install_packed_rope, row_caches
+from .batching import batchable, install_packed_rope, packed_steps, row_caches
 
 log = logging.getLogger(__name__)
 
@@ -148,14 +148,8 @@ class ShardModel:
         # Batched passes need the model's attention to go through the hook.
         self.batches = cpu_attention.install(model)
         # Packed passes (a prefill chunk beside decode steps) also need the rotary
-        # embeddings to take a position per token; only a whole model on one stage packs.
-        self.packs = (
-            self.batches
-            and shard.is_first
-            and shard.is_last
-            and shard.tensor is None
-            and install_packed_rope(model) > 0
-        )
+        # embeddings to take a position per token; a tensor group's passes do not pack.
+        self.packs = self.batches and shard.tensor is None and install_packed_rope(model) > 0
         # Tensor members other than rank 0 run every block on rank 0's embedded input and
         # leave the head to rank 0.
         follower = shard.tensor is not None and not shard.tensor.is_root
@@ -304,15 +298,26 @@ class ShardModel:
         self, inputs: mx.array, caches: list[list[Any]], lengths: list[int], sampled: int
     ) -> mx.array | None:
         """One pass over several requests' segments packed in one sequence (`inputs` is
-        (1, sum(lengths)) token ids; segment i is request i's, attending to its own
-        `caches[i]`): the logits of the first `sampled` segments, which are one token
-        each (decode steps); the later segments (prefill chunks) only fill their caches.
-        None when the model cannot run packed passes (its caches are as before)."""
+        (1, sum(lengths)) token ids, or that many hidden states; segment i is request
+        i's, attending to its own `caches[i]`). On the last stage, the logits of the first
+        `sampled` segments, which are one token each (decode steps), as (sampled, 1,
+        vocab); the later segments (prefill chunks) only fill their caches. On another
+        stage, the packed hidden state for the next. None when the model cannot run packed
+        passes (its caches are as before)."""
+        hidden = self.blocks_packed(inputs, caches, lengths)
+        if hidden is None or self.stops_early:
+            return hidden
+        return self.head(packed_steps(hidden, sampled))
+
+    def blocks_packed(
+        self, inputs: mx.array, caches: list[list[Any]], lengths: list[int]
+    ) -> mx.array | None:
+        """`blocks` of a packed pass (see `forward_packed`): the packed hidden state."""
         if not self.packs or not all(self.can_batch(cache) for cache in caches):
             return None
         before = [self._offsets(cache) for cache in caches]
         try:
-            hidden = self.blocks(inputs, row_caches(caches, lengths))
+            return self.blocks(inputs, row_caches(caches, lengths))
         except (AttributeError, TypeError, ValueError) as error:
             # The model does more with a position than its rotary embedding takes: undo
             # the rows' cache updates and run decode steps and chunks apart from now on.
@@ -324,8 +329,6 @@ class ShardModel:
                 "a prefill chunk runs apart from the decode steps",
             )
             return None
-        steps = hidden[:, :sampled, :].reshape(sampled, 1, hidden.shape[-1])
-        return self.head(steps)
 
     def _offsets(self, cache: list[Any]) -> list[int]:
         return [int(layer.offset) for layer in self.local_caches(cache)]

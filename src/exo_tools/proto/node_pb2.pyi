@@ -290,7 +290,7 @@ class ActivationMessage(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., epoch: _Optional[int] = ..., sent_ns: _Optional[int] = ..., forward: _Optional[_Union[ForwardPass, _Mapping]] = ..., token: _Optional[_Union[SampledToken, _Mapping]] = ..., release: _Optional[_Union[Release, _Mapping]] = ..., failure: _Optional[_Union[Failure, _Mapping]] = ...) -> None: ...
 
 class ForwardPass(_message.Message):
-    __slots__ = ("step", "hidden", "sample", "sampling", "reuse_entry", "reuse_tokens", "rows")
+    __slots__ = ("step", "hidden", "sample", "sampling", "reuse_entry", "reuse_tokens", "rows", "chunk_tokens")
     STEP_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
     SAMPLE_FIELD_NUMBER: _ClassVar[int]
@@ -298,6 +298,7 @@ class ForwardPass(_message.Message):
     REUSE_ENTRY_FIELD_NUMBER: _ClassVar[int]
     REUSE_TOKENS_FIELD_NUMBER: _ClassVar[int]
     ROWS_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_TOKENS_FIELD_NUMBER: _ClassVar[int]
     step: int
     hidden: Tensor
     sample: bool
@@ -305,7 +306,8 @@ class ForwardPass(_message.Message):
     reuse_entry: int
     reuse_tokens: int
     rows: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, step: _Optional[int] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., sample: _Optional[bool] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., reuse_entry: _Optional[int] = ..., reuse_tokens: _Optional[int] = ..., rows: _Optional[_Iterable[str]] = ...) -> None: ...
+    chunk_tokens: int
+    def __init__(self, step: _Optional[int] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., sample: _Optional[bool] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., reuse_entry: _Optional[int] = ..., reuse_tokens: _Optional[int] = ..., rows: _Optional[_Iterable[str]] = ..., chunk_tokens: _Optional[int] = ...) -> None: ...
 
 class SampledToken(_message.Message):
     __slots__ = ("step", "token_id", "has_logprobs", "logprob", "top_token_ids", "top_logprobs")

@@ -8,7 +8,7 @@ import warnings
 
 from exo_tools.proto import node_pb2 as exo__tools_dot_proto_dot_node__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.85.4'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
