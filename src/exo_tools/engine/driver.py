@@ -7,10 +7,11 @@ Tensor rank 0 is a one-stage driver whose passes it also hands to the other memb
 Scheduling is continuous batching: requests whose next step can run wait in `ready`, and
 each round (`run_ready`, called whenever the inbox is empty) runs the decode steps of the
 ready requests as one batched pass (engine.batching), then one prefill chunk of the next
-request waiting for one. While others decode, prompts are prefilled in short chunks, so a
-long prompt delays the running streams by one short chunk per token, not by its whole
-prefill. On a pipeline a round sends at most 1/stages of the decoding requests, so the
-batches flow as micro-batches and every stage has one to work on. A request decoding
+request waiting for one, packed into the decode steps' pass where it can be. While others
+decode, prompts are prefilled in short chunks, so a long prompt delays the running streams
+by one short chunk per token, not by its whole prefill. On a pipeline a round sends at
+most 1/stages of the decoding requests, so the batches flow as micro-batches and every
+stage has one to work on; a prompt's chunks ride in their passes. A request decoding
 alone on one stage, whose sampling needs nothing from the host, decodes a step ahead, as
 mlx-lm's generate does.
 """
@@ -78,7 +79,8 @@ PIPELINE_PREFILL_CHUNK = 512
 # PREFILL_CHUNK_BUSY.
 PREFILL_CHUNK_BUSY = 64
 MIN_BUSY_CHUNK = 16
-# On one stage a chunk is packed into the decode steps' pass (engine.batching): it shares
+# A chunk is packed into the decode steps' pass (engine.batching; on a pipeline, every
+# chunk after the first, which opens the request's caches on every stage): it shares
 # their weight reads, so what it adds is its own tokens' compute. Its tokens are sized to
 # add this share of a decode round (at least MIN_PACKED_CHUNK), so a running stream waits
 # about 1 + PACKED_CHUNK_SHARE times its usual time per token while a prompt prefills.
@@ -295,8 +297,8 @@ class Driver(Role):
 
     def run_ready(self) -> None:
         """One round: the ready requests' decode steps as one batched pass, then one prefill
-        chunk of the request that has waited longest for one (on one stage, packed into
-        the decode steps' pass when the model allows)."""
+        chunk of the request that has waited longest for one (packed into the decode
+        steps' pass when the model allows, see `_packs`)."""
         decoding = [origin for origin in self.ready.values() if origin.decoding]
         prefilling = next((o for o in self.ready.values() if not o.decoding), None)
         if decoding:

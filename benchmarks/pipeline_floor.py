@@ -1,0 +1,165 @@
+"""The matmul floor of a 2-stage pipeline against one node, on the machine it runs on.
+
+    .venv/bin/python benchmarks/pipeline_floor.py [--seconds 10] [--streams 8] [--split 19]
+
+A decode pass reads every weight of a stage; this times only those reads and their
+multiplies (the default model's real float32 projection matrices and its tied output
+head, one token row per stream, no attention, no Python around the model), with the
+OpenBLAS preload a node uses:
+
+- one node: the whole model, `--streams` rows a pass, 2 BLAS threads (the node's setting);
+- a 2-stage pipeline as exo-tools runs it: two processes at once, 1 BLAS thread each,
+  micro-batches of streams/2 rows (stage 0: layers [0, split); stage 1: the rest and the
+  head); every stream's token costs a pass of each micro-batch on both stages, so tok/s
+  is rows x the slower stage's passes per second;
+- the same two stages one after the other with one micro-batch of every stream, and
+  each stage alone (no other process running).
+
+The last line is the pipeline's best aggregate over the node's, as far as weight reads
+and matmuls go: what `benchmarks/concurrent_streams.py` measures on top of this is
+attention, per-row work, Python and the network, which both targets pay.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import load_default, print_table
+
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def worker(first: int, end: int, head: bool, rows: int, seconds: float) -> dict[str, float]:
+    """Passes per second of layers [first, end) (and the head) on `rows` token rows."""
+    import mlx.core as mx
+
+    model = load_default().model
+    layers = model.model.layers[first:end]
+    weights = [
+        [
+            getattr(
+                layer.self_attn
+                if name.endswith(("q_proj", "k_proj", "v_proj", "o_proj"))
+                else layer.mlp,
+                name,
+            ).weight
+            for name in PROJECTIONS
+        ]
+        for layer in layers
+    ]
+    table = model.model.embed_tokens.weight if head else None
+    hidden = mx.random.normal((rows, weights[0][0].shape[1]))
+
+    def one_pass() -> None:
+        x = hidden
+        for q, k, v, o, gate, up, down in weights:
+            attended = (x @ q.T) + mx.mean(x @ k.T) + mx.mean(x @ v.T)
+            x = x + attended @ o.T
+            x = x + ((x @ gate.T) * (x @ up.T)) @ down.T
+        if table is not None:
+            x = x @ table.T
+        mx.eval(x)
+
+    for _ in range(3):
+        one_pass()
+    passes, began = 0, time.perf_counter()
+    while time.perf_counter() - began < seconds:
+        one_pass()
+        passes += 1
+    elapsed = time.perf_counter() - began
+    return {"passes_per_s": passes / elapsed, "ms_per_pass": 1e3 * elapsed / passes}
+
+
+def start(first: int, end: int, head: bool, rows: int, threads: int, seconds: float) -> Any:
+    from exo_tools.blas import find_openblas
+
+    env = {**os.environ, "OPENBLAS_NUM_THREADS": str(threads)}
+    library = find_openblas()
+    if library:
+        env["LD_PRELOAD"] = library
+    spec = json.dumps([first, end, head, rows, seconds])
+    return subprocess.Popen(
+        [sys.executable, __file__, "--worker", spec], env=env, stdout=subprocess.PIPE, text=True
+    )
+
+
+def result(process: Any) -> dict[str, float]:
+    out, _ = process.communicate()
+    if process.returncode:
+        raise RuntimeError(f"a worker failed ({process.returncode})")
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seconds", type=float, default=10.0, help="timed seconds per case")
+    parser.add_argument("--streams", type=int, default=8, help="token rows per node pass")
+    parser.add_argument("--split", type=int, default=19, help="stage 1's first layer")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(worker(*json.loads(args.worker))))
+        return
+    if args.streams < 2 or args.streams % 2:
+        parser.error("--streams must be an even number of at least 2")
+    n_layers = len(load_default().model.model.layers)
+    if not 0 < args.split < n_layers:
+        parser.error(f"--split must be in [1, {n_layers - 1}]")
+    rows, half, seconds = args.streams, args.streams // 2, args.seconds
+    node = result(start(0, n_layers, True, rows, 2, seconds))
+    both = [
+        start(0, args.split, False, half, 1, seconds),
+        start(args.split, n_layers, True, half, 1, seconds),
+    ]
+    stage0, stage1 = (result(process) for process in both)
+    alone0 = result(start(0, args.split, False, half, 1, seconds))
+    alone1 = result(start(args.split, n_layers, True, half, 1, seconds))
+    whole0 = result(start(0, args.split, False, rows, 1, seconds))
+    whole1 = result(start(args.split, n_layers, True, rows, 1, seconds))
+
+    node_tps = rows * node["passes_per_s"]
+    pipeline_tps = half * min(stage0["passes_per_s"], stage1["passes_per_s"])
+    one_batch_tps = rows * 1e3 / (whole0["ms_per_pass"] + whole1["ms_per_pass"])
+    table = [
+        ["one node, 2 threads", f"{rows}", f"{node['ms_per_pass']:.1f}", "", f"{node_tps:.0f}"],
+        [
+            "pipeline, both stages at once, 1 thread each",
+            f"{half}",
+            f"{stage0['ms_per_pass']:.1f}",
+            f"{stage1['ms_per_pass']:.1f}",
+            f"{pipeline_tps:.0f}",
+        ],
+        [
+            "each stage alone, 1 thread",
+            f"{half}",
+            f"{alone0['ms_per_pass']:.1f}",
+            f"{alone1['ms_per_pass']:.1f}",
+            "",
+        ],
+        [
+            "one micro-batch, stages in turn, 1 thread",
+            f"{rows}",
+            f"{whole0['ms_per_pass']:.1f}",
+            f"{whole1['ms_per_pass']:.1f}",
+            f"{one_batch_tps:.0f}",
+        ],
+    ]
+    print_table(
+        f"Weight reads and matmuls only, {rows} streams, stages [0, {args.split}) and [{args.split}, {n_layers}) + head",
+        ["case", "rows a pass", "stage 0 (or node) ms a pass", "stage 1 ms a pass", "tok/s"],
+        table,
+    )
+    print(f"pipeline / node floor: {pipeline_tps / node_tps:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
