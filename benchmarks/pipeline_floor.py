@@ -12,8 +12,9 @@ OpenBLAS preload a node uses:
   micro-batches of streams/2 rows (stage 0: layers [0, split); stage 1: the rest and the
   head); every stream's token costs a pass of each micro-batch on both stages, so tok/s
   is rows x the slower stage's passes per second;
-- the same two stages one after the other with one micro-batch of every stream, and
-  each stage alone (no other process running).
+- the same two stages one after the other with one micro-batch of every stream, each
+  stage alone (no other process running), both at once with 2 BLAS threads each, and
+  the node with 1 thread.
 
 The last line is the pipeline's best aggregate over the node's, as far as weight reads
 and matmuls go: what `benchmarks/concurrent_streams.py` measures on top of this is
@@ -125,33 +126,53 @@ def main() -> None:
     alone1 = result(start(args.split, n_layers, True, half, 1, seconds))
     whole0 = result(start(0, args.split, False, rows, 1, seconds))
     whole1 = result(start(args.split, n_layers, True, rows, 1, seconds))
+    node_one_thread = result(start(0, n_layers, True, rows, 1, seconds))
+    two_each = [
+        start(0, args.split, False, half, 2, seconds),
+        start(args.split, n_layers, True, half, 2, seconds),
+    ]
+    crowded0, crowded1 = (result(process) for process in two_each)
+
+    def line(
+        case: str,
+        rows: int,
+        first: dict[str, float],
+        second: dict[str, float] | None,
+        tps: float | None,
+    ) -> list[str]:
+        return [
+            case,
+            str(rows),
+            f"{first['ms_per_pass']:.1f}",
+            f"{second['ms_per_pass']:.1f}" if second else "",
+            f"{tps:.0f}" if tps else "",
+        ]
+
+    def pipelined(first: dict[str, float], second: dict[str, float]) -> float:
+        return half * min(first["passes_per_s"], second["passes_per_s"])
 
     node_tps = rows * node["passes_per_s"]
-    pipeline_tps = half * min(stage0["passes_per_s"], stage1["passes_per_s"])
+    pipeline_tps = pipelined(stage0, stage1)
     one_batch_tps = rows * 1e3 / (whole0["ms_per_pass"] + whole1["ms_per_pass"])
     table = [
-        ["one node, 2 threads", f"{rows}", f"{node['ms_per_pass']:.1f}", "", f"{node_tps:.0f}"],
-        [
-            "pipeline, both stages at once, 1 thread each",
-            f"{half}",
-            f"{stage0['ms_per_pass']:.1f}",
-            f"{stage1['ms_per_pass']:.1f}",
-            f"{pipeline_tps:.0f}",
-        ],
-        [
-            "each stage alone, 1 thread",
-            f"{half}",
-            f"{alone0['ms_per_pass']:.1f}",
-            f"{alone1['ms_per_pass']:.1f}",
-            "",
-        ],
-        [
-            "one micro-batch, stages in turn, 1 thread",
-            f"{rows}",
-            f"{whole0['ms_per_pass']:.1f}",
-            f"{whole1['ms_per_pass']:.1f}",
-            f"{one_batch_tps:.0f}",
-        ],
+        line("one node, 2 threads", rows, node, None, node_tps),
+        line("pipeline, both stages at once, 1 thread each", half, stage0, stage1, pipeline_tps),
+        line("each stage alone, 1 thread", half, alone0, alone1, None),
+        line("one micro-batch, stages in turn, 1 thread", rows, whole0, whole1, one_batch_tps),
+        line(
+            "pipeline, both stages at once, 2 threads each",
+            half,
+            crowded0,
+            crowded1,
+            pipelined(crowded0, crowded1),
+        ),
+        line(
+            "one node, 1 thread",
+            rows,
+            node_one_thread,
+            None,
+            rows * node_one_thread["passes_per_s"],
+        ),
     ]
     print_table(
         f"Weight reads and matmuls only, {rows} streams, stages [0, {args.split}) and [{args.split}, {n_layers}) + head",
