@@ -262,10 +262,6 @@ class TestThreeStages:
         assert_identical(cluster, cluster.master, reference, tokenizer)
         wait_idle(cluster)
 
-    def test_concurrent_requests_match_each_alone(self, cluster: Cluster) -> None:
-        # A middle stage passes batched and packed steps on.
-        assert_batched_requests_match_alone(cluster)
-
     def test_each_member_holds_only_its_share(self, cluster: Cluster, model_path: Path) -> None:
         layout = model_layout(CATALOG[MODEL], model_path, dtype="float32")
         full_model = layout.n_layers * layout.layer_bytes + layout.embed_bytes + layout.head_bytes
@@ -297,6 +293,11 @@ class TestThreeStages:
             "rss MB:",
             [round(h["memory"]["rss"] / 1e6, 1) for h in healths],
         )
+
+    def test_concurrent_requests_match_each_alone(self, cluster: Cluster) -> None:
+        # A middle stage passes batched and packed steps on. Last in the class: its
+        # requests grow the stages' memory, which the share test above measures.
+        assert_batched_requests_match_alone(cluster)
 
 
 class TestStageFailure:
