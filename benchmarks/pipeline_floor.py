@@ -36,7 +36,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import load_default, print_table
 
-PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# Each block's matrices, by submodule, in the order `one_pass` multiplies them.
+PROJECTIONS = (
+    ("self_attn", "q_proj"),
+    ("self_attn", "k_proj"),
+    ("self_attn", "v_proj"),
+    ("self_attn", "o_proj"),
+    ("mlp", "gate_proj"),
+    ("mlp", "up_proj"),
+    ("mlp", "down_proj"),
+)
 
 
 def worker(first: int, end: int, head: bool, rows: int, seconds: float) -> dict[str, float]:
@@ -46,15 +55,7 @@ def worker(first: int, end: int, head: bool, rows: int, seconds: float) -> dict[
     model = load_default().model
     layers = model.model.layers[first:end]
     weights = [
-        [
-            getattr(
-                layer.self_attn
-                if name.endswith(("q_proj", "k_proj", "v_proj", "o_proj"))
-                else layer.mlp,
-                name,
-            ).weight
-            for name in PROJECTIONS
-        ]
+        [getattr(getattr(layer, part), name).weight for part, name in PROJECTIONS]
         for layer in layers
     ]
     table = model.model.embed_tokens.weight if head else None

@@ -643,13 +643,13 @@ class Driver(Role):
         try:
             if chunk is not None:
                 packed = self._packed_pass(inputs, caches, chunk)
-            if packed is not None and stage.n_stages > 1:
-                assert chunk is not None
-                self._send_batch(batch, packed[0], chunk, len(packed[2]))
-                # Its next chunk streams on: the next stage works on this one meanwhile.
-                self._schedule(chunk)
-                return len(packed[2])
             if packed is not None:
+                assert chunk is not None
+                if stage.n_stages > 1:
+                    self._send_batch(batch, packed[0], chunk, len(packed[2]))
+                    # Its next chunk streams on: the next stage works on this one meanwhile.
+                    self._schedule(chunk)
+                    return len(packed[2])
                 logits = packed[0][:, -1, :]
                 mx.eval(logits, *packed[1])
                 self._decode_batch_sampled(batch, entries, logits, chunk)
