@@ -13,7 +13,8 @@ default model, once per node mode: `unconstrained` (tool_choice "auto" free), `l
 call under the grammar, a tool result freely); every node gets `--default-max-tokens`,
 `--default-temperature`, `--default-top-p`, `--default-repetition-penalty` and
 `--default-dry-multiplier` (the CLIs set no sampling parameters; the defaults are SmolLM2's
-card's, 0.2 and 0.9, a penalty of 1.3 that stops its short loops, and DRY off).
+card's, 0.2 and 0.9, a penalty of 1.3 that stops its short loops, and DRY off), and
+`--wrap-up-share` (0.5: an answer past half its output limit ends at its next sentence end).
 Each session gets its own small project directory and one of ten coding-agent prompts,
 and runs until the CLI exits (or `--timeout`). A session "ran a tool" when the CLI reports a tool that ran (completed or
 error: the call was accepted as one), "answered" when it ended with a text answer, and
@@ -114,6 +115,13 @@ def main() -> None:
         help="the node's DRY multiplier for requests that set none (0: off, as in "
         "AGENT_NODE_FLAGS; 0.8 is llama.cpp's suggestion)",
     )
+    parser.add_argument(
+        "--wrap-up-share",
+        type=float,
+        default=0.5,
+        help="the node's --wrap-up-share (0: off): an answer past this share of its output "
+        "limit ends at its next sentence or line end instead of being cut at the limit",
+    )
     parser.add_argument("--modes", default="tool-on-user-turn", help="comma-separated modes")
     parser.add_argument("--events", type=Path, help="write each session's JSON events here")
     parser.add_argument(
@@ -145,6 +153,8 @@ def main() -> None:
             str(args.default_repetition_penalty),
             "--default-dry-multiplier",
             str(args.default_dry_multiplier),
+            "--wrap-up-share",
+            str(args.wrap_up_share),
         ]
         if args.record:
             flags += ["--log-requests", str(args.record)]
@@ -185,6 +195,8 @@ def main() -> None:
             mode,
             f"{sum(s.ran_a_tool for s in sessions)}/{len(sessions)}",
             f"{sum(s.ran_a_tool and s.answered for s in sessions)}/{len(sessions)}",
+            f"{sum(s.ran_a_tool and s.answered and not s.errors for s in sessions)}"
+            f"/{len(sessions)}",
             str(sum(1 for s in sessions if s.errors)),
             str(sum(1 for s in sessions if s.timed_out)),
             f"{sum(s.seconds for s in sessions) / len(sessions):.0f}",
@@ -195,12 +207,14 @@ def main() -> None:
         f"{args.client} headless sessions, {MODEL}, one node, output limit {args.output_limit}, "
         f"temperature {args.default_temperature}, top_p {args.default_top_p}, "
         f"DRY {args.default_dry_multiplier}, "
-        f"repetition penalty {args.default_repetition_penalty}",
+        f"repetition penalty {args.default_repetition_penalty}, "
+        f"wrap-up share {args.wrap_up_share}",
         [
             "client",
             "node mode",
             "ran a tool",
             "ran a tool, then answered",
+            "... with no error",
             "with error events",
             "timed out",
             "mean s",

@@ -57,6 +57,7 @@ _unit_interval = _number_in(0.0, 1.0, low_included=False)  # top_p
 _temperature = _number_in(0.0, 2.0, low_included=True)
 _repetition_penalty = _number_in(0.0, 2.0, low_included=False)
 _dry_multiplier = _number_in(0.0, 10.0, low_included=True)
+_share = _number_in(0.0, 1.0, low_included=True)
 
 
 def _non_negative_int(text: str) -> int:
@@ -200,6 +201,17 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="output limit of a request that sets none (Codex sends none, and a small model "
         "may write until the context is full); default: whatever the context leaves",
+    )
+    node.add_argument(
+        "--wrap-up-share",
+        type=_share,
+        default=0.0,
+        metavar="F",
+        help="for small models, whose answers run on to the output limit (which agent CLIs "
+        "report as an error): once an answer has used this share of its max_tokens, it ends "
+        "at its next sentence or line end outside a code block, and from half as far again "
+        "at its next word end (e.g. 0.5; not for tool calls or other constrained output; "
+        "default 0: off)",
     )
     node.add_argument(
         "--default-temperature",
@@ -411,6 +423,7 @@ def _run_node(args: argparse.Namespace) -> int:
                 lazy_tool_grammar=args.lazy_tool_grammar,
                 require_tool_on_user_turn=args.require_tool_on_user_turn,
                 default_max_tokens=args.default_max_tokens,
+                wrap_up_share=args.wrap_up_share,
                 sampling_defaults=SamplingDefaults(
                     args.default_temperature,
                     args.default_top_p,

@@ -67,6 +67,7 @@ class NodeConfig:
     lazy_tool_grammar: bool = False
     require_tool_on_user_turn: bool = False
     default_max_tokens: int | None = None
+    wrap_up_share: float = 0.0
     sampling_defaults: SamplingDefaults = field(default_factory=SamplingDefaults)
     prefix_cache_bytes: int | None = None  # None: the default share of free memory
     log_requests: Path | None = None
@@ -173,6 +174,7 @@ class Node:
                 lazy_tool_grammar=self.config.lazy_tool_grammar,
                 require_tool_on_user_turn=self.config.require_tool_on_user_turn,
                 default_max_tokens=self.config.default_max_tokens,
+                wrap_up_share=self.config.wrap_up_share,
                 sampling_defaults=self.config.sampling_defaults,
             )
         return self._service

@@ -188,6 +188,11 @@ class SamplingParams:
     dry_multiplier: float = 0.0
     dry_base: float = 1.75
     dry_allowed_length: int = 2
+    # Once this many tokens are generated, the answer ends at its next sentence or line
+    # end (the end-of-turn token is forced there; from 1.5 times as many, at any word end)
+    # instead of running on to max_tokens: small models' answers often run on. 0: off.
+    # Never applied under a constraint.
+    wrap_up_after: int = 0
     seed: int | None = None
     # A grammar constraint for this request (see exo_tools.constraints), as its serialized
     # spec so it can travel to whichever node samples; None = unconstrained.

@@ -34,11 +34,15 @@ CLAUDE_TOOLS = ("Read", "Bash")
 # A node for agent CLIs on the default model: a user's turn is answered with a call;
 # Codex, which sets no output limit, gets one; and the CLIs, which set no sampling
 # parameters, get SmolLM2's card's and a repetition penalty (at the APIs' 1.0 its answers
-# ramble to the limit; at 0.2 without the penalty they loop there).
+# ramble to the limit; at 0.2 without the penalty they loop there); an answer past half
+# its limit ends at its next sentence end (the CLIs report an answer cut at the limit as
+# an error).
 AGENT_NODE_FLAGS = (
     "--require-tool-on-user-turn",
     "--default-max-tokens",
     "256",
+    "--wrap-up-share",
+    "0.5",
     "--default-temperature",
     "0.2",
     "--default-top-p",

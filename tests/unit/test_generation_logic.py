@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, cast
@@ -15,7 +16,14 @@ from pydantic import ValidationError
 
 from exo_tools.api.errors import from_validation_error
 from exo_tools.api.schemas import ChatCompletionRequest
-from exo_tools.engine.sampling import Sampler, _top_p_filter, dry_repeat_lengths, sample_token
+from exo_tools.engine.driver import Origin
+from exo_tools.engine.sampling import (
+    Sampler,
+    _top_p_filter,
+    dry_repeat_lengths,
+    ends_sentence,
+    sample_token,
+)
 from exo_tools.models.catalog import (
     GGUFFileSource,
     HFRepoSource,
@@ -168,6 +176,79 @@ def test_dry_sampler_steps_out_of_a_loop_but_not_across_a_breaker() -> None:
     assert broken(logits).tolist() == [3]
 
 
+@pytest.mark.parametrize(
+    ("text", "ends"),
+    [
+        ("It is done.", True),
+        ("Really? ", True),
+        ("a list:\n", True),
+        ("Steps:\n1.", False),  # numbers an item
+        ("It costs 3.", False),  # a decimal may go on
+        ("no end yet", False),
+        ("", False),
+    ],
+)
+def test_ends_sentence(text: str, ends: bool) -> None:
+    assert ends_sentence(text) is ends
+
+
+def test_wrap_up_ends_the_answer_at_the_first_sentence_end_past_its_point() -> None:
+    """Token 1 reads "word", 2 ".", 3 "```", 4 "\n", 5 "</a>"; 0 and 9 end the turn.
+    Greedy, the model always wants token 1: past 4 tokens, the answer ends at the next
+    sentence or line end (with the likelier end token), not before it and not inside a
+    code block; past 6, at any word end too."""
+    pieces = {1: " word", 2: ".", 3: "```", 4: "\n", 5: "</a>"}
+    tokenizer = SimpleNamespace(
+        text=SimpleNamespace(decode=lambda ids: pieces[ids[0]]), eos_token_ids=(0, 9)
+    )
+    logits = mx.array([[0.0, 5.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.5]])
+
+    def after(history: list[int], wrap_up_after: int = 4, **params: Any) -> int:
+        sampler = Sampler(
+            SamplingParams(temperature=0.0, wrap_up_after=wrap_up_after, **params),
+            cast(Any, tokenizer),
+        )
+        for token in history:
+            sampler.sampled(token)
+        return cast(int, sampler(logits).item())
+
+    assert after([1, 2, 1]) == 1  # a sentence end, before the wrap-up point
+    assert after([1, 2, 1, 1]) == 1  # past it, but mid-sentence
+    assert after([1, 2, 1, 2]) == 9  # past it, at a sentence end: the likelier end token
+    assert after([1, 1, 1, 4]) == 9  # a line end
+    assert after([1, 3, 4, 1, 2]) == 1  # inside a code block
+    assert after([3, 4, 3, 4]) == 9  # after it closed
+    assert after([1, 1, 1, 1, 5]) == 1  # a word end, short of half as far again
+    assert after([1, 1, 1, 1, 1, 5]) == 9  # there
+    assert after([1, 1, 1, 1, 1, 1]) == 1  # mid-word
+    assert after([1, 3, 1, 1, 1, 5]) == 9  # even inside a code block
+    assert after([1, 2, 1, 2], wrap_up_after=0) == 1  # off
+    assert Sampler(SamplingParams(wrap_up_after=3), cast(Any, tokenizer)).needs_each_token
+    constrained = SamplingParams(wrap_up_after=3, constraint="{}")
+    assert not Sampler(constrained, cast(Any, tokenizer)).needs_each_token  # never wraps up
+    assert not Sampler(SamplingParams(wrap_up_after=3)).needs_each_token  # nothing to end with
+
+
+def test_a_failover_keeps_the_wrap_up_point_where_the_clients_answer_reached_it() -> None:
+    """The new placement's sampler counts from its first token: the point moves back by
+    the tokens emitted, counted from the client's setting on every failover."""
+    origin = Origin(
+        "r",
+        1,
+        [5, 6],
+        64,
+        SamplingParams(wrap_up_after=32),
+        emit=lambda event: None,
+        cancelled=threading.Event(),
+    )
+    origin.emitted = list(range(20))
+    origin.resume(2)
+    assert origin.sampling.wrap_up_after == 12 and origin.prompt == [5, 6, *range(20)]
+    origin.emitted = list(range(40))
+    origin.resume(3)
+    assert origin.sampling.wrap_up_after == 1  # past it: at the next sentence end
+
+
 def test_shard_bounds() -> None:
     shard = Shard("m", 0, 10, 30)
     assert shard.is_first and not shard.is_last and shard.n_local_layers == 10
@@ -214,14 +295,21 @@ def test_request_validation_names_the_field(body: dict[str, object], param: str)
     assert error.param is not None and error.param.startswith(param)
 
 
-def test_cli_names_the_bad_flag() -> None:
+@pytest.mark.parametrize(
+    ("flag", "value", "expected"),
+    [("--api-port", "99999", "65535"), ("--wrap-up-share", "1.5", "[0, 1]")],
+)
+def test_cli_names_the_bad_value(flag: str, value: str, expected: str) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "exo_tools", "node", "--api-port", "99999"],
+        [sys.executable, "-m", "exo_tools", "node", flag, value],
         capture_output=True,
         text=True,
     )
     assert result.returncode == 2
-    assert "--api-port" in result.stderr and "65535" in result.stderr
+    assert flag in result.stderr and expected in result.stderr
+
+
+def test_cli_names_an_unknown_model() -> None:
     result = subprocess.run(
         [sys.executable, "-m", "exo_tools", "node", "--model", "no such model"],
         capture_output=True,

@@ -61,6 +61,7 @@ def test_sampling_params_cross_the_wire_whole() -> None:
             dry_multiplier=0.8,
             dry_base=2.0,
             dry_allowed_length=3,
+            wrap_up_after=48,
             seed=7,
             constraint="{}",
             logprobs=True,

@@ -24,7 +24,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, cast
 
 import mlx.core as mx
@@ -123,9 +123,11 @@ class Origin:
     cached_reported: int = 0
     emitted: list[int] = field(default_factory=list[int])
     failovers: int = 0
+    wrap_up_after: int = 0  # the client's sampling's, before any failover moved it
 
     def __post_init__(self) -> None:
         self.prompt_tokens = self.prompt_tokens or len(self.prompt)
+        self.wrap_up_after = self.wrap_up_after or self.sampling.wrap_up_after
 
     def finish_cancelled(self) -> None:
         """End a request cancelled while it was not running (waiting, or parked)."""
@@ -136,6 +138,10 @@ class Origin:
         tokens emitted so far, which the new placement prefills; the next token it samples
         is the one the lost placement would have sampled."""
         self.prompt = self.prompt[: self.prompt_tokens] + self.emitted
+        if self.wrap_up_after:
+            # The new sampler counts from the first token it samples.
+            left = max(1, self.wrap_up_after - len(self.emitted))
+            self.sampling = replace(self.sampling, wrap_up_after=left)
         self.epoch = epoch
         self.prompt_done = 0
         self.next_input = None
@@ -164,12 +170,13 @@ def _reserved_tokens(origin: Origin) -> int:
 
 def _can_run_ahead(sampler: Sampler | None) -> bool:
     """Sampling needs nothing from the host between steps: no grammar mask to compute
-    from the token, no log-probabilities to read, no generated tokens to penalize."""
+    from the token, no log-probabilities to read, no generated tokens to penalize or to
+    wrap up after."""
     return (
         sampler is not None
         and sampler.params.constraint is None
         and not sampler.params.logprobs
-        and not sampler.penalizes_repetition
+        and not sampler.needs_each_token
     )
 
 

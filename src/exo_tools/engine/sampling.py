@@ -9,7 +9,9 @@ feeds the sampled token back (exo_tools.constraints); once the grammar is comple
 end-of-sequence is allowed, so the runner stops. Without one, sampling does no extra work.
 
 The repetition penalties (vLLM's `repetition_penalty`, llama.cpp's DRY) read the tokens this
-request generated; mlx-lm has the first, not DRY, which is written here.
+request generated; mlx-lm has the first, not DRY, which is written here. So does the wrap-up
+(`SamplingParams.wrap_up_after`), which neither mlx-lm nor the other servers have: past its
+point, an answer ends at its next sentence or line end.
 """
 
 from __future__ import annotations
@@ -35,6 +37,9 @@ REPETITION_WINDOW = 64
 DRY_WINDOW = 1024
 DRY_BREAKERS = ("\n", ":", '"', "*")
 DRY_MAX_EXPONENT = 40  # past this the token is out anyway; keeps the penalty finite
+# What ends a sentence or a line, where a wrapped-up answer may end.
+SENTENCE_ENDS = (".", "!", "?", "\n", "\u3002", "\uff01", "\uff1f")
+CODE_FENCE = "```"
 
 
 def token_logprobs(logits: mx.array, token: int, top: int) -> TokenLogprobs:
@@ -64,20 +69,44 @@ class Sampler:
         window = DRY_WINDOW if self._dry else REPETITION_WINDOW
         self._recent: deque[int] = deque(maxlen=window)
         self._breaks: deque[bool] = deque(maxlen=window)  # DRY: the token ends a repeat
+        # The wrap-up needs the end-of-turn tokens and the text generated so far.
+        self._wraps_up = (
+            params.wrap_up_after > 0
+            and params.constraint is None
+            and tokenizer is not None
+            and bool(tokenizer.eos_token_ids)
+        )
+        self._generated = 0
+        self._text = ""
 
     @property
-    def penalizes_repetition(self) -> bool:
+    def needs_each_token(self) -> bool:
         """Whether sampling needs the tokens sampled so far (read back between steps)."""
-        return self.params.repetition_penalty != 1.0 or self._dry
+        return self.params.repetition_penalty != 1.0 or self._dry or self._wraps_up
 
     def sampled(self, token: int) -> None:
-        """Note a sampled token, for the repetition penalties."""
-        if not self.penalizes_repetition:
+        """Note a sampled token, for the repetition penalties and the wrap-up."""
+        if self.params.repetition_penalty != 1.0 or self._dry:
+            self._recent.append(token)
+        if not (self._dry or self._wraps_up):
             return
-        self._recent.append(token)
+        text = self._tokenizer.text.decode([token]) if self._tokenizer is not None else ""
         if self._dry:
-            text = self._tokenizer.text.decode([token]) if self._tokenizer is not None else ""
             self._breaks.append(any(breaker in text for breaker in DRY_BREAKERS))
+        if self._wraps_up:
+            self._generated += 1
+            self._text += text
+
+    def _wrapping_up(self) -> bool:
+        """Past the wrap-up point, at a sentence or line end outside a code block; from
+        half as far again, also at the end of any word (an answer of markup or code may
+        have no sentence end left before its limit)."""
+        point = self.params.wrap_up_after
+        if not self._wraps_up or self._generated < point:
+            return False
+        if ends_sentence(self._text) and self._text.count(CODE_FENCE) % 2 == 0:
+            return True
+        return self._generated >= point + point // 2 and ends_word(self._text)
 
     def _penalized(self, logits: mx.array) -> mx.array:
         """`logits` with the recently generated tokens made less likely: a positive logit
@@ -112,6 +141,11 @@ class Sampler:
 
     def __call__(self, logits: mx.array) -> mx.array:
         """One token id per row of `logits` (shape [batch, vocab])."""
+        if self._wrapping_up() and self._tokenizer is not None:
+            # The model's likeliest end-of-turn token, whatever its odds.
+            ends = self._tokenizer.eos_token_ids
+            best = mx.argmax(logits[:, mx.array(ends)], axis=-1)
+            return mx.array(ends)[best]
         logits = self._penalized(logits)
         if self.params.constraint is None:
             return self._sample(logits)
@@ -158,6 +192,23 @@ def sample_token(sampler: Sampler | None, logits: mx.array) -> tuple[int, TokenL
     if not params.logprobs:
         return token, None
     return token, token_logprobs(logits, token, params.top_logprobs)
+
+
+def ends_sentence(text: str) -> bool:
+    """Whether `text` ends a line, or a sentence: ., ! or ? (trailing spaces aside), but
+    not right after a digit, where it numbers a list item or a decimal goes on."""
+    if text.endswith("\n"):
+        return True
+    stripped = text.rstrip(" \t")
+    if not stripped.endswith(SENTENCE_ENDS):
+        return False
+    return not (len(stripped) > 1 and stripped[-1] == "." and stripped[-2].isdigit())
+
+
+def ends_word(text: str) -> bool:
+    """Whether `text` ends in something other than a letter or a digit (a space, a
+    punctuation mark, markup's `>`)."""
+    return bool(text) and not text[-1].isalnum()
 
 
 def dry_repeat_lengths(

@@ -242,7 +242,7 @@ class LoadShardProgress(_message.Message):
     def __init__(self, epoch: _Optional[int] = ..., stage: _Optional[str] = ..., done: _Optional[int] = ..., total: _Optional[int] = ..., finished: _Optional[bool] = ..., error: _Optional[str] = ..., weight_bytes: _Optional[int] = ..., rss: _Optional[int] = ..., mlx_active: _Optional[int] = ..., current_epoch: _Optional[int] = ...) -> None: ...
 
 class SamplingParams(_message.Message):
-    __slots__ = ("temperature", "top_p", "seed", "has_seed", "constraint", "has_constraint", "logprobs", "top_logprobs", "top_k", "repetition_penalty", "dry_multiplier", "dry_base", "dry_allowed_length")
+    __slots__ = ("temperature", "top_p", "seed", "has_seed", "constraint", "has_constraint", "logprobs", "top_logprobs", "top_k", "repetition_penalty", "dry_multiplier", "dry_base", "dry_allowed_length", "wrap_up_after")
     TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
     TOP_P_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
@@ -256,6 +256,7 @@ class SamplingParams(_message.Message):
     DRY_MULTIPLIER_FIELD_NUMBER: _ClassVar[int]
     DRY_BASE_FIELD_NUMBER: _ClassVar[int]
     DRY_ALLOWED_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    WRAP_UP_AFTER_FIELD_NUMBER: _ClassVar[int]
     temperature: float
     top_p: float
     seed: int
@@ -269,7 +270,8 @@ class SamplingParams(_message.Message):
     dry_multiplier: float
     dry_base: float
     dry_allowed_length: int
-    def __init__(self, temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., has_seed: _Optional[bool] = ..., constraint: _Optional[str] = ..., has_constraint: _Optional[bool] = ..., logprobs: _Optional[bool] = ..., top_logprobs: _Optional[int] = ..., top_k: _Optional[int] = ..., repetition_penalty: _Optional[float] = ..., dry_multiplier: _Optional[float] = ..., dry_base: _Optional[float] = ..., dry_allowed_length: _Optional[int] = ...) -> None: ...
+    wrap_up_after: int
+    def __init__(self, temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., has_seed: _Optional[bool] = ..., constraint: _Optional[str] = ..., has_constraint: _Optional[bool] = ..., logprobs: _Optional[bool] = ..., top_logprobs: _Optional[int] = ..., top_k: _Optional[int] = ..., repetition_penalty: _Optional[float] = ..., dry_multiplier: _Optional[float] = ..., dry_base: _Optional[float] = ..., dry_allowed_length: _Optional[int] = ..., wrap_up_after: _Optional[int] = ...) -> None: ...
 
 class ActivationMessage(_message.Message):
     __slots__ = ("request_id", "epoch", "sent_ns", "forward", "token", "release", "failure")

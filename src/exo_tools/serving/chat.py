@@ -83,6 +83,7 @@ class ChatService:
         lazy_tool_grammar: bool = False,
         require_tool_on_user_turn: bool = False,
         default_max_tokens: int | None = None,
+        wrap_up_share: float = 0.0,
         sampling_defaults: SamplingDefaults | None = None,
     ) -> None:
         self.card = card
@@ -94,6 +95,10 @@ class ChatService:
         # The output limit of a request that sets none (Codex sends none); None: the
         # context left.
         self.default_max_tokens = default_max_tokens
+        # An unconstrained answer that has used this share of its max_tokens ends at its next
+        # sentence or line end (opt-in per node): small models' answers run on to the limit,
+        # which agent CLIs report as an error. 0: off.
+        self.wrap_up_share = wrap_up_share
         self.sampling_defaults = sampling_defaults or SamplingDefaults()
         self.tokenizer = tokenizer
         self.context_length = context_length
@@ -276,6 +281,10 @@ class ChatService:
         left = context - len(prompt_ids)
         default = left if self.default_max_tokens is None else min(self.default_max_tokens, left)
         max_tokens = requested if requested is not None else default
+        constraint = self._constraint(request, shown, choice, max_tokens)
+        wrap_up_after = 0
+        if self.wrap_up_share > 0.0 and constraint is None:
+            wrap_up_after = max(1, round(max_tokens * self.wrap_up_share))
         defaults = self.sampling_defaults
         sampling = SamplingParams(
             temperature=defaults.temperature
@@ -293,8 +302,9 @@ class ChatService:
             dry_allowed_length=SamplingParams.dry_allowed_length
             if request.dry_allowed_length is None
             else request.dry_allowed_length,
+            wrap_up_after=wrap_up_after,
             seed=request.seed,
-            constraint=self._constraint(request, shown, choice, max_tokens),
+            constraint=constraint,
             logprobs=request.logprobs,
             top_logprobs=request.top_logprobs,
         )
