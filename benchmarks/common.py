@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import resource
 import statistics
@@ -154,3 +155,28 @@ def load_default() -> Any:
     return load_model(
         CATALOG[DEFAULT_MODEL_ID], default_model_path(), dtype="float32", progress=False
     )
+
+
+def start_worker(script: str, spec: list[Any], threads: int) -> subprocess.Popen[str]:
+    """`script --worker SPEC` in a process of its own with `threads` BLAS threads and the
+    OpenBLAS preload a node uses; it prints its result as JSON on its last line."""
+    from exo_tools.blas import find_openblas
+
+    env = {**os.environ, "OPENBLAS_NUM_THREADS": str(threads)}
+    library = find_openblas()
+    if library:
+        env["LD_PRELOAD"] = library
+    return subprocess.Popen(
+        [sys.executable, script, "--worker", json.dumps(spec)],
+        env=env,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+
+
+def worker_result(process: subprocess.Popen[str]) -> dict[str, float]:
+    """What a `start_worker` process printed last."""
+    out, _ = process.communicate()
+    if process.returncode:
+        raise RuntimeError(f"a worker failed ({process.returncode})")
+    return json.loads(out.strip().splitlines()[-1])

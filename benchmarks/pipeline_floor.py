@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -34,7 +32,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import load_default, print_table
+from benchmarks.common import load_default, print_table, start_worker, worker_result
 
 # Each block's matrices, by submodule, in the order `one_pass` multiplies them.
 PROJECTIONS = (
@@ -82,23 +80,11 @@ def worker(first: int, end: int, head: bool, rows: int, seconds: float) -> dict[
 
 
 def start(first: int, end: int, head: bool, rows: int, threads: int, seconds: float) -> Any:
-    from exo_tools.blas import find_openblas
-
-    env = {**os.environ, "OPENBLAS_NUM_THREADS": str(threads)}
-    library = find_openblas()
-    if library:
-        env["LD_PRELOAD"] = library
-    spec = json.dumps([first, end, head, rows, seconds])
-    return subprocess.Popen(
-        [sys.executable, __file__, "--worker", spec], env=env, stdout=subprocess.PIPE, text=True
-    )
+    return start_worker(__file__, [first, end, head, rows, seconds], threads)
 
 
 def result(process: Any) -> dict[str, float]:
-    out, _ = process.communicate()
-    if process.returncode:
-        raise RuntimeError(f"a worker failed ({process.returncode})")
-    return json.loads(out.strip().splitlines()[-1])
+    return worker_result(process)
 
 
 def main() -> None:

@@ -28,10 +28,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import socket
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -39,7 +37,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import default_model_path, print_table
+from benchmarks.common import default_model_path, print_table, start_worker, worker_result
 from benchmarks.transport_latency import WARMUP, measure
 
 MODES = ("graph", "eval", "socket")
@@ -136,23 +134,11 @@ def worker(rank: int | None, mode: str, passes: int, port: int) -> dict[str, flo
 
 
 def start(rank: int | None, mode: str, passes: int, port: int) -> Any:
-    from exo_tools.blas import find_openblas
-
-    env = {**os.environ, "OPENBLAS_NUM_THREADS": "1"}
-    library = find_openblas()
-    if library:
-        env["LD_PRELOAD"] = library
-    spec = json.dumps([rank, mode, passes, port])
-    return subprocess.Popen(
-        [sys.executable, __file__, "--worker", spec], env=env, stdout=subprocess.PIPE, text=True
-    )
+    return start_worker(__file__, [rank, mode, passes, port], threads=1)
 
 
 def result(process: Any) -> float:
-    out, _ = process.communicate()
-    if process.returncode:
-        raise RuntimeError(f"a worker failed ({process.returncode})")
-    return json.loads(out.strip().splitlines()[-1])["ms_per_token"]
+    return worker_result(process)["ms_per_token"]
 
 
 def free_port() -> int:
