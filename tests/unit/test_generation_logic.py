@@ -197,7 +197,7 @@ def test_wrap_up_ends_the_answer_at_the_first_sentence_end_past_its_point() -> N
     Greedy, the model always wants token 1: past 4 tokens, the answer ends at the next
     sentence or line end (with the likelier end token), not before it and not inside a
     code block; past 6, at any word end too."""
-    pieces = {1: " word", 2: ".", 3: "```", 4: "\n", 5: "</a>"}
+    pieces = {1: " word", 2: ".", 3: "```", 4: "\n", 5: "</a>", 6: "``", 7: "`py"}
     tokenizer = SimpleNamespace(
         text=SimpleNamespace(decode=lambda ids: pieces[ids[0]]), eos_token_ids=(0, 9)
     )
@@ -218,6 +218,7 @@ def test_wrap_up_ends_the_answer_at_the_first_sentence_end_past_its_point() -> N
     assert after([1, 1, 1, 4]) == 9  # a line end
     assert after([1, 3, 4, 1, 2]) == 1  # inside a code block
     assert after([3, 4, 3, 4]) == 9  # after it closed
+    assert after([1, 6, 7, 4, 1, 2], wrap_up_after=5) == 1  # a fence split across tokens
     assert after([1, 1, 1, 1, 5]) == 1  # a word end, short of half as far again
     assert after([1, 1, 1, 1, 1, 5]) == 9  # there
     assert after([1, 1, 1, 1, 1, 1]) == 1  # mid-word

@@ -40,6 +40,7 @@ DRY_MAX_EXPONENT = 40  # past this the token is out anyway; keeps the penalty fi
 # What ends a sentence or a line, where a wrapped-up answer may end.
 SENTENCE_ENDS = (".", "!", "?", "\n", "\u3002", "\uff01", "\uff1f")
 CODE_FENCE = "```"
+TAIL_CHARS = 64  # of the answer, kept to tell where it may end
 
 
 def token_logprobs(logits: mx.array, token: int, top: int) -> TokenLogprobs:
@@ -77,7 +78,8 @@ class Sampler:
             and bool(tokenizer.eos_token_ids)
         )
         self._generated = 0
-        self._text = ""
+        self._tail = ""  # the end of the text generated so far
+        self._fences = 0  # code fences in that text
 
     @property
     def needs_each_token(self) -> bool:
@@ -95,7 +97,9 @@ class Sampler:
             self._breaks.append(any(breaker in text for breaker in DRY_BREAKERS))
         if self._wraps_up:
             self._generated += 1
-            self._text += text
+            # A fence may be split across tokens: count those ending in this token's text.
+            self._fences += (self._tail[-(len(CODE_FENCE) - 1) :] + text).count(CODE_FENCE)
+            self._tail = (self._tail + text)[-TAIL_CHARS:]
 
     def _wrapping_up(self) -> bool:
         """Past the wrap-up point, at a sentence or line end outside a code block; from
@@ -104,9 +108,9 @@ class Sampler:
         point = self.params.wrap_up_after
         if not self._wraps_up or self._generated < point:
             return False
-        if ends_sentence(self._text) and self._text.count(CODE_FENCE) % 2 == 0:
+        if ends_sentence(self._tail) and self._fences % 2 == 0:
             return True
-        return self._generated >= point + point // 2 and ends_word(self._text)
+        return self._generated >= point + point // 2 and ends_word(self._tail)
 
     def _penalized(self, logits: mx.array) -> mx.array:
         """`logits` with the recently generated tokens made less likely: a positive logit
