@@ -83,10 +83,6 @@ def start(first: int, end: int, head: bool, rows: int, threads: int, seconds: fl
     return start_worker(__file__, [first, end, head, rows, seconds], threads)
 
 
-def result(process: Any) -> dict[str, float]:
-    return worker_result(process)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seconds", type=float, default=10.0, help="timed seconds per case")
@@ -103,22 +99,22 @@ def main() -> None:
     if not 0 < args.split < n_layers:
         parser.error(f"--split must be in [1, {n_layers - 1}]")
     rows, half, seconds = args.streams, args.streams // 2, args.seconds
-    node = result(start(0, n_layers, True, rows, 2, seconds))
+    node = worker_result(start(0, n_layers, True, rows, 2, seconds))
     both = [
         start(0, args.split, False, half, 1, seconds),
         start(args.split, n_layers, True, half, 1, seconds),
     ]
-    stage0, stage1 = (result(process) for process in both)
-    alone0 = result(start(0, args.split, False, half, 1, seconds))
-    alone1 = result(start(args.split, n_layers, True, half, 1, seconds))
-    whole0 = result(start(0, args.split, False, rows, 1, seconds))
-    whole1 = result(start(args.split, n_layers, True, rows, 1, seconds))
-    node_one_thread = result(start(0, n_layers, True, rows, 1, seconds))
+    stage0, stage1 = (worker_result(process) for process in both)
+    alone0 = worker_result(start(0, args.split, False, half, 1, seconds))
+    alone1 = worker_result(start(args.split, n_layers, True, half, 1, seconds))
+    whole0 = worker_result(start(0, args.split, False, rows, 1, seconds))
+    whole1 = worker_result(start(args.split, n_layers, True, rows, 1, seconds))
+    node_one_thread = worker_result(start(0, n_layers, True, rows, 1, seconds))
     two_each = [
         start(0, args.split, False, half, 2, seconds),
         start(args.split, n_layers, True, half, 2, seconds),
     ]
-    crowded0, crowded1 = (result(process) for process in two_each)
+    crowded0, crowded1 = (worker_result(process) for process in two_each)
 
     def line(
         case: str,

@@ -141,12 +141,6 @@ def result(process: Any) -> float:
     return worker_result(process)["ms_per_token"]
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--passes", type=int, default=300, help="timed tokens per case")
@@ -157,6 +151,8 @@ def main() -> None:
         return
     if args.passes < 1:
         parser.error("--passes must be at least 1")
+    from tests.helpers.nodes import free_port
+
     single = {mode: result(start(None, mode, args.passes, 0)) for mode in ("graph", "eval")}
     members: dict[str, tuple[float, float]] = {}
     for mode in MODES:

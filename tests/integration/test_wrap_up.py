@@ -33,9 +33,12 @@ def wrapping_node(model_path: Path) -> Iterator[NodeProcess]:
     process.stop()
 
 
+def anthropic_client(node: NodeProcess) -> anthropic.Anthropic:
+    return anthropic.Anthropic(base_url=node.url, api_key="unused", max_retries=0)
+
+
 def messages(node: NodeProcess, **extra: Any) -> Any:
-    client = anthropic.Anthropic(base_url=node.url, api_key="unused", max_retries=0)
-    return client.messages.create(
+    return anthropic_client(node).messages.create(
         model=MODEL, max_tokens=LIMIT, messages=RUN_ON, extra_body=GREEDY, **extra
     )
 
@@ -51,8 +54,7 @@ def test_a_run_on_answer_ends_at_a_sentence_end_instead_of_the_limit(
     assert LIMIT // 2 <= wrapped.usage.output_tokens < LIMIT
     assert ends_sentence(text) and cut.content[0].text.startswith(text.rstrip())
     # Streamed, the same end.
-    client = anthropic.Anthropic(base_url=wrapping_node.url, api_key="unused", max_retries=0)
-    with client.messages.stream(
+    with anthropic_client(wrapping_node).messages.stream(
         model=MODEL, max_tokens=LIMIT, messages=RUN_ON, extra_body=GREEDY
     ) as stream:
         streamed = stream.get_final_message()

@@ -67,16 +67,20 @@ class Sampler:
         # Built on the first call, on the thread that samples (the node's MLX thread).
         self._constraint: TokenConstraint | None = None
         self._dry = params.dry_multiplier > 0.0
+        self._penalizes = params.repetition_penalty != 1.0 or self._dry
         window = DRY_WINDOW if self._dry else REPETITION_WINDOW
         self._recent: deque[int] = deque(maxlen=window)
         self._breaks: deque[bool] = deque(maxlen=window)  # DRY: the token ends a repeat
-        # The wrap-up needs the end-of-turn tokens and the text generated so far.
-        self._wraps_up = (
+        # The wrap-up's end-of-turn tokens (None: it is off, or has nothing to end with),
+        # and what it reads of the text generated so far.
+        self._end_ids: mx.array | None = None
+        if (
             params.wrap_up_after > 0
             and params.constraint is None
             and tokenizer is not None
-            and bool(tokenizer.eos_token_ids)
-        )
+            and tokenizer.eos_token_ids
+        ):
+            self._end_ids = mx.array(tokenizer.eos_token_ids)
         self._generated = 0
         self._tail = ""  # the end of the text generated so far
         self._fences = 0  # code fences in that text
@@ -84,11 +88,15 @@ class Sampler:
     @property
     def needs_each_token(self) -> bool:
         """Whether sampling needs the tokens sampled so far (read back between steps)."""
-        return self.params.repetition_penalty != 1.0 or self._dry or self._wraps_up
+        return self._penalizes or self._wraps_up
+
+    @property
+    def _wraps_up(self) -> bool:
+        return self._end_ids is not None
 
     def sampled(self, token: int) -> None:
         """Note a sampled token, for the repetition penalties and the wrap-up."""
-        if self.params.repetition_penalty != 1.0 or self._dry:
+        if self._penalizes:
             self._recent.append(token)
         if not (self._dry or self._wraps_up):
             return
@@ -145,11 +153,10 @@ class Sampler:
 
     def __call__(self, logits: mx.array) -> mx.array:
         """One token id per row of `logits` (shape [batch, vocab])."""
-        if self._wrapping_up() and self._tokenizer is not None:
+        ends = self._end_ids
+        if ends is not None and self._wrapping_up():
             # The model's likeliest end-of-turn token, whatever its odds.
-            ends = self._tokenizer.eos_token_ids
-            best = mx.argmax(logits[:, mx.array(ends)], axis=-1)
-            return mx.array(ends)[best]
+            return ends[mx.argmax(logits[:, ends], axis=-1)]
         logits = self._penalized(logits)
         if self.params.constraint is None:
             return self._sample(logits)
